@@ -1,0 +1,74 @@
+"""The finlora ClientApp: train the global LoRA adapter on local data, send back only A/B (or B)."""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local_data import local_data, node_data_key
+from client.train import round_learning_rate, train_round
+from common.adapter import (check_arrays, from_array_record, initial_adapter, lora_state, load_lora_state,
+                            select_keys, shapes_of, to_array_record)
+from common.config import FinloraConfig
+from common.evaluation import answer_loss
+from common.model import LOAD_COUNTS, get_model_bundle
+
+app = ClientApp()
+
+
+def _prepare(msg: Message, context: Context):
+    """Config, cached model, local data, and the received global adapter loaded into the model."""
+    cfg = FinloraConfig.from_flat(context.run_config)
+    loads_before = LOAD_COUNTS["base_model_loads"]
+    bundle = get_model_bundle(cfg.model, cfg.lora)
+    load_seconds = bundle.load_seconds if LOAD_COUNTS["base_model_loads"] > loads_before else 0.0
+    data = local_data(cfg.data, node_data_key(context.node_config), bundle.tokenizer)
+    own = lora_state(bundle.model)
+    received = from_array_record(msg.content["arrays"])
+    check_arrays(received, shapes_of(select_keys(own, cfg.lora.ffa)), "global adapter from the server")
+    if cfg.lora.ffa:
+        # A never travels in FFA-LoRA: every party derives the same frozen A from the shared seed.
+        received = {**initial_adapter(shapes_of(own), cfg.lora.seed), **received}
+    load_lora_state(bundle.model, received)
+    return cfg, bundle, data, received, load_seconds
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training; replies with the adapter's trainable tensors and training metrics."""
+    cfg, bundle, data, received, load_seconds = _prepare(msg, context)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    lr = round_learning_rate(cfg.train, server_round, cfg.num_rounds)
+    stats = train_round(bundle.model, data.train, cfg.train, lr, bundle.tokenizer.pad_token_id,
+                        seed=cfg.train.seed + 1000 * server_round + node_data_key(context.node_config)[1],
+                        proximal_mu=float(config.get("proximal-mu", 0.0)), global_arrays=received)
+    start = time.perf_counter()
+    record = to_array_record(select_keys(lora_state(bundle.model), cfg.lora.ffa))
+    serialize_seconds = time.perf_counter() - start
+    metrics = MetricRecord({
+        "num-examples": len(data.train),
+        "train-loss": stats.loss,
+        "train-steps": stats.steps,
+        "train-tokens": stats.tokens,
+        "answer-tokens": stats.answer_tokens,
+        "train-seconds": stats.seconds,
+        "lr": stats.lr,
+        "load-seconds": load_seconds,
+        "serialize-seconds": serialize_seconds,
+        "base-model-loads": LOAD_COUNTS["base_model_loads"],
+        "bytes-sent": record.count_bytes(),
+        "partition-id": node_data_key(context.node_config)[1],
+    })
+    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Loss of the global adapter on this institution's validation rows (never trained on)."""
+    cfg, bundle, data, _received, _ = _prepare(msg, context)
+    loss, tokens = answer_loss(bundle.model, data.val, cfg.eval.batch_size, bundle.tokenizer.pad_token_id)
+    metrics = MetricRecord({"eval-loss": loss, "eval-tokens": tokens, "num-examples": len(data.val)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

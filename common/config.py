@@ -1,0 +1,338 @@
+"""The one configuration tree of finlora.
+
+Defaults live in exactly one place: ``[tool.flwr.app.config]`` of ``pyproject.toml``. Flower hands that
+table (merged with ``--run-config`` overrides) to the ServerApp and ClientApp as a flat ``run_config``
+mapping with dotted keys (``lora.r``); the CLI reads the same table and applies its own overrides. This
+module turns such a flat mapping into typed dataclasses, so that a typo or a wrong type fails loudly with
+the key's name instead of surfacing as a strange training result three rounds later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+"""Directory holding ``pyproject.toml`` (the Flower app directory)."""
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or has a value of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Base model.
+
+    Attributes
+    ----------
+    name : str
+        ``tiny`` (built in, offline), a Hugging Face hub id, or a local model directory.
+    quantization : str
+        ``4`` (NF4, double quant, bf16 compute), ``8`` (LLM.int8) or ``none``. Only honoured where CUDA is
+        present: bitsandbytes kernels need a GPU, so on CPU the model loads unquantized (logged once).
+    gradient_checkpointing : bool
+        Trade compute for activation memory during local training.
+    """
+
+    name: str
+    quantization: str
+    gradient_checkpointing: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter (PEFT ``LoraConfig``); defaults follow FinLoRA (r=8, alpha=32, q/k/v).
+
+    Attributes
+    ----------
+    r, alpha, dropout : int, int, float
+        Rank, scaling numerator and dropout of every LoRA module.
+    target_modules : str
+        Comma-separated module names to adapt.
+    ffa : bool
+        FFA-LoRA: A is frozen at values derived from ``seed`` on every party, only B is trained and sent.
+        The server's mean of B times the shared A then equals the mean of the clients' B·A, so
+        aggregation is exact, and the bytes on the wire halve.
+    seed : int
+        Seed of the initial adapter (and of the frozen A in FFA mode); all parties must agree on it.
+    """
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: str
+    ffa: bool
+    seed: int
+
+    @property
+    def target_module_list(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data and its split across institutions.
+
+    Attributes
+    ----------
+    source : str
+        ``sample`` (built-in generated set), a FinLoRA task name (see ``common.data.TRAIN_TASKS``), a
+        JSONL path, or a Hugging Face dataset id (online only).
+    dir : str
+        Directory holding FinLoRA's ``train/<task>.jsonl``; empty means ``$FINLORA_DATA_DIR`` or
+        ``../shared/data`` beside the project when present.
+    partitioner : str
+        ``iid`` or ``dirichlet`` (label skew over the ``target`` field) for simulated institutions.
+    dirichlet_alpha : float
+        Concentration of the Dirichlet partitioner; smaller is more skewed.
+    heldout_size : int
+        Examples held out (never trained on) for the server's held-out loss of the global adapter.
+    max_length : int
+        Token limit per example; long prompts are cut from the left so the answer always survives.
+    seed : int
+        Seed of the held-out split and the partitioners.
+    """
+
+    source: str
+    dir: str
+    partitioner: str
+    dirichlet_alpha: float
+    heldout_size: int
+    max_length: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each institution.
+
+    Attributes
+    ----------
+    local_steps : int
+        Optimizer steps per round (used when ``local_epochs`` is 0).
+    local_epochs : int
+        Whole passes over the local data per round; overrides ``local_steps`` when > 0.
+    batch_size : int
+        Examples per step; batches are grouped by length to cut padding.
+    lr : float
+        Peak AdamW learning rate.
+    lr_schedule : str
+        ``constant`` or ``cosine``: cosine decays from ``lr`` to ``lr * lr_min_ratio`` across *all* rounds
+        (the schedule is global, not restarted each round).
+    lr_min_ratio, weight_decay, max_grad_norm : float
+        Floor of the schedule, AdamW weight decay, gradient clipping norm (0 disables).
+    seed : int
+        Base seed of shuffling; each round and institution derives its own from it.
+    """
+
+    local_steps: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    lr_schedule: str
+    lr_min_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyConfig:
+    """Server aggregation (a Flower ``flwr.serverapp.strategy`` underneath).
+
+    Attributes
+    ----------
+    name : str
+        ``fedavg`` | ``fedprox`` (client proximal term) | ``fedadam`` | ``fedyogi`` (server optimizer over
+        the averaged delta).
+    fraction_train, fraction_evaluate : float
+        Fraction of connected institutions sampled per round for training / federated evaluation.
+    min_train_nodes, min_evaluate_nodes, min_available_nodes : int
+        Lower bounds as in Flower's ``FedAvg``.
+    proximal_mu : float
+        FedProx coefficient mu of ``mu/2 * ||w - w_global||^2``.
+    server_lr, server_tau : float
+        FedAdam/FedYogi ``eta`` and ``tau``.
+    round_timeout : float
+        Seconds to wait for replies in each send/receive phase.
+    """
+
+    name: str
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    proximal_mu: float
+    server_lr: float
+    server_tau: float
+    round_timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Centralized evaluation done by the server after every round.
+
+    Attributes
+    ----------
+    heldout : bool
+        Compute the global adapter's loss on the held-out examples (needs the base model on the server).
+    batch_size : int
+        Examples per forward pass.
+    """
+
+    heldout: bool
+    batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FinloraConfig:
+    """Everything a run needs; one instance per run, built from the flat Flower run config.
+
+    Attributes
+    ----------
+    num_rounds : int
+        Federated rounds in total (a resumed run continues up to this number).
+    run_id : str
+        Name of the run directory under ``out_dir``; empty means one is derived from Flower's run id.
+    out_dir : str
+        Directory of run directories. Relative paths are resolved against the project root, because the
+        ServerApp's working directory is the SuperLink's, not the user's.
+    resume : bool
+        Continue ``out_dir/run_id`` from its last completed round instead of starting afresh.
+    """
+
+    num_rounds: int
+    run_id: str
+    out_dir: str
+    resume: bool
+    model: ModelConfig
+    lora: LoraSettings
+    data: DataConfig
+    train: TrainConfig
+    strategy: StrategyConfig
+    eval: EvalConfig
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> FinloraConfig:
+        """Build from a flat ``{"lora.r": 8, ...}`` mapping; every field must be present."""
+        unknown = set(flat) - set(_all_keys())
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}; known keys: "
+                              f"{', '.join(_all_keys())}")
+        values: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            hint = hints[field.name]
+            if dataclasses.is_dataclass(hint):
+                values[field.name] = _build_section(hint, field.name, flat)
+            else:
+                values[field.name] = _coerce(_key(None, field.name), hint, flat)
+        return cls(**values)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Inverse of :meth:`from_flat` (what Flower's ``--run-config`` takes)."""
+        flat: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    flat[_key(field.name, sub.name)] = getattr(value, sub.name)
+            else:
+                flat[_key(None, field.name)] = value
+        return flat
+
+    def resolved_out_dir(self) -> Path:
+        out = Path(self.out_dir).expanduser()
+        return out if out.is_absolute() else (PROJECT_ROOT / out).resolve()
+
+
+def _key(section: str | None, name: str) -> str:
+    key = name.replace("_", "-")
+    return f"{section}.{key}" if section else key
+
+
+def _all_keys() -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(FinloraConfig)
+    for field in dataclasses.fields(FinloraConfig):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            keys += [_key(field.name, f.name) for f in dataclasses.fields(hint)]
+        else:
+            keys.append(_key(None, field.name))
+    return keys
+
+
+def _build_section(section_cls: type, section: str, flat: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(section_cls)
+    return section_cls(**{f.name: _coerce(_key(section, f.name), hints[f.name], flat)
+                          for f in dataclasses.fields(section_cls)})
+
+
+def _coerce(key: str, hint: Any, flat: Mapping[str, Any]) -> Any:
+    if key not in flat:
+        raise ConfigError(f"config key '{key}' is missing (expected {hint.__name__})")
+    value = flat[key]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        return str(value)
+    raise ConfigError(f"config key '{key}' = {value!r}: expected {hint.__name__}")
+
+
+def pyproject_defaults(pyproject: Path | None = None) -> dict[str, Any]:
+    """Flat ``[tool.flwr.app.config]`` of the project's ``pyproject.toml`` (the one source of defaults)."""
+    path = pyproject or PROJECT_ROOT / "pyproject.toml"
+    with open(path, "rb") as fh:
+        table = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    return _flatten(table)
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, full))
+        else:
+            flat[full] = value
+    return flat
+
+
+def load_config(overrides: Mapping[str, Any] | None = None) -> FinloraConfig:
+    """Defaults from ``pyproject.toml`` with ``overrides`` (flat dotted keys) applied on top."""
+    flat = pyproject_defaults()
+    for key, value in (overrides or {}).items():
+        if key not in flat:
+            raise ConfigError(f"unknown config key '{key}'; known keys: {', '.join(sorted(flat))}")
+        flat[key] = value
+    return FinloraConfig.from_flat(flat)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one ``key=value`` CLI override; the value is read as TOML, falling back to a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value

@@ -1,0 +1,122 @@
+"""The finlora ServerApp: runs the rounds, checkpoints every global adapter, logs metrics, resumes."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from common.adapter import complete_with_shared_a, from_array_record, initial_adapter, select_keys, to_array_record
+from common.config import FinloraConfig
+from common.model import lora_config, lora_shapes, resolve_model_path
+from server.checkpoint import RunDirectory
+from server.heldout import HeldoutEvaluator
+from server.strategy import LoraRoundMixin, RoundRecord, make_strategy
+
+app = ServerApp()
+
+
+class RoundFailedError(RuntimeError):
+    """A round ended without an aggregated adapter: the run must not report success."""
+
+
+def round_summary(server_round: int, rec: RoundRecord | None, heldout_loss: float | None) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of a round."""
+    clients = rec.clients if rec else {}
+    examples = sum(c["num_examples"] for c in clients.values())
+    train_loss = (sum(c["train_loss"] * c["num_examples"] for c in clients.values()) / examples
+                  if examples else None)
+    eval_clients = rec.client_eval if rec else {}
+    eval_examples = sum(c["num-examples"] for c in eval_clients.values())
+    return {
+        "round": server_round,
+        "train_loss": train_loss,
+        "heldout_loss": heldout_loss,
+        "federated_eval_loss": (sum(c["eval-loss"] * c["num-examples"] for c in eval_clients.values())
+                                / eval_examples if eval_examples else None),
+        "seconds": (time.perf_counter() - rec.started) if rec else 0.0,
+        "aggregate_seconds": rec.aggregate_seconds if rec else 0.0,
+        "num_clients": len(clients),
+        "bytes_sent_per_client": (sum(c["bytes_sent"] for c in clients.values()) / len(clients)) if clients else 0,
+        "bytes_received_per_client": (max((w["array_bytes"] for w in rec.wire if w["direction"] == "server->client"),
+                                          default=0) if rec else 0),
+        "clients": clients,
+        "rejected": rec.rejected if rec else {},
+        "errors": rec.errors if rec else {},
+    }
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run ``num-rounds`` rounds (or the rest of them with ``resume``), saving every round's adapter."""
+    cfg = FinloraConfig.from_flat(context.run_config)
+    run_id = cfg.run_id or f"run-{context.run_id}"
+    run_dir = RunDirectory(cfg.resolved_out_dir() / run_id)
+    base_path = resolve_model_path(cfg.model.name)
+    peft_config = lora_config(cfg.lora, base_path)
+    shapes = lora_shapes(cfg.model, cfg.lora)
+    wire_shapes = {k: s for k, s in shapes.items() if k in select_keys(dict.fromkeys(shapes), cfg.lora.ffa)}
+    evaluator = HeldoutEvaluator(cfg) if cfg.eval.heldout else None
+
+    def full_adapter(arrays: ArrayRecord) -> dict[str, Any]:
+        return complete_with_shared_a(from_array_record(arrays), shapes, cfg.lora.seed)
+
+    if cfg.resume:
+        offset, global_arrays = run_dir.resume_point()
+        log(INFO, "resuming %s after round %d of %d", run_dir.path, offset, cfg.num_rounds)
+        if cfg.strategy.name in ("fedadam", "fedyogi"):
+            log(WARNING, "server optimizer moments of %s restart from zero on resume", cfg.strategy.name)
+    else:
+        run_dir.start_fresh()
+        offset, global_arrays = 0, initial_adapter(shapes, cfg.lora.seed)
+    remaining = cfg.num_rounds - offset
+    log(INFO, "finlora run %s: %s, %d LoRA tensors (%d travel), rounds %d..%d, output %s", run_id, cfg.model.name,
+        len(shapes), len(wire_shapes), offset + 1, cfg.num_rounds, run_dir.path)
+    if remaining <= 0:
+        log(INFO, "all %d rounds are already complete", cfg.num_rounds)
+        return
+
+    strategy = make_strategy(cfg.strategy, wire_shapes, round_offset=offset)
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        absolute = server_round + offset
+        if server_round == 0 and offset > 0:
+            return None  # the resumed round was evaluated and saved before the restart
+        rec = strategy.rounds.get(absolute)
+        if server_round > 0 and (rec is None or not rec.aggregated):
+            raise RoundFailedError(_failure_reason(absolute, rec))
+        full = full_adapter(arrays)
+        heldout = evaluator.loss(full) if evaluator else None
+        summary = round_summary(absolute, rec, heldout)
+        run_dir.save_round(absolute, full, peft_config, summary)
+        if rec:
+            run_dir.append_wire(rec.wire)
+        log(INFO, "round %d saved to %s (held-out loss %s)", absolute, run_dir.round_dir(absolute),
+            f"{heldout:.4f}" if heldout is not None else "n/a")
+        return MetricRecord({"heldout-loss": heldout}) if heldout is not None else None
+
+    strategy.start(grid=grid, initial_arrays=to_array_record(select_keys(global_arrays, cfg.lora.ffa)),
+                   num_rounds=remaining, timeout=cfg.strategy.round_timeout,
+                   train_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
+                   evaluate_config=ConfigRecord({"num-rounds": cfg.num_rounds}), evaluate_fn=after_round)
+    _log_summary_table(run_dir)
+
+
+def _failure_reason(server_round: int, rec: RoundRecord | None) -> str:
+    if rec is None:
+        return f"round {server_round}: no training replies arrived"
+    return (f"round {server_round}: nothing was aggregated ({len(rec.clients)} accepted, "
+            f"{len(rec.rejected)} rejected: {rec.rejected}, {len(rec.errors)} errors: {rec.errors})")
+
+
+def _log_summary_table(run_dir: RunDirectory) -> None:
+    log(INFO, "%-6s %-11s %-13s %-9s %s", "round", "train loss", "held-out loss", "seconds", "bytes/client")
+    for r in run_dir.metrics():
+        log(INFO, "%-6d %-11s %-13s %-9.1f %d", r["round"],
+            "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}",
+            "-" if r["heldout_loss"] is None else f"{r['heldout_loss']:.4f}", r["seconds"],
+            r["bytes_sent_per_client"])

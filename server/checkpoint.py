@@ -1,0 +1,81 @@
+"""A run directory: one PEFT adapter per completed round, ``metrics.jsonl``, and resuming from them.
+
+Layout (the command-line contract)::
+
+    <out>/<run-id>/round-<k>/adapter_config.json
+    <out>/<run-id>/round-<k>/adapter_model.safetensors
+    <out>/<run-id>/metrics.jsonl      one JSON object per completed round (round 0 = before training)
+    <out>/<run-id>/wire.jsonl         what crossed Flower, per message: keys, shapes, bytes
+
+Every file is replaced atomically, and a round's adapter is written before its metrics line, so a round
+listed in ``metrics.jsonl`` always has its adapter on disk: that is what ``--resume`` trusts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from common.adapter import ADAPTER_FILE, CONFIG_FILE, Arrays, read_adapter_dir, save_adapter_dir
+from common.io import atomic_write_jsonl, read_jsonl_records
+
+ROUND_DIR = re.compile(r"^round-(\d+)$")
+
+
+class RunDirectoryError(RuntimeError):
+    """The run directory cannot be started or resumed as asked."""
+
+
+class RunDirectory:
+    """Reads and writes one run's directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.wire_path = self.path / "wire.jsonl"
+
+    def round_dir(self, server_round: int) -> Path:
+        return self.path / f"round-{server_round}"
+
+    def completed_rounds(self) -> list[int]:
+        """Rounds with both a complete adapter directory and a metrics line, ascending."""
+        logged = {int(r["round"]) for r in read_jsonl_records(self.metrics_path)}
+        on_disk = {int(m.group(1)) for d in self.path.glob("round-*")
+                   if (m := ROUND_DIR.match(d.name)) and (d / ADAPTER_FILE).is_file() and (d / CONFIG_FILE).is_file()}
+        return sorted(logged & on_disk)
+
+    def start_fresh(self) -> None:
+        if self.completed_rounds():
+            raise RunDirectoryError(f"{self.path} already holds rounds {self.completed_rounds()}; resume it "
+                                    f"(--resume) or choose another run id")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in (self.metrics_path, self.wire_path):
+            stale.unlink(missing_ok=True)
+
+    def resume_point(self) -> tuple[int, Arrays]:
+        """The last completed round and its global adapter; drops log lines of rounds after it."""
+        rounds = self.completed_rounds()
+        if not rounds:
+            raise RunDirectoryError(f"{self.path}: nothing to resume (no completed round with an adapter and a "
+                                    f"metrics line)")
+        last = rounds[-1]
+        kept = [r for r in read_jsonl_records(self.metrics_path) if int(r["round"]) <= last]
+        atomic_write_jsonl(self.metrics_path, kept)
+        kept_wire = [r for r in read_jsonl_records(self.wire_path) if int(r["round"]) <= last]
+        atomic_write_jsonl(self.wire_path, kept_wire)
+        return last, read_adapter_dir(self.round_dir(last))
+
+    def save_round(self, server_round: int, arrays: Arrays, peft_config: Any, record: dict[str, Any]) -> None:
+        """Adapter first, then the metrics line (see the module docstring for why)."""
+        save_adapter_dir(arrays, peft_config, self.round_dir(server_round),
+                         metadata={"finlora_round": str(server_round)})
+        records = [r for r in read_jsonl_records(self.metrics_path) if int(r["round"]) != server_round]
+        atomic_write_jsonl(self.metrics_path, records + [record])
+
+    def append_wire(self, entries: list[dict[str, Any]]) -> None:
+        if entries:
+            atomic_write_jsonl(self.wire_path, read_jsonl_records(self.wire_path) + entries)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl_records(self.metrics_path)

@@ -1,0 +1,178 @@
+"""finlora's strategies: Flower's FedAvg / FedProx / FedAdam / FedYogi, made LoRA-aware.
+
+:class:`LoraRoundMixin` sits in front of a Flower strategy and adds, without touching Flower's arithmetic:
+
+* **validation** of every training reply before aggregation: exactly the adapter's A/B keys (or B only in
+  FFA-LoRA mode), the right shapes, finite values. A bad update is logged with the node id and the reason
+  and left out; the round goes on with the others.
+* **a wire log** of what actually crossed Flower in both directions (record names, array keys, shapes,
+  bytes), which is how we prove that only LoRA tensors travel.
+* **per-client records** (train loss, examples, tokens, seconds, bytes) for ``metrics.jsonl``.
+* **a round offset**, so a resumed run numbers its rounds (and the clients' learning-rate schedule)
+  from where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+from flwr.supercore import log
+
+from common.adapter import AdapterError, check_arrays, from_array_record
+from common.config import StrategyConfig
+
+
+@dataclass
+class RoundRecord:
+    """What the mixin saw during one (absolute) round."""
+
+    started: float = field(default_factory=time.perf_counter)
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    wire: list[dict[str, Any]] = field(default_factory=list)
+    aggregated: bool = False
+    aggregate_seconds: float = 0.0
+    client_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def describe_message(msg: Message, direction: str, server_round: int) -> dict[str, Any]:
+    """A wire-log entry: every record in the message, and for array records each key, shape and size."""
+    content = msg.content
+    node = msg.metadata.dst_node_id if direction == "server->client" else msg.metadata.src_node_id
+    arrays = {name: {key: list(rec[key].shape) for key in rec.keys()} for name, rec in content.array_records.items()}
+    return {
+        "round": server_round,
+        "direction": direction,
+        "message_type": msg.metadata.message_type,
+        "node_id": str(node),
+        "records": sorted(content.keys()),
+        "arrays": arrays,
+        "array_bytes": sum(rec.count_bytes() for rec in content.array_records.values()),
+    }
+
+
+class LoraRoundMixin:
+    """Validation, wire log, per-client records and round offset for a Flower strategy (see module doc)."""
+
+    expected_shapes: dict[str, tuple[int, ...]]
+    round_offset: int
+    rounds: dict[int, RoundRecord]
+
+    def setup_lora(self, expected_shapes: dict[str, tuple[int, ...]], round_offset: int = 0) -> None:
+        self.expected_shapes = dict(expected_shapes)
+        self.round_offset = round_offset
+        self.rounds = {}
+
+    def record(self, absolute_round: int) -> RoundRecord:
+        return self.rounds.setdefault(absolute_round, RoundRecord())
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        absolute = server_round + self.round_offset
+        rec = self.record(absolute)
+        rec.started = time.perf_counter()
+        messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
+        rec.wire += [describe_message(m, "server->client", absolute) for m in messages]
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        absolute = server_round + self.round_offset
+        rec = self.record(absolute)
+        accepted = []
+        for msg in replies:
+            node = str(msg.metadata.src_node_id)
+            if msg.has_error():
+                rec.errors[node] = msg.error.reason
+                accepted.append(msg)  # Flower's own check logs and skips it
+                continue
+            rec.wire.append(describe_message(msg, "client->server", absolute))
+            problem = self._problem_with(msg)
+            if problem:
+                log(WARNING, "round %d: rejected the update of node %s: %s", absolute, node, problem)
+                rec.rejected[node] = problem
+                continue
+            metrics = next(iter(msg.content.metric_records.values()))
+            rec.clients[node] = {k.replace("-", "_"): v for k, v in metrics.items()}
+            accepted.append(msg)
+        start = time.perf_counter()
+        arrays, metrics = super().aggregate_train(absolute, accepted)  # type: ignore[misc]
+        rec.aggregate_seconds = time.perf_counter() - start
+        rec.aggregated = arrays is not None
+        return arrays, metrics
+
+    def _problem_with(self, msg: Message) -> str | None:
+        content = msg.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return (f"expected one array record and one metric record, got {sorted(content.array_records)} and "
+                    f"{sorted(content.metric_records)}")
+        metrics = next(iter(content.metric_records.values()))
+        examples = metrics.get("num-examples")
+        if not isinstance(examples, (int, float)) or examples <= 0:
+            return f"metric 'num-examples' must be a positive number, got {examples!r}"
+        try:
+            check_arrays(from_array_record(next(iter(content.array_records.values()))), self.expected_shapes,
+                         "update")
+        except AdapterError as exc:
+            return str(exc)
+        return None
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        absolute = server_round + self.round_offset
+        replies = list(replies)
+        for msg in replies:
+            if not msg.has_error() and msg.content.metric_records:
+                metrics = next(iter(msg.content.metric_records.values()))
+                self.record(absolute).client_eval[str(msg.metadata.src_node_id)] = dict(metrics)
+        return super().aggregate_evaluate(absolute, replies)  # type: ignore[misc]
+
+
+class LoraFedAvg(LoraRoundMixin, FedAvg):
+    """FedAvg (weighted by ``num-examples``) over LoRA A/B, with finlora's checks and records."""
+
+
+class LoraFedProx(LoraRoundMixin, FedProx):
+    """FedProx: FedAvg plus the ``proximal-mu`` the clients add as ``mu/2 ||w - w_global||^2``."""
+
+
+class LoraFedAdam(LoraRoundMixin, FedAdam):
+    """FedAdam: Adam on the server over the averaged LoRA delta."""
+
+
+class LoraFedYogi(LoraRoundMixin, FedYogi):
+    """FedYogi: Yogi on the server over the averaged LoRA delta."""
+
+
+STRATEGIES: dict[str, type[LoraRoundMixin]] = {
+    "fedavg": LoraFedAvg, "fedprox": LoraFedProx, "fedadam": LoraFedAdam, "fedyogi": LoraFedYogi,
+}
+
+
+def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...]],
+                  round_offset: int = 0) -> LoraRoundMixin:
+    """Build the configured strategy."""
+    if cfg.name not in STRATEGIES:
+        raise ValueError(f"strategy.name must be one of {', '.join(STRATEGIES)}, got '{cfg.name}'")
+    common: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+                                  min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
+                                  min_available_nodes=cfg.min_available_nodes)
+    if cfg.name == "fedprox":
+        common["proximal_mu"] = cfg.proximal_mu
+    elif cfg.name in ("fedadam", "fedyogi"):
+        common.update(eta=cfg.server_lr, tau=cfg.server_tau)
+    strategy = STRATEGIES[cfg.name](**common)
+    strategy.setup_lora(expected_shapes, round_offset)
+    log(INFO, "finlora strategy %s over %d LoRA tensors", cfg.name, len(expected_shapes))
+    return strategy

@@ -1,0 +1,1 @@
+"""Local multi-process simulation and the ``finlora`` command line."""

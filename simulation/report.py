@@ -1,0 +1,77 @@
+"""The end-of-run summary: a table on the terminal, ``summary.json`` and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from common.io import atomic_write_text, read_jsonl_records
+
+
+def round_problems(run_dir: Path, num_rounds: int) -> list[str]:
+    """Why the run is not complete: missing rounds in ``metrics.jsonl`` or missing adapter files."""
+    records = {int(r["round"]): r for r in read_jsonl_records(run_dir / "metrics.jsonl")}
+    problems = []
+    missing = [k for k in range(num_rounds + 1) if k not in records]
+    if missing:
+        problems.append(f"rounds {missing} are missing from {run_dir / 'metrics.jsonl'}")
+    for k in range(1, num_rounds + 1):
+        if not (run_dir / f"round-{k}" / "adapter_model.safetensors").is_file():
+            problems.append(f"round {k} has no saved adapter")
+    return problems
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"round": r["round"], "train_loss": r.get("train_loss"), "heldout_loss": r.get("heldout_loss"),
+             "federated_eval_loss": r.get("federated_eval_loss"), "seconds": r.get("seconds"),
+             "clients": r.get("num_clients"), "bytes_sent_per_client": r.get("bytes_sent_per_client"),
+             "rejected": len(r.get("rejected") or {})} for r in sorted(records, key=lambda r: r["round"])]
+
+
+def print_summary(run_dir: Path) -> None:
+    """Print the per-round table and write ``summary.json`` beside ``metrics.jsonl``."""
+    rows = summary_rows(read_jsonl_records(run_dir / "metrics.jsonl"))
+    atomic_write_text(run_dir / "summary.json", json.dumps(rows, indent=2) + "\n")
+    header = f"{'round':>5}  {'train loss':>10}  {'held-out loss':>13}  {'fed. eval':>9}  {'seconds':>7}  " \
+             f"{'clients':>7}  {'bytes sent/client':>17}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['round']:>5}  {_fmt(r['train_loss'], '.4f'):>10}  {_fmt(r['heldout_loss'], '.4f'):>13}  "
+              f"{_fmt(r['federated_eval_loss'], '.4f'):>9}  {_fmt(r['seconds'], '.1f'):>7}  "
+              f"{r['clients']:>7}  {_fmt(r['bytes_sent_per_client'], ',.0f'):>17}")
+    print()
+
+
+def write_loss_plot(run_dir: Path) -> Path | None:
+    """``loss.png``: train and held-out loss per round (people read curves faster than tables)."""
+    rows = summary_rows(read_jsonl_records(run_dir / "metrics.jsonl"))
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train (clients, weighted)"), ("heldout_loss", "held-out (global adapter)"),
+                       ("federated_eval_loss", "federated eval")):
+        points = [(r["round"], r[key]) for r in rows if r[key] is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("answer-token loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    tmp = run_dir / ".loss.png.tmp"
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out
