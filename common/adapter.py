@@ -8,6 +8,7 @@ the model, because those names are exactly the keys of the safetensors file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import zlib
@@ -108,6 +109,17 @@ def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[
             raise AdapterError(f"{source}: '{key}' has dtype {value.dtype}, expected a float type")
         if not np.isfinite(value).all():
             raise AdapterError(f"{source}: '{key}' holds NaN or infinite values")
+
+
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over keys, shapes and float32 bytes in sorted key order: identifies an adapter's content."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key], dtype=np.float32)
+        h.update(key.encode())
+        h.update(str(value.shape).encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def shapes_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

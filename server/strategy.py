@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 from flwr.supercore import log
 
-from common.adapter import AdapterError, check_arrays, from_array_record
+from common.adapter import AdapterError, arrays_digest, check_arrays, from_array_record
 from common.config import StrategyConfig
 
 
@@ -56,6 +56,7 @@ def describe_message(msg: Message, direction: str, server_round: int) -> dict[st
         "records": sorted(content.keys()),
         "arrays": arrays,
         "array_bytes": sum(rec.count_bytes() for rec in content.array_records.values()),
+        "sha256": {name: arrays_digest(from_array_record(rec)) for name, rec in content.array_records.items()},
     }
 
 
@@ -127,7 +128,10 @@ class LoraRoundMixin:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)  # type: ignore[misc]
+        absolute = server_round + self.round_offset
+        messages = list(super().configure_evaluate(absolute, arrays, config, grid))  # type: ignore[misc]
+        self.record(absolute).wire += [describe_message(m, "server->client", absolute) for m in messages]
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         absolute = server_round + self.round_offset

@@ -1,0 +1,49 @@
+"""Shared fixtures: an isolated finlora cache, offline hub, and real simulation runs reused across tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never touch the user's ~/.cache/finlora and never reach for the hub."""
+    os.environ["FINLORA_HOME"] = str(tmp_path_factory.mktemp("finlora-home"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``finlora`` as a user would (a separate process), capturing its output."""
+    return subprocess.run([sys.executable, "-m", "simulation.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ))
+
+
+def flower_processes() -> set[int]:
+    """PIDs of SuperLink / Ray / Flower worker processes alive now."""
+    import psutil
+
+    pids = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(name in cmd for name in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet",
+                                        "gcs_server", "flwr-serverapp")):
+            pids.add(p.info["pid"])
+    return pids
+
+
+@pytest.fixture(scope="session")
+def fedavg_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """3 institutions x 2 rounds of FedAvg on the tiny model, through the real CLI, Flower and Ray."""
+    out = tmp_path_factory.mktemp("runs")
+    before = flower_processes()
+    proc = run_cli("simulate", "--clients", "3", "--rounds", "2", "--out", str(out), "--run-id", "fedavg")
+    return {"proc": proc, "run_dir": out / "fedavg", "leftover": flower_processes() - before}
