@@ -1,0 +1,148 @@
+"""End to end through the real CLI, a real SuperLink, Flower's simulation engine and Ray (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from client.train import round_learning_rate
+from common.adapter import arrays_digest, is_lora_a, read_adapter_dir, select_keys, shared_lora_a
+from common.config import load_config
+from common.io import read_jsonl_records
+from tests.conftest import flower_processes, run_cli
+
+LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.\d+\.self_attn\.[qkv]_proj\.lora_[AB]\.weight$")
+
+
+def _metrics(run_dir):
+    return {r["round"]: r for r in read_jsonl_records(run_dir / "metrics.jsonl")}
+
+
+def _ok(run: dict) -> None:
+    proc = run["proc"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_three_institutions_two_rounds_lower_heldout_loss(fedavg_run):
+    _ok(fedavg_run)
+    metrics = _metrics(fedavg_run["run_dir"])
+    assert sorted(metrics) == [0, 1, 2]
+    assert metrics[2]["heldout_loss"] < metrics[0]["heldout_loss"]
+    assert metrics[0]["train_loss"] is None and metrics[1]["train_loss"] is not None
+    for k in (1, 2):
+        assert metrics[k]["num_clients"] == 3 and metrics[k]["bytes_sent_per_client"] > 0
+        assert {c["partition_id"] for c in metrics[k]["clients"].values()} == {0, 1, 2}
+        assert (fedavg_run["run_dir"] / f"round-{k}" / "adapter_config.json").is_file()
+    assert "held-out loss" in fedavg_run["proc"].stdout  # the final summary table
+    assert (fedavg_run["run_dir"] / "loss.png").stat().st_size > 1000
+    assert not fedavg_run["leftover"], "SuperLink/Ray processes were left behind"
+
+
+def test_only_lora_a_b_cross_the_wire(fedavg_run):
+    _ok(fedavg_run)
+    wire = read_jsonl_records(fedavg_run["run_dir"] / "wire.jsonl")
+    expected = set(load_config().lora.target_module_list)
+    directions = {(w["round"], w["direction"], w["message_type"]) for w in wire}
+    assert {(1, "client->server", "train"), (2, "server->client", "train"), (2, "server->client", "evaluate")} <= directions
+    for w in wire:
+        assert set(w["records"]) <= {"arrays", "config", "metrics"}
+        if w["direction"] == "client->server":
+            assert set(w["records"]) == {"arrays", "metrics"}
+        keys = [k for rec in w["arrays"].values() for k in rec]
+        assert keys and all(LORA_KEY.match(k) for k in keys), keys
+        assert {k.split(".")[-3].replace("_proj", "") + "_proj" for k in keys} == expected
+        assert len(keys) == 2 * 3 * 2  # 2 layers x q/k/v x (A, B)
+        n_values = sum(int(np.prod(s)) for rec in w["arrays"].values() for s in rec.values())
+        assert w["array_bytes"] < 4 * n_values + 4096  # float32 LoRA tensors and nothing else
+
+
+def test_saved_adapter_is_the_global_adapter_and_loads_with_peft(fedavg_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _ok(fedavg_run)
+    run_dir = fedavg_run["run_dir"]
+    wire = read_jsonl_records(run_dir / "wire.jsonl")
+    for k in (1, 2):
+        saved = read_adapter_dir(run_dir / f"round-{k}")
+        sent = {w["sha256"]["arrays"] for w in wire
+                if w["round"] == k and w["direction"] == "server->client" and w["message_type"] == "evaluate"}
+        assert sent == {arrays_digest(saved)}  # what the server held in memory is what it saved
+    base_path = json.loads((run_dir / "round-2" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), run_dir / "round-2").eval()
+    from common.adapter import load_lora_state
+    from common.model import get_model_bundle
+
+    cfg = load_config()
+    in_memory = get_model_bundle(cfg.model, cfg.lora).model
+    load_lora_state(in_memory, read_adapter_dir(run_dir / "round-2"))
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89]])
+    in_memory.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, in_memory(input_ids=ids).logits, atol=1e-5)
+
+
+def test_resume_continues_from_saved_round(tmp_path):
+    first = run_cli("simulate", "--clients", "2", "--rounds", "1", "--out", str(tmp_path), "--run-id", "r")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    run_dir = tmp_path / "r"
+    round1_file = run_dir / "round-1" / "adapter_model.safetensors"
+    round1_bytes, round1_mtime = round1_file.read_bytes(), round1_file.stat().st_mtime_ns
+    before = _metrics(run_dir)
+
+    again = run_cli("simulate", "--clients", "2", "--rounds", "2", "--resume", str(run_dir))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    after = _metrics(run_dir)
+    assert sorted(after) == [0, 1, 2]
+    assert after[0] == before[0] and after[1] == before[1]  # nothing recomputed
+    assert round1_file.read_bytes() == round1_bytes and round1_file.stat().st_mtime_ns == round1_mtime
+    wire = read_jsonl_records(run_dir / "wire.jsonl")
+    sent_round2 = {w["sha256"]["arrays"] for w in wire
+                   if w["round"] == 2 and w["direction"] == "server->client" and w["message_type"] == "train"}
+    assert sent_round2 == {arrays_digest(read_adapter_dir(run_dir / "round-1"))}
+    expected_lr = round_learning_rate(load_config().train, 2, 2)
+    assert all(abs(c["lr"] - expected_lr) < 1e-12 for c in after[2]["clients"].values())
+
+
+def test_ffa_lora_sends_only_b_and_keeps_shared_a(tmp_path, fedavg_run):
+    proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--ffa", "--out", str(tmp_path), "--run-id", "ffa")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_dir = tmp_path / "ffa"
+    wire = read_jsonl_records(run_dir / "wire.jsonl")
+    for w in wire:
+        keys = [k for rec in w["arrays"].values() for k in rec]
+        assert keys and all(k.endswith(".lora_B.weight") for k in keys)
+    ffa_bytes = _metrics(run_dir)[1]["bytes_sent_per_client"]
+    full_bytes = _metrics(fedavg_run["run_dir"])[1]["bytes_sent_per_client"]
+    assert 0.45 < ffa_bytes / full_bytes < 0.55
+    saved = read_adapter_dir(run_dir / "round-1")
+    seed = load_config().lora.seed
+    for key, value in saved.items():
+        if is_lora_a(key):
+            assert np.array_equal(value, shared_lora_a(key, value.shape, seed))
+        else:
+            assert np.abs(value).max() > 0  # B was trained
+    assert len(select_keys(saved, ffa=True)) == len(saved) // 2
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi"])
+def test_other_strategies_run(tmp_path, strategy):
+    proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--strategy", strategy, "--out", str(tmp_path),
+                   "--run-id", strategy)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    metrics = _metrics(tmp_path / strategy)
+    assert metrics[1]["num_clients"] == 2
+    assert metrics[1]["heldout_loss"] != metrics[0]["heldout_loss"]
+
+
+def test_failed_run_exits_nonzero_and_leaves_nothing_behind(tmp_path):
+    before = flower_processes()
+    proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--data", str(tmp_path / "missing.jsonl"),
+                   "--out", str(tmp_path), "--run-id", "bad")
+    assert proc.returncode != 0
+    assert "FAILED" in proc.stderr
+    assert not flower_processes() - before
