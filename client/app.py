@@ -7,18 +7,18 @@ import time
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local_data import local_data, node_data_key
+from client.local_data import LocalData, local_data, node_data_key
 from client.train import round_learning_rate, train_round
-from common.adapter import (check_arrays, from_array_record, initial_adapter, lora_state, load_lora_state,
+from common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, lora_state, load_lora_state,
                             select_keys, shapes_of, to_array_record)
 from common.config import FinloraConfig
 from common.evaluation import answer_loss
-from common.model import LOAD_COUNTS, get_model_bundle
+from common.model import LOAD_COUNTS, ModelBundle, get_model_bundle
 
 app = ClientApp()
 
 
-def _prepare(msg: Message, context: Context):
+def _prepare(msg: Message, context: Context) -> tuple[FinloraConfig, ModelBundle, LocalData, Arrays, float]:
     """Config, cached model, local data, and the received global adapter loaded into the model."""
     cfg = FinloraConfig.from_flat(context.run_config)
     loads_before = LOAD_COUNTS["base_model_loads"]

@@ -65,6 +65,7 @@ def train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, lr: f
     """
     import torch
 
+    torch.manual_seed(seed)  # LoRA dropout draws from the global generator: make a round reproducible
     device = next(model.parameters()).device
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:

@@ -51,3 +51,38 @@ def test_learning_rate_schedule_spans_rounds():
     assert abs(lrs[0] - 0.01) < 1e-12 and abs(lrs[-1] - 0.001) < 1e-12 and all(a > b for a, b in zip(lrs, lrs[1:]))
     assert round_learning_rate(load_config({"train.lr-schedule": "constant"}).train, 4, 5) == \
         load_config().train.lr
+
+
+def test_training_is_reproducible_and_works_with_gradient_checkpointing():
+    cfg, bundle, init, data = _setup()
+    pad = bundle.tokenizer.pad_token_id
+    results = []
+    for _ in range(2):
+        load_lora_state(bundle.model, init)
+        train_round(bundle.model, data.train, cfg.train, cfg.train.lr, pad, seed=7)
+        results.append(lora_state(bundle.model))
+    assert all(np.array_equal(results[0][k], results[1][k]) for k in results[0])
+
+    gc_cfg = load_config({"model.gradient-checkpointing": True})
+    gc_bundle = get_model_bundle(gc_cfg.model, gc_cfg.lora)
+    load_lora_state(gc_bundle.model, init)
+    stats = train_round(gc_bundle.model, data.train, gc_cfg.train, gc_cfg.train.lr, pad, seed=7)
+    after = lora_state(gc_bundle.model)
+    assert stats.steps == gc_cfg.train.local_steps
+    assert all(np.allclose(after[k], results[0][k], atol=1e-5) for k in after)  # same math, less memory
+
+
+def test_deployed_institution_reads_its_data_path(tmp_path):
+    import json
+
+    from client.local_data import LOCAL_VAL_SIZE, node_data_key
+    from common.sample_data import sentiment_rows
+
+    path = tmp_path / "bank-a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n=120, seed=5)))
+    cfg = load_config()
+    bundle = get_model_bundle(cfg.model, cfg.lora)
+    key = node_data_key({"data-path": str(path), "partition-id": 0})
+    data = local_data(cfg.data, key, bundle.tokenizer)
+    assert data.source == str(path)
+    assert len(data.train) + len(data.val) == 120 and len(data.val) == LOCAL_VAL_SIZE
