@@ -175,19 +175,76 @@ class StrategyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DpConfig:
+    """Differential privacy of each institution's training (Opacus DP-SGD) or of the federation's average.
+
+    Attributes
+    ----------
+    enabled : bool
+        Train with DP. ``level = sample`` protects each *row* of an institution's data; ``level = client``
+        protects each *institution's whole contribution* (clipped updates, Gaussian noise added by the server).
+    level : str
+        ``sample`` (Opacus DP-SGD on every client) or ``client`` (Flower's client-side fixed clipping +
+        server noise).
+    epsilon : float
+        Target epsilon per institution over the whole run; the noise multiplier is calibrated to reach it
+        after the planned rounds, and a client refuses a round that would exceed it.
+    delta : float
+        Target delta; 0 means ``1 / (10 * n_local_examples)``.
+    max_grad_norm : float
+        Per-sample clipping bound C (``level = sample``) or per-update clipping norm (``level = client``).
+    accountant : str
+        ``rdp`` or ``prv`` (Opacus accountants; PRV is tighter).
+    noise_multiplier : float
+        Server-side noise multiplier for ``level = client`` (sigma relative to ``max_grad_norm``).
+    state_dir : str
+        Where a deployed client keeps its privacy ledger; empty means ``$FINLORA_HOME/dp-state``.
+    """
+
+    enabled: bool
+    level: str
+    epsilon: float
+    delta: float
+    max_grad_norm: float
+    accountant: str
+    noise_multiplier: float
+    state_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Centralized evaluation done by the server after every round.
+    """Centralized evaluation done by the server.
 
     Attributes
     ----------
     heldout : bool
-        Compute the global adapter's loss on the held-out examples (needs the base model on the server).
+        Compute the global adapter's loss on the held-out examples after every round (needs the base model
+        on the server).
     batch_size : int
         Examples per forward pass.
+    every : int
+        Score the global adapter on the FinLoRA benchmark every ``every`` rounds (0: never during training).
+    tasks : str
+        Comma-separated benchmark tasks for those evaluations, or ``all``.
+    max_samples : int
+        Rows per task for those evaluations (0: all).
+    final : bool
+        After the last round, score the final adapter on every task with all rows.
+    mode : str
+        ``fast`` (label log-likelihood where the answer is closed) or ``finlora`` (the reference protocol).
+    data_dir : str
+        Directory with FinLoRA's ``test/<task>.jsonl``; empty means ``$FINLORA_DATA_DIR/test`` or
+        ``../shared/data/test``.
     """
 
     heldout: bool
     batch_size: int
+    every: int
+    tasks: str
+    max_samples: int
+    final: bool
+    mode: str
+    data_dir: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +273,7 @@ class FinloraConfig:
     data: DataConfig
     train: TrainConfig
     strategy: StrategyConfig
+    dp: DpConfig
     eval: EvalConfig
 
     @classmethod

@@ -22,7 +22,11 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     pairs = {"model.name": args.model, "model.quantization": args.quantization, "data.source": args.data,
              "strategy.name": args.strategy, "lora.ffa": args.ffa or None,
              "data.partitioner": "dirichlet" if args.dirichlet is not None else None,
-             "data.dirichlet-alpha": args.dirichlet, "train.local-steps": args.local_steps}
+             "data.dirichlet-alpha": args.dirichlet, "train.local-steps": args.local_steps,
+             "dp.enabled": args.dp, "dp.epsilon": args.epsilon, "dp.delta": args.delta,
+             "dp.max-grad-norm": args.max_grad_norm, "dp.level": args.dp_level,
+             "eval.every": args.eval_every, "eval.tasks": args.eval_tasks, "eval.max-samples": args.eval_max_samples,
+             "eval.final": args.final_eval or None}
     overrides.update({k: v for k, v in pairs.items() if v is not None})
     min_nodes = min(2, args.clients)
     overrides.update({"strategy.min-train-nodes": min_nodes, "strategy.min-evaluate-nodes": min_nodes,
@@ -89,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--ffa", action="store_true", help="FFA-LoRA: freeze A at the shared seed, send only B")
     sim.add_argument("--dirichlet", type=float, metavar="ALPHA", help="label-skewed partitions Dirichlet(ALPHA)")
     sim.add_argument("--local-steps", type=int, help="optimizer steps per round (config train.local-steps)")
+    sim.add_argument("--dp", action=argparse.BooleanOptionalAction, default=None,
+                     help="DP-SGD on every institution (config dp.enabled)")
+    sim.add_argument("--epsilon", type=float, help="target epsilon per institution over the run (dp.epsilon)")
+    sim.add_argument("--delta", type=float, help="target delta; 0 = 1/(10 n_local) (dp.delta)")
+    sim.add_argument("--max-grad-norm", type=float, help="DP clipping bound (dp.max-grad-norm)")
+    sim.add_argument("--dp-level", choices=["sample", "client"], help="what DP protects (dp.level)")
+    sim.add_argument("--eval-every", type=int, metavar="K", help="benchmark-evaluate every K rounds (eval.every)")
+    sim.add_argument("--eval-tasks", help="tasks for those evaluations, comma-separated or 'all' (eval.tasks)")
+    sim.add_argument("--eval-max-samples", type=int, help="rows per task for those evaluations (eval.max-samples)")
+    sim.add_argument("--final-eval", action="store_true", help="full benchmark on the final adapter (eval.final)")
     sim.add_argument("--out", default="runs", help="directory of run directories (default ./runs)")
     sim.add_argument("--run-id", help="run directory name (default sim-<timestamp>)")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last completed round")
