@@ -7,6 +7,9 @@ import time
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.dp_setup import ledger_store, open_ledger
+from client.dp_train import dp_train_round, sample_rate, steps_per_round
+from client.mods import client_level_clipping_mod
 from client.local_data import LocalData, local_data, node_data_key
 from client.train import round_learning_rate, train_round
 from common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, lora_state, load_lora_state,
@@ -15,7 +18,7 @@ from common.config import FinloraConfig
 from common.evaluation import answer_loss
 from common.model import LOAD_COUNTS, ModelBundle, get_model_bundle
 
-app = ClientApp()
+app = ClientApp(mods=[client_level_clipping_mod])
 
 
 def _prepare(msg: Message, context: Context) -> tuple[FinloraConfig, ModelBundle, LocalData, Arrays, float]:
@@ -42,9 +45,21 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"])
     lr = round_learning_rate(cfg.train, server_round, cfg.num_rounds)
-    stats = train_round(bundle.model, data.train, cfg.train, lr, bundle.tokenizer.pad_token_id,
-                        seed=cfg.train.seed + 1000 * server_round + node_data_key(context.node_config)[1],
-                        proximal_mu=float(config.get("proximal-mu", 0.0)), global_arrays=received)
+    seed = cfg.train.seed + 1000 * server_round + node_data_key(context.node_config)[1]
+    privacy: dict[str, float] = {}
+    if cfg.dp.enabled and cfg.dp.level == "sample":
+        store = ledger_store(cfg.dp, context.node_config, context.state)
+        ledger = open_ledger(cfg.dp, context.node_config, store, len(data.train))
+        rate, steps = sample_rate(len(data.train), cfg.train), steps_per_round(len(data.train), cfg.train)
+        ledger.ensure_calibrated(cfg.dp.epsilon, rate, cfg.num_rounds * steps)
+        ledger.authorize(rate, steps)  # raises PrivacyBudgetExhausted: the server logs it and goes on
+        stats = dp_train_round(bundle.model, data.train, cfg.train, cfg.dp, ledger, lr,
+                               bundle.tokenizer.pad_token_id, seed)
+        store.save(ledger)
+        privacy = ledger.report()
+    else:
+        stats = train_round(bundle.model, data.train, cfg.train, lr, bundle.tokenizer.pad_token_id, seed=seed,
+                            proximal_mu=float(config.get("proximal-mu", 0.0)), global_arrays=received)
     start = time.perf_counter()
     record = to_array_record(select_keys(lora_state(bundle.model), cfg.lora.ffa))
     serialize_seconds = time.perf_counter() - start
@@ -61,6 +76,8 @@ def train(msg: Message, context: Context) -> Message:
         "base-model-loads": LOAD_COUNTS["base_model_loads"],
         "bytes-sent": record.count_bytes(),
         "partition-id": node_data_key(context.node_config)[1],
+        "uniform-weight": 1,  # client-level DP averages institutions uniformly (its sensitivity assumes it)
+        **privacy,
     })
     return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
 

@@ -187,8 +187,12 @@ class DpConfig:
         ``sample`` (Opacus DP-SGD on every client) or ``client`` (Flower's client-side fixed clipping +
         server noise).
     epsilon : float
-        Target epsilon per institution over the whole run; the noise multiplier is calibrated to reach it
-        after the planned rounds, and a client refuses a round that would exceed it.
+        The federation's planned epsilon per institution over ``num-rounds``: every institution calibrates
+        its noise multiplier to reach it after the planned rounds x local steps, and by default it is also
+        each institution's budget, enforced: a client refuses a round that would exceed it.
+    client_epsilons : str
+        Institutions' own, possibly stricter, budgets in simulation: comma-separated epsilons by partition id
+        (empty: all use ``epsilon``). A deployed institution sets ``dp-epsilon`` in its node config instead.
     delta : float
         Target delta; 0 means ``1 / (10 * n_local_examples)``.
     max_grad_norm : float
@@ -204,6 +208,7 @@ class DpConfig:
     enabled: bool
     level: str
     epsilon: float
+    client_epsilons: str
     delta: float
     max_grad_norm: float
     accountant: str

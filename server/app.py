@@ -12,10 +12,11 @@ from flwr.supercore import log
 
 from common.adapter import complete_with_shared_a, from_array_record, initial_adapter, select_keys, to_array_record
 from common.config import FinloraConfig
+from common.dp_accounting import epsilon_of
 from common.model import lora_config, lora_shapes, resolve_model_path
 from server.checkpoint import RunDirectory
 from server.heldout import HeldoutEvaluator
-from server.strategy import LoraRoundMixin, RoundRecord, make_strategy
+from server.strategy import RoundRecord, make_strategy, sampled_clients_per_round, with_client_level_dp
 
 app = ServerApp()
 
@@ -45,6 +46,10 @@ def round_summary(server_round: int, rec: RoundRecord | None, heldout_loss: floa
         "bytes_received_per_client": (max((w["array_bytes"] for w in rec.wire if w["direction"] == "server->client"),
                                           default=0) if rec else 0),
         "clients": clients,
+        "privacy": {node: {k[3:]: v for k, v in c.items() if k.startswith("dp_")} | {"partition_id": c["partition_id"]}
+                    for node, c in clients.items() if "dp_epsilon" in c},
+        "refused": sorted(node for node, reason in (rec.errors if rec else {}).items()
+                          if "PrivacyBudgetExhausted" in reason),
         "rejected": rec.rejected if rec else {},
         "errors": rec.errors if rec else {},
     }
@@ -80,7 +85,13 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "all %d rounds are already complete", cfg.num_rounds)
         return
 
-    strategy = make_strategy(cfg.strategy, wire_shapes, round_offset=offset)
+    client_level = cfg.dp.enabled and cfg.dp.level == "client"
+    strategy = make_strategy(cfg.strategy, wire_shapes, round_offset=offset,
+                             weighted_by_key="uniform-weight" if client_level else "num-examples")
+    runner: Any = strategy
+    if client_level:
+        runner = with_client_level_dp(strategy, cfg.dp.noise_multiplier, cfg.dp.max_grad_norm,
+                                      sampled_clients_per_round(cfg.strategy))
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         absolute = server_round + offset
@@ -92,6 +103,8 @@ def main(grid: Grid, context: Context) -> None:
         full = full_adapter(arrays)
         heldout = evaluator.loss(full) if evaluator else None
         summary = round_summary(absolute, rec, heldout)
+        if client_level:
+            summary["client_level_privacy"] = client_level_privacy(cfg, absolute)
         run_dir.save_round(absolute, full, peft_config, summary)
         if rec:
             run_dir.append_wire(rec.wire)
@@ -99,11 +112,23 @@ def main(grid: Grid, context: Context) -> None:
             f"{heldout:.4f}" if heldout is not None else "n/a")
         return MetricRecord({"heldout-loss": heldout}) if heldout is not None else None
 
-    strategy.start(grid=grid, initial_arrays=to_array_record(select_keys(global_arrays, cfg.lora.ffa)),
+    runner.start(grid=grid, initial_arrays=to_array_record(select_keys(global_arrays, cfg.lora.ffa)),
                    num_rounds=remaining, timeout=cfg.strategy.round_timeout,
                    train_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
                    evaluate_config=ConfigRecord({"num-rounds": cfg.num_rounds}), evaluate_fn=after_round)
     _log_summary_table(run_dir)
+
+
+def client_level_privacy(cfg: FinloraConfig, rounds: int) -> dict[str, float]:
+    """(epsilon, delta) protecting each institution's whole contribution after ``rounds`` noisy releases.
+
+    Accounted without amplification by sampling (q = 1), as Flower's own fixed-clipping accountant does:
+    Flower samples a fixed-size subset of institutions, not a Poisson one.
+    """
+    delta = cfg.dp.delta if cfg.dp.delta > 0 else 1.0 / (10 * cfg.strategy.min_available_nodes)
+    return {"epsilon": epsilon_of([(cfg.dp.noise_multiplier, 1.0, rounds)], delta, cfg.dp.accountant),
+            "delta": delta, "sigma": cfg.dp.noise_multiplier, "clipping_norm": cfg.dp.max_grad_norm,
+            "rounds": rounds}
 
 
 def _failure_reason(server_round: int, rec: RoundRecord | None) -> str:

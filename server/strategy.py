@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedProx,
+                                     FedYogi)
 from flwr.supercore import log
 
 from common.adapter import AdapterError, arrays_digest, check_arrays, from_array_record
@@ -60,6 +62,15 @@ def describe_message(msg: Message, direction: str, server_round: int) -> dict[st
     }
 
 
+def short_reason(reason: str, limit: int = 400) -> str:
+    """The gist of a client's error: Flower wraps the exception's message in a Ray traceback."""
+    marker = "Message: "
+    gist = reason[reason.rfind(marker) + len(marker):] if marker in reason else reason
+    exc_type = re.search(r"<class '([\w.]+)'>", reason)
+    text = " ".join(gist.replace("\\n", " ").split()).rstrip("'>")
+    return (f"{exc_type.group(1)}: " if exc_type and "ray.exceptions" not in exc_type.group(1) else "") + text[:limit]
+
+
 class LoraRoundMixin:
     """Validation, wire log, per-client records and round offset for a Flower strategy (see module doc)."""
 
@@ -92,7 +103,7 @@ class LoraRoundMixin:
         for msg in replies:
             node = str(msg.metadata.src_node_id)
             if msg.has_error():
-                rec.errors[node] = msg.error.reason
+                rec.errors[node] = short_reason(msg.error.reason)
                 accepted.append(msg)  # Flower's own check logs and skips it
                 continue
             rec.wire.append(describe_message(msg, "client->server", absolute))
@@ -165,13 +176,13 @@ STRATEGIES: dict[str, type[LoraRoundMixin]] = {
 
 
 def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...]],
-                  round_offset: int = 0) -> LoraRoundMixin:
-    """Build the configured strategy."""
+                  round_offset: int = 0, weighted_by_key: str = "num-examples") -> LoraRoundMixin:
+    """Build the configured strategy (aggregation weighted by the ``weighted_by_key`` client metric)."""
     if cfg.name not in STRATEGIES:
         raise ValueError(f"strategy.name must be one of {', '.join(STRATEGIES)}, got '{cfg.name}'")
     common: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                                   min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
-                                  min_available_nodes=cfg.min_available_nodes)
+                                  min_available_nodes=cfg.min_available_nodes, weighted_by_key=weighted_by_key)
     if cfg.name == "fedprox":
         common["proximal_mu"] = cfg.proximal_mu
     elif cfg.name in ("fedadam", "fedyogi"):
@@ -180,3 +191,17 @@ def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...
     strategy.setup_lora(expected_shapes, round_offset)
     log(INFO, "finlora strategy %s over %d LoRA tensors", cfg.name, len(expected_shapes))
     return strategy
+
+
+def sampled_clients_per_round(cfg: StrategyConfig) -> int:
+    """Institutions sampled each training round when all ``min_available_nodes`` are connected."""
+    return max(int(cfg.min_available_nodes * cfg.fraction_train), cfg.min_train_nodes)
+
+
+def with_client_level_dp(strategy: LoraRoundMixin, noise_multiplier: float, clipping_norm: float,
+                         num_sampled_clients: int) -> DifferentialPrivacyClientSideFixedClipping:
+    """Flower's client-side fixed clipping wrapper: institutions clip their update (``client/mods.py``), the
+    server adds Gaussian noise of std ``noise_multiplier * clipping_norm / num_sampled_clients`` to the mean."""
+    return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=noise_multiplier,
+                                                      clipping_norm=clipping_norm,
+                                                      num_sampled_clients=num_sampled_clients)

@@ -51,7 +51,8 @@ def _run_location(args: argparse.Namespace) -> tuple[Path, str]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run a local multi-process simulation (Flower + Ray), then print and plot its summary."""
     from simulation.launcher import run_simulation
-    from simulation.report import print_summary, round_problems, write_loss_plot
+    from simulation.report import (print_privacy, print_summary, round_problems, write_loss_plot,
+                                   write_privacy_plot)
 
     out_dir, run_id = _run_location(args)
     overrides = _overrides_from_args(args)
@@ -67,9 +68,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     problems = round_problems(run_dir, cfg.num_rounds)
     if run_dir.exists():
         print_summary(run_dir)
-        plot = write_loss_plot(run_dir)
-        if plot:
-            print(f"loss curves: {plot}")
+        print_privacy(run_dir)
+        for plot in (write_loss_plot(run_dir), write_privacy_plot(run_dir)):
+            if plot:
+                print(f"plot: {plot}")
     if not result.ok or problems:
         print(f"finlora simulate: FAILED (Flower run {result.run_id or '?'} status: {result.status}"
               f"{'; ' + '; '.join(problems) if problems else ''})", file=sys.stderr)

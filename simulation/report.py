@@ -47,16 +47,78 @@ def print_summary(run_dir: Path) -> None:
     print()
 
 
-def write_loss_plot(run_dir: Path) -> Path | None:
-    """``loss.png``: train and held-out loss per round (people read curves faster than tables)."""
-    rows = summary_rows(read_jsonl_records(run_dir / "metrics.jsonl"))
-    if not rows:
+def privacy_by_partition(records: list[dict[str, Any]]) -> dict[int, dict[int, float]]:
+    """{partition id: {round: epsilon spent so far}} from the per-client privacy objects."""
+    table: dict[int, dict[int, float]] = {}
+    for r in records:
+        for p in (r.get("privacy") or {}).values():
+            table.setdefault(int(p["partition_id"]), {})[int(r["round"])] = float(p["epsilon"])
+    return table
+
+
+def print_privacy(run_dir: Path) -> None:
+    """Epsilon spent per institution per round (sample-level DP), and refusals; or the client-level guarantee."""
+    records = sorted(read_jsonl_records(run_dir / "metrics.jsonl"), key=lambda r: r["round"])
+    table = privacy_by_partition(records)
+    if table:
+        rounds = [r["round"] for r in records if r["round"] > 0]
+        print("epsilon spent (sample-level DP, per institution)")
+        print("institution " + " ".join(f"{'round ' + str(k):>9}" for k in rounds))
+        for pid in sorted(table):
+            print(f"{pid:>11} " + " ".join(f"{_fmt(table[pid].get(k), '.3f'):>9}" for k in rounds))
+        refused = [(r["round"], len(r.get("refused") or [])) for r in records if r.get("refused")]
+        if refused:
+            print("refused (budget exhausted): " + ", ".join(f"round {k}: {n}" for k, n in refused))
+        print()
+    last = records[-1].get("client_level_privacy") if records else None
+    if last:
+        print(f"client-level DP: epsilon {last['epsilon']:.3f} at delta {last['delta']:.3g} after {last['rounds']} "
+              f"rounds (noise multiplier {last['sigma']}, clipping norm {last['clipping_norm']})\n")
+
+
+def write_privacy_plot(run_dir: Path) -> Path | None:
+    """``privacy.png``: epsilon spent per institution against the round."""
+    table = privacy_by_partition(read_jsonl_records(run_dir / "metrics.jsonl"))
+    if not table:
         return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pid in sorted(table):
+        ax.plot(list(table[pid]), list(table[pid].values()), marker="o", label=f"institution {pid}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent")
+    ax.set_title(f"{run_dir.name}: privacy spent")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, run_dir / "privacy.png")
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig: Any, out: Path) -> Path:
+    """Write a figure atomically (temp file, then rename)."""
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    fig.clf()
+    _pyplot().close(fig)
+    tmp.replace(out)
+    return out
+
+
+def write_loss_plot(run_dir: Path) -> Path | None:
+    """``loss.png``: train and held-out loss per round (people read curves faster than tables)."""
+    rows = summary_rows(read_jsonl_records(run_dir / "metrics.jsonl"))
+    if not rows:
+        return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("train_loss", "train (clients, weighted)"), ("heldout_loss", "held-out (global adapter)"),
                        ("federated_eval_loss", "federated eval")):
@@ -68,10 +130,4 @@ def write_loss_plot(run_dir: Path) -> Path | None:
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = run_dir / "loss.png"
-    tmp = run_dir / ".loss.png.tmp"
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return _save(fig, run_dir / "loss.png")

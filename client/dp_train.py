@@ -1,0 +1,106 @@
+"""One round of DP-SGD local training with Opacus: per-sample clipping and Gaussian noise on LoRA only.
+
+* Only the adapter's parameters require grad, so Opacus's grad-sample hooks attach to the LoRA ``Linear``
+  layers alone; the (possibly 4-bit) base model stays frozen and outside per-sample computation.
+* Batches are **Poisson-sampled** (each example joins a step with probability q = batch_size / n), the
+  sampling that the RDP/PRV accountants assume. Fixed-size or length-grouped batches would void the bound.
+* The loss is the mean over examples of each example's mean answer-token loss, so that one example's
+  per-sample gradient depends on that example only (HF's batch-wide token mean would couple them).
+* The grad-sample hooks are removed after the round, so the cached model is left as it was found.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from client.privacy import PrivacyLedger
+from client.train import TrainStats
+from common.config import DpConfig, TrainConfig
+from common.data import IGNORE_INDEX, Example, collate
+
+
+def per_example_loss(logits: Any, labels: Any) -> Any:
+    """Each example's mean cross-entropy over its answer tokens (shape ``[batch]``)."""
+    import torch.nn.functional as F
+
+    shifted_logits, shifted_labels = logits[:, :-1].float(), labels[:, 1:]
+    token_loss = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="none").view(shifted_labels.shape)
+    counts = (shifted_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts
+
+
+def steps_per_round(n_examples: int, cfg: TrainConfig) -> int:
+    """Planned optimizer steps per round: ``local_steps``, or epochs x (n / batch size) expected batches."""
+    if cfg.local_epochs > 0:
+        return cfg.local_epochs * max(1, math.ceil(n_examples / cfg.batch_size))
+    return cfg.local_steps
+
+
+def sample_rate(n_examples: int, cfg: TrainConfig) -> float:
+    return min(1.0, cfg.batch_size / n_examples)
+
+
+def poisson_batches(n_examples: int, rate: float, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` Poisson-sampled index batches (each example independently with probability ``rate``)."""
+    rng = np.random.default_rng(seed)
+    return [np.flatnonzero(rng.random(n_examples) < rate).tolist() for _ in range(steps)]
+
+
+def make_private(model: Any, params: list[Any], lr: float, cfg: TrainConfig, sigma: float, max_grad_norm: float,
+                 expected_batch_size: int, grad_sample_mode: str = "hooks") -> tuple[Any, Any]:
+    """Opacus grad-sample module over ``model`` and a ``DPOptimizer`` around AdamW on ``params``."""
+    import torch
+    from opacus.grad_sample.utils import wrap_model
+    from opacus.optimizers import DPOptimizer
+
+    gsm = wrap_model(model, grad_sample_mode=grad_sample_mode, loss_reduction="mean")
+    optimizer = DPOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay),
+                            noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+                            expected_batch_size=expected_batch_size, loss_reduction="mean")
+    return gsm, optimizer
+
+
+def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp: DpConfig, ledger: PrivacyLedger,
+                   lr: float, pad_id: int, seed: int) -> TrainStats:
+    """Train one round with DP-SGD and record its steps in ``ledger`` (the caller has authorized them)."""
+    import torch
+
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    rate = sample_rate(len(examples), cfg)
+    steps = steps_per_round(len(examples), cfg)
+    gsm, optimizer = make_private(model, params, lr, cfg, ledger.noise_multiplier, dp.max_grad_norm,
+                                  expected_batch_size=max(1, round(rate * len(examples))))
+    model.train()
+    start = time.perf_counter()
+    loss_sum, answer_tokens, tokens, seen = 0.0, 0, 0, 0
+    try:
+        for batch_ids in poisson_batches(len(examples), rate, steps, seed):
+            if not batch_ids:
+                continue  # an empty Poisson draw: nothing released, still counted in the ledger (conservative)
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], pad_id).items()}
+            logits = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            losses = per_example_loss(logits, batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            optimizer.step()
+            n_answer = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss_sum += float(losses.detach().sum())
+            answer_tokens += n_answer
+            tokens += int(batch["attention_mask"].sum())
+            seen += len(batch_ids)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        gsm.remove_hooks()
+        for p in params:
+            p.grad_sample = None
+    ledger.record(rate, steps)
+    return TrainStats(loss=loss_sum / max(seen, 1), steps=steps, examples_seen=seen, tokens=tokens,
+                      answer_tokens=answer_tokens, seconds=time.perf_counter() - start, lr=lr)
