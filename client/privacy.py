@@ -29,8 +29,12 @@ class PrivacyBudgetExhausted(RuntimeError):
     """Training this round would take the institution past its target epsilon; it refuses to train.
 
     Raised inside the ClientApp, it reaches the server as an error reply naming this class, which the server
-    logs per node and tolerates (the round goes on with the other institutions).
+    logs per node and tolerates (the round goes on with the other institutions). The message starts with the
+    class name because Flower's simulation engine forwards only the message text, and the server matches on it.
     """
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}: {super().__str__()}"
 
 
 class PrivacyConfigError(ValueError):
