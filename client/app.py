@@ -87,5 +87,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Loss of the global adapter on this institution's validation rows (never trained on)."""
     cfg, bundle, data, _received, _ = _prepare(msg, context)
     loss, tokens = answer_loss(bundle.model, data.val, cfg.eval.batch_size, bundle.tokenizer.pad_token_id)
-    metrics = MetricRecord({"eval-loss": loss, "eval-tokens": tokens, "num-examples": len(data.val)})
+    metrics = MetricRecord({"eval-loss": loss, "eval-tokens": tokens, "num-examples": len(data.val),
+                            "uniform-weight": 1})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

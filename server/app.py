@@ -126,7 +126,9 @@ def client_level_privacy(cfg: FinloraConfig, rounds: int) -> dict[str, float]:
     Flower samples a fixed-size subset of institutions, not a Poisson one.
     """
     delta = cfg.dp.delta if cfg.dp.delta > 0 else 1.0 / (10 * cfg.strategy.min_available_nodes)
-    return {"epsilon": epsilon_of([(cfg.dp.noise_multiplier, 1.0, rounds)], delta, cfg.dp.accountant),
+    epsilon = (epsilon_of([(cfg.dp.noise_multiplier, 1.0, rounds)], delta, cfg.dp.accountant)
+               if cfg.dp.noise_multiplier > 0 else None)  # no noise: clipping alone guarantees nothing
+    return {"epsilon": epsilon,
             "delta": delta, "sigma": cfg.dp.noise_multiplier, "clipping_norm": cfg.dp.max_grad_norm,
             "rounds": rounds}
 

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="any config key of pyproject [tool.flwr.app.config], e.g. --set lora.r=16")
     sim.set_defaults(func=cmd_simulate)
+    from eval.cli import add_eval_parser
+    add_eval_parser(sub)
     return parser
 
 

@@ -47,3 +47,12 @@ def fedavg_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     before = flower_processes()
     proc = run_cli("simulate", "--clients", "3", "--rounds", "2", "--out", str(out), "--run-id", "fedavg")
     return {"proc": proc, "run_dir": out / "fedavg", "leftover": flower_processes() - before}
+
+
+@pytest.fixture(scope="session")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """3 institutions x 3 rounds with sample-level DP (epsilon 8); institution 2 has its own budget of 6."""
+    out = tmp_path_factory.mktemp("dp-runs")
+    proc = run_cli("simulate", "--clients", "3", "--rounds", "3", "--dp", "--epsilon", "8",
+                   "--set", 'dp.client-epsilons="8,8,6"', "--out", str(out), "--run-id", "dp")
+    return {"proc": proc, "run_dir": out / "dp"}
