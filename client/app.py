@@ -54,7 +54,8 @@ def train(msg: Message, context: Context) -> Message:
         ledger.ensure_calibrated(cfg.dp.epsilon, rate, cfg.num_rounds * steps)
         ledger.authorize(rate, steps)  # raises PrivacyBudgetExhausted: the server logs it and goes on
         stats = dp_train_round(bundle.model, data.train, cfg.train, cfg.dp, ledger, lr,
-                               bundle.tokenizer.pad_token_id, seed)
+                               bundle.tokenizer.pad_token_id, seed,
+                               proximal_mu=float(config.get("proximal-mu", 0.0)), global_arrays=received)
         store.save(ledger)
         privacy = ledger.report()
     else:

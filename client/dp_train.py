@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,13 +67,22 @@ def make_private(model: Any, params: list[Any], lr: float, cfg: TrainConfig, sig
 
 
 def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp: DpConfig, ledger: PrivacyLedger,
-                   lr: float, pad_id: int, seed: int) -> TrainStats:
-    """Train one round with DP-SGD and record its steps in ``ledger`` (the caller has authorized them)."""
+                   lr: float, pad_id: int, seed: int, proximal_mu: float = 0.0,
+                   global_arrays: Mapping[str, np.ndarray] | None = None) -> TrainStats:
+    """Train one round with DP-SGD and record its steps in ``ledger`` (the caller has authorized them).
+
+    FedProx's proximal term depends on the weights only, not on any example, so its gradient is added
+    *after* Opacus has clipped and noised the data gradient: it costs no privacy and is not clipped.
+    """
     import torch
+
+    from client.train import proximal_anchors
 
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    anchors = proximal_anchors(named, proximal_mu, global_arrays, device)
     rate = sample_rate(len(examples), cfg)
     steps = steps_per_round(len(examples), cfg)
     gsm, optimizer = make_private(model, params, lr, cfg, ledger.noise_multiplier, dp.max_grad_norm,
@@ -90,7 +99,10 @@ def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp
             losses = per_example_loss(logits, batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             losses.mean().backward()
-            optimizer.step()
+            if optimizer.pre_step():  # clip per sample, add noise, average: p.grad is now private
+                for p, anchor in zip(params, anchors):
+                    p.grad.add_(p.detach() - anchor, alpha=proximal_mu)
+                optimizer.original_optimizer.step()
             n_answer = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             loss_sum += float(losses.detach().sum())
             answer_tokens += n_answer

@@ -71,11 +71,7 @@ def train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, lr: f
     if not named:
         raise RuntimeError("the model has no trainable parameters; is the LoRA adapter attached?")
     params = [p for _, p in named]
-    anchors = []
-    if proximal_mu > 0:
-        if global_arrays is None:
-            raise ValueError("FedProx needs the global adapter to anchor the proximal term")
-        anchors = [torch.as_tensor(global_arrays[_state_key(n)], device=device, dtype=p.dtype) for n, p in named]
+    anchors = proximal_anchors(named, proximal_mu, global_arrays, device)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     batches = planned_batches(examples, cfg, seed)
     model.train()
@@ -101,6 +97,18 @@ def train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, lr: f
     optimizer.zero_grad(set_to_none=True)
     return TrainStats(loss=loss_sum / max(answer_tokens, 1), steps=len(batches), examples_seen=seen,
                       tokens=tokens, answer_tokens=answer_tokens, seconds=time.perf_counter() - start, lr=lr)
+
+
+def proximal_anchors(named: Sequence[tuple[str, Any]], proximal_mu: float,
+                     global_arrays: Mapping[str, np.ndarray] | None, device: Any) -> list[Any]:
+    """The global values of the trainable parameters, which FedProx pulls towards (empty when mu is 0)."""
+    import torch
+
+    if proximal_mu <= 0:
+        return []
+    if global_arrays is None:
+        raise ValueError("FedProx needs the global adapter to anchor the proximal term")
+    return [torch.as_tensor(global_arrays[_state_key(n)], device=device, dtype=p.dtype) for n, p in named]
 
 
 def _state_key(param_name: str) -> str:

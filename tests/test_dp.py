@@ -205,3 +205,19 @@ def test_client_level_dp_clips_updates_and_reports_epsilon(tmp_path):
     rec = read_jsonl_records(tmp_path / "cl-noise" / "metrics.jsonl")[-1]["client_level_privacy"]
     assert rec["epsilon"] == pytest.approx(epsilon_of([(1.5, 1.0, 1)], rec["delta"], "rdp"), rel=1e-9)
     assert "client-level DP: epsilon" in noisy.stdout
+
+
+def test_fedprox_term_under_dp_pulls_towards_global(tiny):
+    from client.dp_train import dp_train_round
+
+    cfg, bundle, data, _batch, arrays = tiny
+
+    def drift(mu: float) -> float:
+        load_lora_state(bundle.model, arrays)
+        ledger = PrivacyLedger(target_epsilon=1e9, delta=1e-5, accountant="rdp", noise_multiplier=0.5)
+        dp_train_round(bundle.model, data.train, cfg.train, cfg.dp, ledger, 0.01, bundle.tokenizer.pad_token_id,
+                       seed=3, proximal_mu=mu, global_arrays=arrays)
+        after = lora_state(bundle.model)
+        return sum(float(np.sum((after[k] - arrays[k]) ** 2)) for k in arrays)
+
+    assert drift(50.0) < 0.7 * drift(0.0)
