@@ -217,6 +217,33 @@ class DpConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ZkConfig:
+    """Commitments to every client update (``zk/``): what makes each round auditable.
+
+    Attributes
+    ----------
+    enabled : bool
+        Clients quantize, commit to and sign their update; the server verifies before aggregating the
+        committed integers and appends every round to ``ledger.jsonl`` for ``finlora zk audit``.
+    norm_bound : float
+        L2 bound every update is clipped to (post-processing, so DP still holds); announced by the server.
+    frac_bits : int
+        Fixed-point scale 2^frac_bits of the quantized update.
+    bits : int
+        Integer width of each quantized value: 8 or 16.
+    keys_dir : str
+        Directory of the institutions' signing keys and the public-key registry; empty means
+        ``<run dir>/keys`` (simulation creates them there).
+    """
+
+    enabled: bool
+    norm_bound: float
+    frac_bits: int
+    bits: int
+    keys_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Centralized evaluation done by the server.
 
@@ -279,6 +306,7 @@ class FinloraConfig:
     train: TrainConfig
     strategy: StrategyConfig
     dp: DpConfig
+    zk: ZkConfig
     eval: EvalConfig
 
     @classmethod

@@ -17,7 +17,8 @@ from common.logs import get_logger
 log = get_logger(__name__)
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_tokens: int | None) -> tuple[list[list[int]], int]:
+def encode_prompts(tokenizer: Any, prompts: Sequence[str],
+                   max_prompt_tokens: int | None) -> tuple[list[list[int]], int]:
     """Token ids of each prompt (as in training: ``add_special_tokens=True``), cut from the left to fit.
 
     Returns the ids and how many prompts were cut. Cutting from the left keeps the question and the

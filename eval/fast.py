@@ -10,10 +10,25 @@ appends EOS), so the ranking has no parsing step and cannot produce an out-of-se
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from eval.batching import encode_prompts, left_pad, length_order, max_prompt_tokens, run_in_batches
+
+
+def label_surface_forms(labels: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """Each label as the data writes it (the most frequent casing among ``targets``; else as given).
+
+    The registry holds lowercase labels, but a model fine-tuned on ``Yes``/``No`` (FinGPT's Headline answers)
+    assigns its likelihood to those exact tokens, so they, not ``yes``/``no``, are the sequences to score.
+    """
+    counts = Counter(targets)
+    forms = []
+    for label in labels:
+        seen = [(n, t) for t, n in counts.most_common() if t.strip().lower() == label.lower()]
+        forms.append(seen[0][1].strip() if seen else label)
+    return forms
 
 
 def label_token_ids(tokenizer: Any, labels: Sequence[str], append_eos: bool = True) -> list[list[int]]:
@@ -51,18 +66,21 @@ def label_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], labels: S
     def run(chunk: list[int]) -> None:
         input_ids, mask, positions = left_pad([ids[i] for i in chunk], pad, device)
         b = len(chunk)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # only the last position's logits are needed: [B, 1, V] instead of [B, P, V] (GBs for a 128k vocabulary)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
         total = first[:, lab[:, 0]]  # [B, L]
         if longest > 1:
-            cache = out.past_key_values
+            cache_key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5
+            cache = out[cache_key]
             cache.batch_repeat_interleave(n_labels)  # row b*L + l continues prompt b with label l
             feed = lab[:, :-1].repeat(b, 1)  # [B*L, T-1]
             feed_mask = torch.cat([mask.repeat_interleave(n_labels, dim=0), lab_mask[:, :-1].repeat(b, 1)], dim=1)
             start = mask.sum(dim=1).repeat_interleave(n_labels).unsqueeze(1)
             feed_pos = start + torch.arange(longest - 1, device=device).unsqueeze(0)
-            logits = model(input_ids=feed, attention_mask=feed_mask, position_ids=feed_pos, past_key_values=cache,
-                           use_cache=False).logits.float()
+            logits = model(input_ids=feed, attention_mask=feed_mask, position_ids=feed_pos, use_cache=False,
+                           **{cache_key: cache}).logits.float()
             logp = torch.log_softmax(logits, dim=-1)  # [B*L, T-1, V]
             target = lab[:, 1:].repeat(b, 1)
             step = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * lab_mask[:, 1:].repeat(b, 1)

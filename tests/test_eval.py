@@ -13,8 +13,9 @@ from common.model import get_model_bundle, lora_config, resolve_model_path
 from common.sample_data import sentiment_rows
 from eval import TASKS, EvalError, evaluate_model
 from eval.batching import run_in_batches
-from eval.fast import best_labels, label_logprobs, label_token_ids, sequence_logprob
+from eval.fast import best_labels, label_logprobs, label_surface_forms, label_token_ids, sequence_logprob
 from eval.generate import generate_texts
+from eval.reference import finlora_reference_answers
 from eval.scoring import (batched_label_score, exact_match, finlora_answer, finlora_label_score, first_label,
                           formula_match, match_score, numeric_match, split_batched, three_class_score, token_f1)
 from eval.tasks import load_task_rows, resolve_task_names
@@ -114,6 +115,11 @@ def test_fast_mode_matches_direct_sequence_loglik(tiny):
         assert best_labels([row], labels) == [labels[int(np.argmax(direct))]]
 
 
+def test_fast_mode_scores_labels_as_the_data_writes_them():
+    assert label_surface_forms(("yes", "no"), ["Yes", "No", "Yes", "no", "No"]) == ["Yes", "No"]
+    assert label_surface_forms(SENT, ["neutral", "positive"]) == list(SENT)  # absent label: as registered
+
+
 def test_generation_is_batch_invariant(tiny):
     prompts = [r["context"] for r in sentiment_rows(5, seed=4)] + ["Answer: "]
     batched, _, _ = generate_texts(tiny.model, tiny.tokenizer, prompts, 6, batch_size=4, stop_on_newline=False)
@@ -188,6 +194,17 @@ def test_finlora_mode_scores_what_it_records(tiny, tmp_path):
     assert fpb.accuracy == rescored.accuracy and fpb.inference == "generate"
     finer = results["finer"]
     assert finer.extra["questions"] == sum(len(p["target"].split(",")) for p in finer.predictions)
+
+
+def test_finlora_mode_reproduces_finlora_loop(tiny, tmp_path):
+    rows = sentiment_rows(11, seed=5) + [{"context": "Answer: ", "target": "neutral"}]  # a partial last batch
+    (tmp_path / "fpb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = evaluate_model(tiny.model, tiny.tokenizer, ["fpb"], tmp_path, mode="finlora", batch_size=4,
+                             progress=False)
+    ours = [p["raw_output"] for p in results["fpb"].predictions]
+    reference = finlora_reference_answers(tiny.model, tiny.tokenizer, [r["context"] for r in rows],
+                                          TASKS["fpb"].max_new_tokens)
+    assert ours == reference and any(ours)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "test").is_dir(), reason="shared FinLoRA data not present")

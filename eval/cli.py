@@ -1,0 +1,90 @@
+"""``finlora eval``: score a base model plus an optional PEFT adapter on the FinLoRA benchmark.
+
+Thin on purpose: check the inputs (so a typo fails in a second, with exit code 2, not after the model has
+loaded), load the model, call :func:`eval.runner.evaluate_model`, print the table. Defaults come from the
+``eval.*`` keys of the config tree, like every other finlora command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from common.config import load_config
+from eval.runner import MODES
+from eval.tasks import EvalError, resolve_task_names, resolve_test_dir
+
+
+def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register the ``eval`` subcommand on ``finlora``'s subparsers."""
+    p = sub.add_parser("eval", help="score a model (+ adapter) on the FinLoRA benchmark",
+                       description="Score a base model plus a PEFT adapter (or none) on FinLoRA benchmark tasks; "
+                                   "writes results.json, results.md, results.png and predictions/<task>.jsonl.")
+    p.add_argument("--model", default=None, help="tiny | hub id | local path (default: config model.name)")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory, e.g. runs/RUN/round-3 (default: none)")
+    p.add_argument("--quantization", choices=["4", "8", "none"], help="config model.quantization (GPU only)")
+    p.add_argument("--data-dir", metavar="DIR", help="directory of <task>.jsonl test files "
+                                                     "(default: config eval.data-dir or ../shared/data/test)")
+    p.add_argument("--tasks", default="all", help="comma-separated task names or 'all' (default all)")
+    p.add_argument("--max-samples", type=int, default=0, metavar="N", help="first N rows per task (default 0 = all)")
+    p.add_argument("--mode", choices=list(MODES), help="finlora (reference protocol) or fast (default: eval.mode)")
+    p.add_argument("--batch-size", type=int, help="starting batch size, halved on OOM (default: eval.batch-size)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/eval-<timestamp>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def load_eval_model(model_name: str, quantization: str, adapter: str | None) -> tuple[Any, Any]:
+    """Base model (+ adapter via ``PeftModel.from_pretrained``); any adapter rank or target modules work."""
+    from common.adapter import AdapterError, read_adapter_dir
+    from common.model import load_base_model
+
+    if adapter:
+        path = Path(adapter).expanduser()
+        if not path.is_dir():
+            raise EvalError(f"--adapter {adapter}: no such adapter directory")
+        try:
+            read_adapter_dir(path)
+        except AdapterError as exc:
+            raise EvalError(f"--adapter {adapter}: {exc}") from exc
+    cfg = load_config({"model.name": model_name, "model.quantization": quantization})
+    try:
+        model, tokenizer, _ = load_base_model(cfg.model)
+    except OSError as exc:  # unknown hub id offline, or a directory without a model
+        raise EvalError(f"--model {model_name}: cannot load it ({exc.__class__.__name__}: {exc})") from exc
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
+    return model.eval(), tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Check inputs, load the model, evaluate, write outputs, print the table; returns the exit code."""
+    from eval.report import TABLE_FILE
+    from eval.runner import evaluate_model
+
+    cfg = load_config()
+    model_name = args.model or cfg.model.name
+    mode = args.mode or cfg.eval.mode
+    batch_size = args.batch_size or cfg.eval.batch_size
+    if args.max_samples < 0 or batch_size < 1:
+        raise EvalError("--max-samples must be >= 0 and --batch-size >= 1")
+    names = resolve_task_names(args.tasks)
+    data_dir = args.data_dir or cfg.eval.data_dir
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise EvalError(f"--data-dir {data_dir}: no such directory")
+    out = Path(args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")).expanduser().resolve()
+    print(f"finlora eval: model {model_name}, adapter {args.adapter or 'none'}, mode {mode}, "
+          f"{len(names)} task(s) ({', '.join(names)}), data {resolve_test_dir(data_dir)}, "
+          f"max samples {args.max_samples or 'all'}, batch {batch_size}\n  output: {out}", flush=True)
+    model, tokenizer = load_eval_model(model_name, args.quantization or cfg.model.quantization, args.adapter)
+    title = f"{model_name} + {args.adapter or 'no adapter'} ({mode} mode)"
+    evaluate_model(model, tokenizer, names, data_dir or None, args.max_samples, mode, batch_size, out,
+                   progress=not args.no_progress, title=title)
+    print((out / TABLE_FILE).read_text(), end="")
+    print(f"finlora eval: results in {out}/results.json, predictions in {out}/predictions/")
+    return 0
