@@ -15,6 +15,7 @@ from common.config import FinloraConfig
 from common.dp_accounting import epsilon_of
 from common.model import lora_config, lora_shapes, resolve_model_path
 from server.checkpoint import RunDirectory
+from server.benchmark_eval import run_benchmark_evals
 from server.heldout import HeldoutEvaluator
 from server.strategy import RoundRecord, make_strategy, sampled_clients_per_round, with_client_level_dp
 
@@ -105,6 +106,9 @@ def main(grid: Grid, context: Context) -> None:
         summary = round_summary(absolute, rec, heldout)
         if client_level:
             summary["client_level_privacy"] = client_level_privacy(cfg, absolute)
+        evaluations = run_benchmark_evals(cfg, absolute, full, run_dir.path)
+        if evaluations:
+            summary["eval"] = evaluations
         run_dir.save_round(absolute, full, peft_config, summary)
         if rec:
             run_dir.append_wire(rec.wire)

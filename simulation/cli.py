@@ -37,6 +37,26 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Resolve data locations here, against the user's directory and this checkout.
+
+    Flower runs the apps from an extracted copy of the project under its own home, where relative paths
+    and ``../shared/data`` beside the project mean nothing.
+    """
+    from common.data import default_data_dir
+
+    out = dict(overrides)
+    source = out.get("data.source")
+    if isinstance(source, str) and (source.endswith(".jsonl") or Path(source).expanduser().exists()):
+        out["data.source"] = str(Path(source).expanduser().resolve())
+    for key, default in (("data.dir", default_data_dir()), ("eval.data-dir", default_data_dir() / "test")):
+        if out.get(key):
+            out[key] = str(Path(out[key]).expanduser().resolve())
+        elif default.is_dir():
+            out[key] = str(default.resolve())
+    return out
+
+
 def _run_location(args: argparse.Namespace) -> tuple[Path, str]:
     """(out dir, run id): ``--resume RUN_DIR`` names both; otherwise ``--out`` and ``--run-id`` or a new id."""
     if args.resume:
@@ -51,11 +71,11 @@ def _run_location(args: argparse.Namespace) -> tuple[Path, str]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run a local multi-process simulation (Flower + Ray), then print and plot its summary."""
     from simulation.launcher import run_simulation
-    from simulation.report import (print_privacy, print_summary, round_problems, write_loss_plot,
+    from simulation.report import (print_eval, print_privacy, print_summary, round_problems, write_loss_plot,
                                    write_privacy_plot)
 
     out_dir, run_id = _run_location(args)
-    overrides = _overrides_from_args(args)
+    overrides = _absolute_paths(_overrides_from_args(args))
     overrides.update({"out-dir": str(out_dir), "run-id": run_id, "resume": bool(args.resume)})
     cfg = load_config(overrides)  # fail here, with the key's name, not inside a Ray actor
     run_dir = out_dir / run_id
@@ -69,6 +89,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if run_dir.exists():
         print_summary(run_dir)
         print_privacy(run_dir)
+        print_eval(run_dir)
         for plot in (write_loss_plot(run_dir), write_privacy_plot(run_dir)):
             if plot:
                 print(f"plot: {plot}")

@@ -47,6 +47,21 @@ def print_summary(run_dir: Path) -> None:
     print()
 
 
+def print_eval(run_dir: Path) -> None:
+    """The benchmark table of the last evaluation in the run (the final one when there is one)."""
+    from eval.report import markdown_table
+
+    evaluated = [(r["round"], name, results) for r in sorted(read_jsonl_records(run_dir / "metrics.jsonl"),
+                                                             key=lambda r: r["round"])
+                 for name, results in (r.get("eval") or {}).items()]
+    if not evaluated:
+        return
+    final = [e for e in evaluated if e[1] == "final"]
+    server_round, name, results = (final or evaluated)[-1]
+    print(markdown_table(results, title=f"benchmark evaluation of the global adapter after round {server_round} "
+                                        f"({name}; full results in {run_dir / 'eval' / name})"))
+
+
 def privacy_by_partition(records: list[dict[str, Any]]) -> dict[int, dict[int, float]]:
     """{partition id: {round: epsilon spent so far}} from the per-client privacy objects."""
     table: dict[int, dict[int, float]] = {}

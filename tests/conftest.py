@@ -41,11 +41,26 @@ def flower_processes() -> set[int]:
 
 
 @pytest.fixture(scope="session")
-def fedavg_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def eval_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FinLoRA-format FPB and TFNS test files generated here, so benchmark evaluation runs without shared data."""
+    import json
+
+    from common.sample_data import sentiment_rows
+
+    path = tmp_path_factory.mktemp("eval-data")
+    for i, task in enumerate(("fpb", "tfns")):
+        rows = sentiment_rows(n=60, seed=100 + i)
+        (path / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def fedavg_run(tmp_path_factory: pytest.TempPathFactory, eval_data_dir: Path) -> dict:
     """3 institutions x 2 rounds of FedAvg on the tiny model, through the real CLI, Flower and Ray."""
     out = tmp_path_factory.mktemp("runs")
     before = flower_processes()
-    proc = run_cli("simulate", "--clients", "3", "--rounds", "2", "--out", str(out), "--run-id", "fedavg")
+    proc = run_cli("simulate", "--clients", "3", "--rounds", "2", "--out", str(out), "--run-id", "fedavg",
+                   "--set", f'eval.data-dir="{eval_data_dir}"')
     return {"proc": proc, "run_dir": out / "fedavg", "leftover": flower_processes() - before}
 
 

@@ -86,7 +86,21 @@ def test_saved_adapter_is_the_global_adapter_and_loads_with_peft(fedavg_run):
         assert torch.allclose(model(input_ids=ids).logits, in_memory(input_ids=ids).logits, atol=1e-5)
 
 
-def test_resume_continues_from_saved_round(tmp_path):
+def test_server_evaluates_the_global_adapter_every_round(fedavg_run):
+    _ok(fedavg_run)
+    metrics = _metrics(fedavg_run["run_dir"])
+    assert "eval" not in metrics[0]
+    for k in (1, 2):
+        results = metrics[k]["eval"][f"round-{k}"]
+        assert set(results) == {"fpb", "tfns"}
+        for r in results.values():
+            assert r["status"] == "ok" and r["n"] == 32 and 0 <= r["accuracy"] <= 1
+        saved = json.loads((fedavg_run["run_dir"] / "eval" / f"round-{k}" / "results.json").read_text())
+        assert saved["fpb"]["accuracy"] == results["fpb"]["accuracy"]
+    assert "benchmark evaluation of the global adapter after round 2" in fedavg_run["proc"].stdout
+
+
+def test_resume_continues_from_saved_round(tmp_path, eval_data_dir):
     first = run_cli("simulate", "--clients", "2", "--rounds", "1", "--out", str(tmp_path), "--run-id", "r")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     run_dir = tmp_path / "r"
@@ -94,7 +108,8 @@ def test_resume_continues_from_saved_round(tmp_path):
     round1_bytes, round1_mtime = round1_file.read_bytes(), round1_file.stat().st_mtime_ns
     before = _metrics(run_dir)
 
-    again = run_cli("simulate", "--clients", "2", "--rounds", "2", "--resume", str(run_dir))
+    again = run_cli("simulate", "--clients", "2", "--rounds", "2", "--resume", str(run_dir), "--final-eval",
+                    "--set", f'eval.data-dir="{eval_data_dir}"')
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     after = _metrics(run_dir)
     assert sorted(after) == [0, 1, 2]
@@ -106,6 +121,11 @@ def test_resume_continues_from_saved_round(tmp_path):
     assert sent_round2 == {arrays_digest(read_adapter_dir(run_dir / "round-1"))}
     expected_lr = round_learning_rate(load_config().train, 2, 2)
     assert all(abs(c["lr"] - expected_lr) < 1e-12 for c in after[2]["clients"].values())
+    # --final-eval: every task of the benchmark, every row, after the last round
+    final = json.loads((run_dir / "eval" / "final" / "results.json").read_text())
+    from eval.tasks import TASKS
+    assert set(final) == set(TASKS) and final["fpb"]["n"] == 60 and final["fiqa"]["status"] == "no data"
+    assert after[2]["eval"]["final"]["tfns"]["n"] == 60
 
 
 def test_ffa_lora_sends_only_b_and_keeps_shared_a(tmp_path, fedavg_run):

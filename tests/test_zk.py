@@ -1,0 +1,405 @@
+"""The commitment layer (zk/): encoding, Pedersen/Hyrax commitments, verification, ledger and audit.
+
+Small vectors (4,800-5,000 values, so the last row of 2,048 is ragged); the whole file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from py_arkworks_bls12381 import G1Point
+from safetensors.numpy import load_file, save_file
+
+from zk import signing
+from zk.audit import audit_run
+from zk.cli import main as zk_main
+from zk.commit import (GROUP_ORDER, commit_row_points, commit_rows, commitments_digest, decode_points,
+                       random_blindings)
+from zk.encoding import Layout, apply_aggregate, dequantize, norm_within, quantize_update
+from zk.generators import PINNED_DIGEST, derive_generators, generators, generators_digest
+from zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, read_ledger, record_round,
+                       save_aggregate)
+from zk.verify import (BAD_POINT, BAD_SIGNATURE, DUPLICATE, NORM_BOUND, OPENING, OUT_OF_RANGE, REPLAY,
+                       UNKNOWN_NODE, Submission, aggregate, make_submission, verify_round)
+from zk.wire import pack_blindings, unpack_blindings, unpack_commitments
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_ID = "zk-test"
+BOUND, FRAC, BITS = 1.0, 10, 8
+N_VALUES = 5000
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, signing.Ed25519PrivateKey]:
+    return {f"inst-{i}": signing.generate_key() for i in range(12)}
+
+
+def _publics(keys: dict) -> dict:
+    return {name: key.public_key() for name, key in keys.items()}
+
+
+def _values(rng: np.random.Generator, n: int = N_VALUES, scale: float = 0.005) -> np.ndarray:
+    return quantize_update({"w": rng.normal(0, scale, n)}, BOUND, FRAC, BITS, rng)[0]
+
+
+def _sign(key, node: str, commitments, n: int, round_num: int = 2, run_id: str = RUN_ID) -> bytes:
+    return signing.sign(key, signing.update_statement(run_id, round_num, node, commitments_digest(commitments), n))
+
+
+# --- generators and commitments ---------------------------------------------------------------------------
+
+def test_generators_are_deterministic_and_match_the_pinned_digest() -> None:
+    gens, h = derive_generators()
+    assert generators_digest(gens, h) == PINNED_DIGEST
+    cached, cached_h = generators()
+    assert cached == gens and cached_h == h and len(gens) == 2048
+    assert len({g.to_compressed_bytes() for g in (*gens, h)}) == 2049
+
+
+def test_commitments_are_additively_homomorphic_with_negatives_and_a_ragged_row() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(-127, 128, N_VALUES)
+    y = rng.integers(-32767, 32768, N_VALUES)
+    cx, rx = commit_rows(x)
+    cy, ry = commit_rows(y)
+    assert len(cx) == 3 and all(len(c) == 48 for c in cx)
+    summed = commit_row_points(x + y, [(a + b) % GROUP_ORDER for a, b in zip(rx, ry)])
+    assert [a + b for a, b in zip(decode_points(cx), decode_points(cy))] == summed
+    assert commit_rows(x, rx)[0] == cx  # deterministic given the blindings
+    assert commit_rows(x)[0] != cx  # fresh blindings hide the same vector
+
+
+# --- encoding -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,frac,bound,scale", [(8, 10, 1.0, 0.05), (16, 12, 2.0, 0.5), (8, 4, 0.5, 1.0),
+                                                    (8, 6, 0.3, 0.004)])
+def test_quantization_respects_the_int_range_and_the_norm_bound(bits: int, frac: int, bound: float,
+                                                                scale: float) -> None:
+    rng = np.random.default_rng(bits + frac)
+    delta = {"b.lora_B": rng.normal(0, scale, (40, 50)), "a.lora_B": rng.normal(0, scale, (30, 33))}
+    q, layout = quantize_update(delta, bound, frac, bits, rng)
+    assert layout.keys == ("a.lora_B", "b.lora_B") and q.shape == (layout.size,) and q.dtype == np.int64
+    assert int(np.max(np.abs(q))) <= (1 << (bits - 1)) - 1
+    assert norm_within(q, bound, frac)
+    assert float(np.linalg.norm(q)) <= bound * 2 ** frac
+    assert dequantize(q, layout, frac)["b.lora_B"].shape == (40, 50)
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    rng = np.random.default_rng(1)
+    value = rng.uniform(-0.1, 0.1, 64)
+    draws = np.stack([quantize_update({"w": value}, 10.0, 6, 8, rng)[0] for _ in range(4000)])
+    mean = draws.mean(axis=0) / 2 ** 6
+    assert np.max(np.abs(mean - value)) < 4 * 0.5 / 2 ** 6 / np.sqrt(4000)
+
+
+def test_apply_aggregate_touches_only_layout_keys() -> None:
+    prev = {"m.lora_A": np.ones((2, 3), np.float32), "m.lora_B": np.zeros((3, 2), np.float32)}
+    layout = Layout.from_tensors({"m.lora_B": prev["m.lora_B"]})
+    new = apply_aggregate(prev, np.arange(6, dtype=np.int64) * 4, layout, 2, 2)
+    assert new["m.lora_A"].tobytes() == prev["m.lora_A"].tobytes()
+    assert new["m.lora_B"].dtype == np.float32 and new["m.lora_B"].reshape(-1).tolist() == [0, .5, 1, 1.5, 2, 2.5]
+    assert Layout.from_json(json.loads(json.dumps(layout.to_json()))) == layout
+
+
+# --- signatures, keys and wire format -------------------------------------------------------------------
+
+def test_keys_round_trip_through_files_and_the_registry(tmp_path: Path, keys: dict) -> None:
+    key = keys["inst-0"]
+    signing.save_private_key(key, tmp_path / "inst-0.pem")
+    signing.save_public_key(key, tmp_path / "reg" / "inst-0.pub.pem")
+    (tmp_path / "raw.key").write_bytes(signing.public_key_raw(keys["inst-1"]))
+    (tmp_path / "reg.json").write_text(json.dumps({"inst-1": "raw.key", "inst-0": "reg/inst-0.pub.pem"}))
+    assert (tmp_path / "inst-0.pem").stat().st_mode & 0o077 == 0
+    loaded = signing.load_private_key(tmp_path / "inst-0.pem")
+    statement = signing.update_statement("r", 1, "inst-0", bytes(32), 7)
+    from_dir = signing.load_key_registry(tmp_path / "reg")
+    from_json = signing.load_key_registry(tmp_path / "reg.json")
+    assert signing.verify(from_dir["inst-0"], statement, signing.sign(loaded, statement))
+    assert signing.verify(from_json["inst-1"], statement, signing.sign(keys["inst-1"], statement))
+    assert not signing.verify(from_json["inst-0"], statement, signing.sign(keys["inst-1"], statement))
+    # every field is bound: changing any one changes the statement
+    variants = {signing.update_statement(*args) for args in [("r", 1, "inst-0", bytes(32), 7), ("r", 2, "inst-0",
+                bytes(32), 7), ("r1", 1, "inst-0", bytes(32), 7), ("r", 1, "inst-01", bytes(32), 7),
+                ("r", 1, "inst-0", bytes(31) + b"\1", 7), ("r", 1, "inst-0", bytes(32), 8)]}
+    assert len(variants) == 6
+
+
+def test_submission_survives_the_wire(keys: dict) -> None:
+    rng = np.random.default_rng(2)
+    sub = make_submission(_values(rng), 11, keys["inst-0"], RUN_ID, 2, "inst-0")
+    wire = sub.to_wire(BITS)
+    assert wire["values"].dtype == np.int8 and len(wire["blindings"]) == 32 * 3
+    back = Submission.from_wire("inst-0", wire)
+    assert np.array_equal(back.values, sub.values) and back.blindings == sub.blindings
+    assert back.commitments == sub.commitments and back.signature == sub.signature
+    assert unpack_blindings(pack_blindings(sub.blindings)) == list(sub.blindings)
+
+
+# --- server verification --------------------------------------------------------------------------------
+
+def _not_in_subgroup() -> bytes:
+    """A point on y^2 = x^3 + 4 outside the prime-order subgroup, compressed."""
+    p = 0x1A0111EA397FE69A4B1BA7B6434BACD764774B84F38512BF6730D2A0F6B0F6241EABFFFEB153FFFFB9FEFFFFFFFFAAAB
+    x = 1
+    while True:
+        a = (x ** 3 + 4) % p
+        y = pow(a, (p + 1) // 4, p)
+        if y * y % p == a:
+            point = G1Point.from_xy_bytes_unchecked_be(x.to_bytes(48, "big") + y.to_bytes(48, "big"))
+            if not point.is_in_subgroup():
+                return point.to_compressed_bytes()
+        x += 1
+
+
+def _not_on_curve() -> bytes:
+    p = 0x1A0111EA397FE69A4B1BA7B6434BACD764774B84F38512BF6730D2A0F6B0F6241EABFFFEB153FFFFB9FEFFFFFFFFAAAB
+    x = 1
+    while pow((x ** 3 + 4) % p, (p - 1) // 2, p) == 1:
+        x += 1
+    raw = bytearray(x.to_bytes(48, "big"))
+    raw[0] |= 0x80  # compressed flag
+    return bytes(raw)
+
+
+def _resigned(sub: Submission, key, **changes) -> Submission:
+    fields = {f: getattr(sub, f) for f in ("node_id", "num_examples", "values", "blindings", "commitments")}
+    fields.update(changes)
+    return Submission(**fields, signature=_sign(key, fields["node_id"], fields["commitments"],
+                                               fields["num_examples"]))
+
+
+def test_each_tampered_update_is_rejected_with_its_reason_and_the_rest_aggregated(keys: dict) -> None:
+    rng = np.random.default_rng(3)
+    k = keys
+    honest = [make_submission(_values(rng), 10 + i, k[f"inst-{i}"], RUN_ID, 2, f"inst-{i}") for i in range(3)]
+    earlier = make_submission(_values(rng), 5, k["inst-3"], RUN_ID, 1, "inst-3")
+    seen = {earlier.digest}
+
+    value_changed = make_submission(_values(rng), 9, k["inst-4"], RUN_ID, 2, "inst-4")
+    value_changed = Submission("inst-4", 9, np.where(np.arange(N_VALUES) == 7, value_changed.values + 1,
+                                                     value_changed.values), value_changed.blindings,
+                               value_changed.commitments, value_changed.signature)
+    stolen = _resigned(honest[1], k["inst-5"], node_id="inst-5", values=_values(rng))
+    replayed = earlier  # a round-1 update sent again in round 2
+    bad_sig = make_submission(_values(rng), 9, k["inst-6"], RUN_ID, 2, "inst-6")
+    bad_sig = Submission("inst-6", 99, bad_sig.values, bad_sig.blindings, bad_sig.commitments, bad_sig.signature)
+    own = make_submission(_values(rng), 9, k["inst-7"], RUN_ID, 2, "inst-7")
+    off_subgroup = _resigned(own, k["inst-7"], commitments=(_not_in_subgroup(), *own.commitments[1:]))
+    own = make_submission(_values(rng), 9, k["inst-8"], RUN_ID, 2, "inst-8")
+    off_curve = _resigned(own, k["inst-8"], commitments=(*own.commitments[:2], _not_on_curve()))
+    too_big = make_submission(np.full(N_VALUES, -50, np.int64), 9, k["inst-9"], RUN_ID, 2, "inst-9")  # L2 3.45
+    wide = np.zeros(N_VALUES, np.int64)
+    wide[0] = 200
+    out_of_range = make_submission(wide, 9, k["inst-10"], RUN_ID, 2, "inst-10")
+    copied = _resigned(honest[2], k["inst-11"], node_id="inst-11")  # full opening of inst-2, own signature
+    stranger = make_submission(_values(rng), 9, k["inst-0"], RUN_ID, 2, "nobody")
+
+    subs = [honest[0], value_changed, stolen, honest[1], replayed, bad_sig, off_subgroup, off_curve, too_big,
+            out_of_range, honest[2], copied, stranger]
+    accepted, rejected = verify_round(subs, RUN_ID, 2, _publics(keys), BOUND, FRAC, BITS, seen,
+                                      expected_size=N_VALUES)
+    codes = {node: reason.split(":")[0] for node, reason in rejected.items()}
+    assert codes == {"inst-4": OPENING, "inst-5": OPENING, "inst-3": REPLAY, "inst-6": BAD_SIGNATURE,
+                     "inst-7": BAD_POINT, "inst-8": BAD_POINT, "inst-9": NORM_BOUND, "inst-10": OUT_OF_RANGE,
+                     "inst-11": DUPLICATE, "nobody": UNKNOWN_NODE}
+    assert [s.node_id for s in accepted] == ["inst-0", "inst-1", "inst-2"]
+    total, blindings, weight = aggregate(accepted)
+    assert weight == 33 and np.array_equal(total, sum(s.num_examples * s.values for s in honest))
+    assert commit_row_points(total, blindings) == [
+        sum((p * _scalar(s.num_examples) for s, p in ((s, decode_points(s.commitments)[r]) for s in honest)),
+            G1Point.identity()) for r in range(3)]
+
+
+def _scalar(n: int):
+    from py_arkworks_bls12381 import Scalar
+    return Scalar(n)
+
+
+def test_honest_round_passes_batched_and_a_replayed_signature_fails(keys: dict) -> None:
+    rng = np.random.default_rng(4)
+    subs = [make_submission(_values(rng), 3, keys[f"inst-{i}"], RUN_ID, 1, f"inst-{i}") for i in range(3)]
+    accepted, rejected = verify_round(subs, RUN_ID, 1, _publics(keys), BOUND, FRAC, BITS)
+    assert len(accepted) == 3 and not rejected
+    # the same submissions presented in round 2 (not yet in seen_digests): the signature binds the round
+    accepted, rejected = verify_round(subs, RUN_ID, 2, _publics(keys), BOUND, FRAC, BITS)
+    assert not accepted and {r.split(":")[0] for r in rejected.values()} == {BAD_SIGNATURE}
+
+
+# --- ledger and audit -----------------------------------------------------------------------------------
+
+MODULES = [f"base_model.model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"][:3]
+
+
+def _adapter0(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out = {}
+    for m in MODULES:
+        out[f"{m}.lora_A.weight"] = rng.normal(0, 0.1, (8, 64)).astype(np.float32)
+        out[f"{m}.lora_B.weight"] = np.zeros((200, 8), np.float32)
+    return out
+
+
+def _save_adapter(run_dir: Path, round_num: int, tensors: dict[str, np.ndarray]) -> Path:
+    path = run_dir / adapter_relpath(round_num)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, keys: dict) -> Path:
+    """3 clients x 2 rounds, FFA style (only lora_B in the update), built with the zk functions end to end."""
+    run = tmp_path_factory.mktemp("runs") / RUN_ID
+    rng = np.random.default_rng(5)
+    clients = {f"inst-{i}": (keys[f"inst-{i}"], 20 + 7 * i) for i in range(3)}
+    global_ = _adapter0(rng)
+    path0 = _save_adapter(run, 0, global_)
+    append_entry(run, header_entry(RUN_ID, {n: k.public_key() for n, (k, _) in clients.items()},
+                                   file_sha256(path0), BOUND, FRAC, BITS))
+    seen: set[bytes] = set()
+    for rnd in (1, 2):
+        subs = []
+        for node, (key, n) in clients.items():
+            delta = {k: rng.normal(0, 0.005, v.shape) for k, v in global_.items() if "lora_B" in k}
+            values, layout = quantize_update(delta, BOUND, FRAC, BITS, rng)
+            subs.append(make_submission(values, n, key, RUN_ID, rnd, node))
+        accepted, rejected = verify_round(subs, RUN_ID, rnd, {n: k.public_key() for n, (k, _) in clients.items()},
+                                          BOUND, FRAC, BITS, seen, expected_size=layout.size)
+        assert len(accepted) == 3, rejected
+        seen.update(s.digest for s in accepted)
+        total, blindings, weight = aggregate(accepted)
+        global_ = apply_aggregate(global_, total, layout, weight, FRAC)
+        _save_adapter(run, rnd, global_)
+        record_round(run, rnd, layout, accepted, rejected, total, blindings, weight)
+    return run
+
+
+def _tampered(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / RUN_ID
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def _failed_rounds(run: Path) -> list[int]:
+    return [v.round for v in audit_run(run) if not v.ok]
+
+
+def _rewrite_round(run: Path, rnd: int, total: np.ndarray, blindings: list[int], weight: int) -> None:
+    """What a cheating server would do: a new aggregate, a consistent adapter, and ledger hashes to match."""
+    entries = read_ledger(run)
+    entry = entries[rnd]
+    layout = Layout.from_json(entry["layout"])
+    prev = load_file(str(run / adapter_relpath(rnd - 1)))
+    path = _save_adapter(run, rnd, apply_aggregate(prev, total, layout, weight, FRAC))
+    entry["aggregate_file"], entry["aggregate_sha256"] = save_aggregate(run, rnd, total)
+    entry["aggregate_blindings"] = base64.b64encode(pack_blindings(blindings)).decode()
+    entry["total_weight"], entry["adapter_sha256"] = weight, file_sha256(path)
+    (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+def test_audit_passes_on_an_honest_run(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    verdicts = audit_run(run_dir)
+    assert [(v.round, v.ok, v.clients) for v in verdicts] == [(0, True, 0), (1, True, 3), (2, True, 3)]
+    assert zk_main(["audit", str(run_dir)]) == 0
+    assert "audit OK" in capsys.readouterr().out
+    entry = read_ledger(run_dir)[1]
+    assert all("values" not in c and "blindings" not in c for c in entry["clients"])
+    assert [k for k, _ in entry["layout"]] == sorted(k for k in load_file(str(run_dir / adapter_relpath(1)))
+                                                     if "lora_B" in k)
+
+
+def test_audit_cli_runs_standalone_and_fails_nonzero(run_dir: Path, tmp_path: Path) -> None:
+    run = _tampered(run_dir, tmp_path)
+    path = run / adapter_relpath(1)
+    tensors = load_file(str(path))
+    key = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[key].reshape(-1)[17] += np.float32(1e-3)
+    save_file(tensors, str(path))
+    proc = subprocess.run([sys.executable, "-m", "zk.cli", "audit", str(run)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "FAIL" in proc.stdout and "round-1/adapter_model.safetensors" in proc.stdout
+
+
+def test_audit_names_the_round_of_a_changed_adapter_value_even_with_the_hash_updated(run_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    run = _tampered(run_dir, tmp_path)
+    path = run / adapter_relpath(2)
+    tensors = load_file(str(path))
+    key = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[key].reshape(-1)[0] += np.float32(1e-6)
+    save_file(tensors, str(path))
+    entries = read_ledger(run)
+    entries[2]["adapter_sha256"] = file_sha256(path)
+    (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    verdicts = audit_run(run)
+    assert _failed_rounds(run) == [2]
+    assert "previous + aggregate" in "; ".join(verdicts[2].problems)
+
+
+def test_audit_fails_when_a_lora_a_tensor_changes(run_dir: Path, tmp_path: Path) -> None:
+    run = _tampered(run_dir, tmp_path)
+    path = run / adapter_relpath(2)
+    tensors = load_file(str(path))
+    key = next(k for k in sorted(tensors) if "lora_A" in k)
+    tensors[key][0, 0] = 0.5
+    save_file(tensors, str(path))
+    assert _failed_rounds(run) == [2]
+
+
+def test_audit_fails_when_an_accepted_client_is_dropped_from_the_aggregate(run_dir: Path, tmp_path: Path,
+                                                                          keys: dict) -> None:
+    run = _tampered(run_dir, tmp_path)
+    # the server cannot recompute without the update; it fakes a smaller aggregate over two clients' worth
+    entry = read_ledger(run)[2]
+    total = np.load(run / entry["aggregate_file"])
+    blindings = unpack_blindings(base64.b64decode(entry["aggregate_blindings"]))
+    rng = np.random.default_rng(9)
+    dropped = _values(rng, total.shape[0])
+    weight = entry["clients"][0]["num_examples"]
+    _rewrite_round(run, 2, total - weight * dropped, blindings, entry["total_weight"] - weight)
+    verdicts = audit_run(run)
+    assert _failed_rounds(run) == [2]
+    assert "sum of weighted client commitments != commitment of the aggregate" in verdicts[2].problems
+    assert any("total weight" in p for p in verdicts[2].problems)
+
+
+def test_audit_fails_when_an_update_is_injected(run_dir: Path, tmp_path: Path) -> None:
+    run = _tampered(run_dir, tmp_path)
+    entry = read_ledger(run)[2]
+    total = np.load(run / entry["aggregate_file"])
+    rng = np.random.default_rng(10)
+    injected = _values(rng, total.shape[0])
+    blindings = unpack_blindings(base64.b64decode(entry["aggregate_blindings"]))
+    _rewrite_round(run, 2, total + 5 * injected, blindings, entry["total_weight"])
+    verdicts = audit_run(run)
+    assert _failed_rounds(run) == [2]
+    assert "sum of weighted client commitments != commitment of the aggregate" in verdicts[2].problems
+
+
+def test_audit_fails_on_a_forged_client_entry(run_dir: Path, tmp_path: Path, keys: dict) -> None:
+    run = _tampered(run_dir, tmp_path)
+    entries = read_ledger(run)
+    client = dict(entries[1]["clients"][0])
+    forged = make_submission(np.zeros(len(unpack_commitments(base64.b64decode(client["commitments"]))) * 2048,
+                                      np.int64), client["num_examples"], keys["inst-11"], RUN_ID, 1,
+                             client["node_id"])
+    client["commitments"] = base64.b64encode(b"".join(forged.commitments)).decode()
+    client["signature"] = forged.signature.hex()
+    entries[1]["clients"][0] = client
+    (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    verdicts = audit_run(run)
+    assert 1 in _failed_rounds(run)
+    assert any("bad signature" in p for p in verdicts[1].problems)
+
+
+def test_random_blindings_are_reduced_and_distinct() -> None:
+    blindings = random_blindings(8)
+    assert all(0 <= r < GROUP_ORDER for r in blindings) and len(set(blindings)) == 8
