@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -12,6 +14,7 @@ from client.dp_train import dp_train_round, sample_rate, steps_per_round
 from client.mods import client_level_clipping_mod
 from client.local_data import LocalData, local_data, node_data_key
 from client.train import round_learning_rate, train_round
+from client.zk_update import institution_name, zk_reply_records
 from common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, lora_state, load_lora_state,
                             select_keys, shapes_of, to_array_record)
 from common.config import FinloraConfig
@@ -62,8 +65,18 @@ def train(msg: Message, context: Context) -> Message:
         stats = train_round(bundle.model, data.train, cfg.train, lr, bundle.tokenizer.pad_token_id, seed=seed,
                             proximal_mu=float(config.get("proximal-mu", 0.0)), global_arrays=received)
     start = time.perf_counter()
-    record = to_array_record(select_keys(lora_state(bundle.model), cfg.lora.ffa))
+    local = select_keys(lora_state(bundle.model), cfg.lora.ffa)
+    records: dict[str, Any] = {}
+    if cfg.zk.enabled:
+        institution = institution_name(context.node_config)
+        run_name = cfg.run_name(context.run_id)
+        keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / run_name / "keys"
+        record, records["zk"] = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk, keys_dir,
+                                                 run_name, server_round, institution, len(data.train), seed)
+    else:
+        record = to_array_record(local)
     serialize_seconds = time.perf_counter() - start
+    zk_bytes = sum(len(v) for v in records["zk"].values() if isinstance(v, bytes)) if records else 0
     metrics = MetricRecord({
         "num-examples": len(data.train),
         "train-loss": stats.loss,
@@ -75,12 +88,12 @@ def train(msg: Message, context: Context) -> Message:
         "load-seconds": load_seconds,
         "serialize-seconds": serialize_seconds,
         "base-model-loads": LOAD_COUNTS["base_model_loads"],
-        "bytes-sent": record.count_bytes(),
+        "bytes-sent": record.count_bytes() + zk_bytes,
         "partition-id": node_data_key(context.node_config)[1],
         "uniform-weight": 1,  # client-level DP averages institutions uniformly (its sensitivity assumes it)
         **privacy,
     })
-    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": record, "metrics": metrics, **records}), reply_to=msg)
 
 
 @app.evaluate()

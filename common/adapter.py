@@ -94,8 +94,9 @@ def complete_with_shared_a(arrays: Mapping[str, np.ndarray], shapes: Mapping[str
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
-                 source: str) -> None:
-    """Raise :class:`AdapterError` unless ``arrays`` has exactly the expected keys and shapes, all finite."""
+                 source: str, integer: bool = False) -> None:
+    """Raise :class:`AdapterError` unless ``arrays`` has exactly the expected keys and shapes, all finite
+    (``integer``: quantized zk updates, which must be integer arrays instead of float ones)."""
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
@@ -105,6 +106,10 @@ def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[
     for key, value in arrays.items():
         if tuple(value.shape) != tuple(expected[key]):
             raise AdapterError(f"{source}: '{key}' has shape {tuple(value.shape)}, expected {tuple(expected[key])}")
+        if integer:
+            if not np.issubdtype(value.dtype, np.integer):
+                raise AdapterError(f"{source}: '{key}' has dtype {value.dtype}, expected integers (zk)")
+            continue
         if not np.issubdtype(value.dtype, np.floating):
             raise AdapterError(f"{source}: '{key}' has dtype {value.dtype}, expected a float type")
         if not np.isfinite(value).all():

@@ -338,6 +338,22 @@ class FinloraConfig:
                 flat[_key(None, field.name)] = value
         return flat
 
+    def run_name(self, flower_run_id: int | str) -> str:
+        """The run directory's name: ``run-id``, or one derived from Flower's run id (the same on every party)."""
+        return self.run_id or f"run-{flower_run_id}"
+
+    def check_combinations(self) -> FinloraConfig:
+        """Reject settings that cannot work together, naming the keys (before any process starts)."""
+        if self.zk.enabled and self.strategy.name not in ("fedavg", "fedprox"):
+            raise ConfigError(f"zk.enabled needs strategy.name fedavg or fedprox: the ledger proves global = previous "
+                              f"+ committed average, which a server optimizer ({self.strategy.name}) breaks")
+        if self.zk.enabled and self.dp.enabled and self.dp.level == "client":
+            raise ConfigError("zk.enabled cannot be combined with dp.level = client: server-added noise is not in "
+                              "the committed aggregate (use dp.level = sample)")
+        if self.zk.bits not in (8, 16):
+            raise ConfigError(f"zk.bits must be 8 or 16, got {self.zk.bits}")
+        return self
+
     def resolved_out_dir(self) -> Path:
         out = Path(self.out_dir).expanduser()
         return out if out.is_absolute() else (PROJECT_ROOT / out).resolve()
@@ -414,7 +430,7 @@ def load_config(overrides: Mapping[str, Any] | None = None) -> FinloraConfig:
         if key not in flat:
             raise ConfigError(f"unknown config key '{key}'; known keys: {', '.join(sorted(flat))}")
         flat[key] = value
-    return FinloraConfig.from_flat(flat)
+    return FinloraConfig.from_flat(flat).check_combinations()
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -17,6 +18,7 @@ from common.model import lora_config, lora_shapes, resolve_model_path
 from server.checkpoint import RunDirectory
 from server.benchmark_eval import run_benchmark_evals
 from server.heldout import HeldoutEvaluator
+from server.zk_round import ZkVerifier
 from server.strategy import RoundRecord, make_strategy, sampled_clients_per_round, with_client_level_dp
 
 app = ServerApp()
@@ -59,8 +61,8 @@ def round_summary(server_round: int, rec: RoundRecord | None, heldout_loss: floa
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-rounds`` rounds (or the rest of them with ``resume``), saving every round's adapter."""
-    cfg = FinloraConfig.from_flat(context.run_config)
-    run_id = cfg.run_id or f"run-{context.run_id}"
+    cfg = FinloraConfig.from_flat(context.run_config).check_combinations()
+    run_id = cfg.run_name(context.run_id)
     run_dir = RunDirectory(cfg.resolved_out_dir() / run_id)
     base_path = resolve_model_path(cfg.model.name)
     peft_config = lora_config(cfg.lora, base_path)
@@ -87,8 +89,10 @@ def main(grid: Grid, context: Context) -> None:
         return
 
     client_level = cfg.dp.enabled and cfg.dp.level == "client"
+    verifier = (ZkVerifier.open(cfg.zk, run_id, run_dir.path, Path(cfg.zk.keys_dir) if cfg.zk.keys_dir
+                                else run_dir.path / "keys") if cfg.zk.enabled else None)
     strategy = make_strategy(cfg.strategy, wire_shapes, round_offset=offset,
-                             weighted_by_key="uniform-weight" if client_level else "num-examples")
+                             weighted_by_key="uniform-weight" if client_level else "num-examples", zk=verifier)
     runner: Any = strategy
     if client_level:
         runner = with_client_level_dp(strategy, cfg.dp.noise_multiplier, cfg.dp.max_grad_norm,
@@ -110,6 +114,11 @@ def main(grid: Grid, context: Context) -> None:
         if evaluations:
             summary["eval"] = evaluations
         run_dir.save_round(absolute, full, peft_config, summary)
+        if verifier is not None:
+            if absolute == 0:
+                verifier.write_header()
+            elif rec is not None and rec.zk is not None:
+                verifier.record(absolute, rec.zk)
         if rec:
             run_dir.append_wire(rec.wire)
         log(INFO, "round %d saved to %s (held-out loss %s)", absolute, run_dir.round_dir(absolute),

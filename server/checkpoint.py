@@ -34,6 +34,7 @@ class RunDirectory:
         self.path = Path(path)
         self.metrics_path = self.path / "metrics.jsonl"
         self.wire_path = self.path / "wire.jsonl"
+        self.ledger_path = self.path / "ledger.jsonl"
 
     def round_dir(self, server_round: int) -> Path:
         return self.path / f"round-{server_round}"
@@ -50,7 +51,7 @@ class RunDirectory:
             raise RunDirectoryError(f"{self.path} already holds rounds {self.completed_rounds()}; resume it "
                                     f"(--resume) or choose another run id")
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in (self.metrics_path, self.wire_path):
+        for stale in (self.metrics_path, self.wire_path, self.ledger_path):
             stale.unlink(missing_ok=True)
 
     def resume_point(self) -> tuple[int, Arrays]:
@@ -64,6 +65,9 @@ class RunDirectory:
         atomic_write_jsonl(self.metrics_path, kept)
         kept_wire = [r for r in read_jsonl_records(self.wire_path) if int(r["round"]) <= last]
         atomic_write_jsonl(self.wire_path, kept_wire)
+        if self.ledger_path.exists():  # zk: rounds after the last saved one were never completed
+            kept_ledger = [e for e in read_jsonl_records(self.ledger_path) if int(e.get("round", 0)) <= last]
+            atomic_write_jsonl(self.ledger_path, kept_ledger)
         return last, read_adapter_dir(self.round_dir(last))
 
     def save_round(self, server_round: int, arrays: Arrays, peft_config: Any, record: dict[str, Any]) -> None:

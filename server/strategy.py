@@ -25,10 +25,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedProx,
                                      FedYogi)
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from common.adapter import AdapterError, arrays_digest, check_arrays, from_array_record
+from common.adapter import AdapterError, arrays_digest, check_arrays, from_array_record, to_array_record
 from common.config import StrategyConfig
+from server.zk_round import ZkVerifier
 
 
 @dataclass
@@ -43,6 +45,7 @@ class RoundRecord:
     aggregated: bool = False
     aggregate_seconds: float = 0.0
     client_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+    zk: Any = None
 
 
 def describe_message(msg: Message, direction: str, server_round: int) -> dict[str, Any]:
@@ -77,11 +80,16 @@ class LoraRoundMixin:
     expected_shapes: dict[str, tuple[int, ...]]
     round_offset: int
     rounds: dict[int, RoundRecord]
+    zk: ZkVerifier | None
+    current_global: dict[str, Any]
 
-    def setup_lora(self, expected_shapes: dict[str, tuple[int, ...]], round_offset: int = 0) -> None:
+    def setup_lora(self, expected_shapes: dict[str, tuple[int, ...]], round_offset: int = 0,
+                   zk: ZkVerifier | None = None) -> None:
         self.expected_shapes = dict(expected_shapes)
         self.round_offset = round_offset
         self.rounds = {}
+        self.zk = zk
+        self.current_global = {}
 
     def record(self, absolute_round: int) -> RoundRecord:
         return self.rounds.setdefault(absolute_round, RoundRecord())
@@ -91,6 +99,7 @@ class LoraRoundMixin:
         absolute = server_round + self.round_offset
         rec = self.record(absolute)
         rec.started = time.perf_counter()
+        self.current_global = from_array_record(arrays)
         messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
         rec.wire += [describe_message(m, "server->client", absolute) for m in messages]
         return messages
@@ -116,10 +125,30 @@ class LoraRoundMixin:
             rec.clients[node] = {k.replace("-", "_"): v for k, v in metrics.items()}
             accepted.append(msg)
         start = time.perf_counter()
-        arrays, metrics = super().aggregate_train(absolute, accepted)  # type: ignore[misc]
+        if self.zk is None:
+            arrays, metrics = super().aggregate_train(absolute, accepted)  # type: ignore[misc]
+        else:
+            arrays, metrics = self._aggregate_committed(absolute, rec, accepted)
         rec.aggregate_seconds = time.perf_counter() - start
         rec.aggregated = arrays is not None
         return arrays, metrics
+
+    def _aggregate_committed(self, server_round: int, rec: RoundRecord,
+                             replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """zk mode: verify every update's signature, commitments and bound, then aggregate the committed integers
+        exactly (FedAvg weighted by integer example counts); failing updates are excluded with their reason."""
+        valid = [m for m in replies if not m.has_error()]
+        new_global, result = self.zk.verify_and_aggregate(  # type: ignore[union-attr]
+            server_round, [(str(m.metadata.src_node_id), m.content) for m in valid], self.current_global)
+        rec.zk = result
+        for node, reason in result.rejected.items():
+            log(WARNING, "round %d: rejected the update of node %s: %s", server_round, node, reason)
+            rec.rejected[node] = reason
+            rec.clients.pop(node, None)
+        kept = [m.content for m in valid if str(m.metadata.src_node_id) not in result.rejected]
+        if new_global is None or not kept:
+            return None, None
+        return to_array_record(new_global), aggregate_metricrecords(kept, self.weighted_by_key)  # type: ignore[attr-defined]
 
     def _problem_with(self, msg: Message) -> str | None:
         content = msg.content
@@ -132,7 +161,7 @@ class LoraRoundMixin:
             return f"metric 'num-examples' must be a positive number, got {examples!r}"
         try:
             check_arrays(from_array_record(next(iter(content.array_records.values()))), self.expected_shapes,
-                         "update")
+                         "update", integer=self.zk is not None)
         except AdapterError as exc:
             return str(exc)
         return None
@@ -176,7 +205,8 @@ STRATEGIES: dict[str, type[LoraRoundMixin]] = {
 
 
 def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...]],
-                  round_offset: int = 0, weighted_by_key: str = "num-examples") -> LoraRoundMixin:
+                  round_offset: int = 0, weighted_by_key: str = "num-examples",
+                  zk: ZkVerifier | None = None) -> LoraRoundMixin:
     """Build the configured strategy (aggregation weighted by the ``weighted_by_key`` client metric)."""
     if cfg.name not in STRATEGIES:
         raise ValueError(f"strategy.name must be one of {', '.join(STRATEGIES)}, got '{cfg.name}'")
@@ -188,7 +218,7 @@ def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...
     elif cfg.name in ("fedadam", "fedyogi"):
         common.update(eta=cfg.server_lr, tau=cfg.server_tau)
     strategy = STRATEGIES[cfg.name](**common)
-    strategy.setup_lora(expected_shapes, round_offset)
+    strategy.setup_lora(expected_shapes, round_offset, zk)
     log(INFO, "finlora strategy %s over %d LoRA tensors", cfg.name, len(expected_shapes))
     return strategy
 

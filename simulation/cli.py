@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, load_config, parse_override
+from eval.cli import add_eval_parser
+from zk.cli import add_zk_parser
 
 
 def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -26,7 +28,7 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
              "dp.enabled": args.dp, "dp.epsilon": args.epsilon, "dp.delta": args.delta,
              "dp.max-grad-norm": args.max_grad_norm, "dp.level": args.dp_level,
              "eval.every": args.eval_every, "eval.tasks": args.eval_tasks, "eval.max-samples": args.eval_max_samples,
-             "eval.final": args.final_eval or None}
+             "eval.final": args.final_eval or None, "zk.enabled": args.zk}
     overrides.update({k: v for k, v in pairs.items() if v is not None})
     min_nodes = min(2, args.clients)
     overrides.update({"strategy.min-train-nodes": min_nodes, "strategy.min-evaluate-nodes": min_nodes,
@@ -79,9 +81,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     overrides.update({"out-dir": str(out_dir), "run-id": run_id, "resume": bool(args.resume)})
     cfg = load_config(overrides)  # fail here, with the key's name, not inside a Ray actor
     run_dir = out_dir / run_id
+    if cfg.zk.enabled and not cfg.zk.keys_dir:
+        from simulation.keys import provision_simulation_keys
+
+        overrides["zk.keys-dir"] = str(provision_simulation_keys(run_dir / "keys", args.clients))
     print(f"finlora simulate: {args.clients} institutions x {cfg.num_rounds} rounds, model {cfg.model.name}, "
           f"data {cfg.data.source} ({cfg.data.partitioner}), strategy {cfg.strategy.name}"
-          f"{' + FFA-LoRA' if cfg.lora.ffa else ''}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} "
+          f"{' + FFA-LoRA' if cfg.lora.ffa else ''}"
+          f"{f', DP ({cfg.dp.level} level, epsilon {cfg.dp.epsilon:g})' if cfg.dp.enabled else ', no DP'}"
+          f"{', zk commitments' if cfg.zk.enabled else ''}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} "
           f"on {cfg.lora.target_modules}\n  output: {run_dir}", flush=True)
     result = run_simulation(args.clients, overrides, cpus_per_client=args.cpus_per_client,
                             gpus_per_client=args.gpus_per_client)
@@ -122,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--delta", type=float, help="target delta; 0 = 1/(10 n_local) (dp.delta)")
     sim.add_argument("--max-grad-norm", type=float, help="DP clipping bound (dp.max-grad-norm)")
     sim.add_argument("--dp-level", choices=["sample", "client"], help="what DP protects (dp.level)")
+    sim.add_argument("--zk", action=argparse.BooleanOptionalAction, default=None,
+                     help="commit to, sign and verify every update; write ledger.jsonl (config zk.enabled)")
     sim.add_argument("--eval-every", type=int, metavar="K", help="benchmark-evaluate every K rounds (eval.every)")
     sim.add_argument("--eval-tasks", help="tasks for those evaluations, comma-separated or 'all' (eval.tasks)")
     sim.add_argument("--eval-max-samples", type=int, help="rows per task for those evaluations (eval.max-samples)")
@@ -134,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="any config key of pyproject [tool.flwr.app.config], e.g. --set lora.r=16")
     sim.set_defaults(func=cmd_simulate)
-    from eval.cli import add_eval_parser
     add_eval_parser(sub)
+    add_zk_parser(sub)
     return parser
 
 

@@ -22,10 +22,10 @@ from zk.audit import audit_run
 from zk.cli import main as zk_main
 from zk.commit import (GROUP_ORDER, commit_row_points, commit_rows, commitments_digest, decode_points,
                        random_blindings)
-from zk.encoding import Layout, apply_aggregate, dequantize, norm_within, quantize_update
+from zk.encoding import Layout, apply_aggregate, dequantize, in_range, norm_within, quantize_update
 from zk.generators import PINNED_DIGEST, derive_generators, generators, generators_digest
 from zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, read_ledger, record_round,
-                       save_aggregate)
+                       save_aggregate, seen_digests)
 from zk.verify import (BAD_POINT, BAD_SIGNATURE, DUPLICATE, NORM_BOUND, OPENING, OUT_OF_RANGE, REPLAY,
                        UNKNOWN_NODE, Submission, aggregate, make_submission, verify_round)
 from zk.wire import pack_blindings, unpack_blindings, unpack_commitments
@@ -92,6 +92,11 @@ def test_quantization_respects_the_int_range_and_the_norm_bound(bits: int, frac:
     assert dequantize(q, layout, frac)["b.lora_B"].shape == (40, 50)
 
 
+def test_range_check_does_not_wrap_at_the_dtype_minimum() -> None:
+    assert not in_range(np.array([0, np.iinfo(np.int64).min]), 16)
+    assert not in_range(np.array([-128], np.int8), 8) and in_range(np.array([-127, 127], np.int8), 8)
+
+
 def test_stochastic_rounding_is_unbiased() -> None:
     rng = np.random.default_rng(1)
     value = rng.uniform(-0.1, 0.1, 64)
@@ -138,9 +143,15 @@ def test_submission_survives_the_wire(keys: dict) -> None:
     wire = sub.to_wire(BITS)
     assert wire["values"].dtype == np.int8 and len(wire["blindings"]) == 32 * 3
     back = Submission.from_wire("inst-0", wire)
+    layout = Layout((("a", (2, 1000)), ("b", (3000,))))  # per-key int arrays, as they travel in an ArrayRecord
+    per_key = {"a": wire["values"][:2000].reshape(2, 1000), "b": wire["values"][2000:]}
+    assert np.array_equal(Submission.from_wire("inst-0", {**wire, "values": layout.flatten(per_key)}).values,
+                          sub.values)
     assert np.array_equal(back.values, sub.values) and back.blindings == sub.blindings
     assert back.commitments == sub.commitments and back.signature == sub.signature
     assert unpack_blindings(pack_blindings(sub.blindings)) == list(sub.blindings)
+    with pytest.raises(ValueError):
+        Submission.from_wire("inst-0", {**wire, "commitments": wire["commitments"][:-1]})
 
 
 # --- server verification --------------------------------------------------------------------------------
@@ -278,6 +289,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, keys: dict) -> Path:
         global_ = apply_aggregate(global_, total, layout, weight, FRAC)
         _save_adapter(run, rnd, global_)
         record_round(run, rnd, layout, accepted, rejected, total, blindings, weight)
+        assert seen_digests(run) == seen
     return run
 
 
@@ -403,3 +415,10 @@ def test_audit_fails_on_a_forged_client_entry(run_dir: Path, tmp_path: Path, key
 def test_random_blindings_are_reduced_and_distinct() -> None:
     blindings = random_blindings(8)
     assert all(0 <= r < GROUP_ORDER for r in blindings) and len(set(blindings)) == 8
+
+
+def test_zk_imports_neither_torch_nor_flower() -> None:
+    code = ("import sys, zk.audit, zk.cli, zk.ledger, zk.verify; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'flwr')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

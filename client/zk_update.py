@@ -1,0 +1,49 @@
+"""The client's side of the commitment layer: quantize the update, commit, sign, and pack it for Flower.
+
+What travels is the *quantized delta* (local minus global) of the adapter's LoRA tensors, as integer arrays
+keyed by their PEFT names, plus a ``zk`` ConfigRecord with the row commitments, their blindings (the
+opening: the server sees individual updates in this layer) and the Ed25519 signature binding run, round,
+institution, commitments and example count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import ZkConfig
+
+ZK_RECORD = "zk"
+
+
+def institution_name(node_config: Mapping[str, Any]) -> str:
+    """The name an institution signs with: ``institution`` in its node config, else ``institution-<partition>``."""
+    name = node_config.get("institution")
+    return str(name) if name else f"institution-{int(node_config.get('partition-id', 0))}"
+
+
+def zk_reply_records(local: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], zk: ZkConfig,
+                     keys_dir: Path, run_id: str, server_round: int, institution: str, num_examples: int,
+                     seed: int) -> tuple[Any, Any]:
+    """(ArrayRecord of int update tensors, ConfigRecord ``zk``) for the reply of a training round."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from zk.encoding import quantize_update
+    from zk.signing import load_private_key
+    from zk.verify import make_submission
+
+    delta = {k: np.asarray(local[k], np.float64) - np.asarray(global_arrays[k], np.float64) for k in local}
+    values, layout = quantize_update(delta, zk.norm_bound, zk.frac_bits, zk.bits, np.random.default_rng(seed))
+    key_file = keys_dir / f"{institution}.key"
+    if not key_file.is_file():
+        raise FileNotFoundError(f"zk signing key of {institution} not found: {key_file}")
+    sub = make_submission(values, num_examples, load_private_key(key_file), run_id, server_round, institution)
+    wire = sub.to_wire(zk.bits)
+    ints = wire.pop("values")
+    arrays = ArrayRecord()
+    for key, shape, sl in layout.slices():
+        arrays[key] = Array(np.ascontiguousarray(ints[sl].reshape(shape)))
+    return arrays, ConfigRecord({"institution": institution, **wire})

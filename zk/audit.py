@@ -1,0 +1,148 @@
+"""Re-check a finished run from its ledger, aggregate files and global adapters alone.
+
+Per round: every signature against the pinned keys, sum_i n_i C_i == Com(A, R) row by row (batched), the
+aggregate's norm, and global_k == apply_aggregate(global_{k-1}, A) bit for bit, plus the file hash chain.
+No individual update is needed.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zk import signing
+from zk.commit import commitments_digest, decode_points, opening_terms, rows_of
+from zk.encoding import Layout, apply_aggregate
+from zk.generators import PINNED_DIGEST, ROW_SIZE
+from zk.ledger import file_sha256, load_aggregate, read_ledger
+from zk.wire import unpack_blindings, unpack_commitments
+
+
+@dataclass(frozen=True)
+class RoundVerdict:
+    """One row of the audit table: round 0 is the header and starting adapter."""
+
+    round: int
+    ok: bool
+    clients: int
+    problems: tuple[str, ...]
+
+
+def _load_adapter(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def _check_header(run_dir: Path, header: dict[str, Any]) -> list[str]:
+    problems = []
+    if header.get("type") != "header":
+        return ["first ledger line is not a header"]
+    if header.get("generators_digest") != PINNED_DIGEST or header.get("row_size") != ROW_SIZE:
+        problems.append("ledger was written with other Pedersen generators / row size")
+    path = run_dir / header["adapter_file"]
+    if not path.exists():
+        problems.append(f"missing {header['adapter_file']}")
+    elif file_sha256(path) != header["adapter_sha256"]:
+        problems.append(f"{header['adapter_file']}: sha256 differs from the ledger")
+    return problems
+
+
+def _check_signatures(header: dict[str, Any], entry: dict[str, Any]) -> tuple[list[str], list[list]]:
+    """Problems, and per client the decoded row commitments (empty list where they do not decode)."""
+    problems, points = [], []
+    for client in entry["clients"]:
+        node = client["node_id"]
+        commitments = unpack_commitments(base64.b64decode(client["commitments"]))
+        raw = header["public_keys"].get(node)
+        statement = signing.update_statement(header["run_id"], entry["round"], node,
+                                             commitments_digest(commitments), client["num_examples"])
+        if raw is None:
+            problems.append(f"node {node}: no registered key")
+        elif not signing.verify(signing.public_key_from_raw(bytes.fromhex(raw)), statement,
+                                bytes.fromhex(client["signature"])):
+            problems.append(f"node {node}: bad signature")
+        try:
+            points.append(decode_points(commitments))
+        except ValueError:
+            problems.append(f"node {node}: commitment not in the G1 subgroup")
+            points.append([])
+    return problems, points
+
+
+def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], prev_path: Path,
+                 prev_sha: str) -> list[str]:
+    problems, points = _check_signatures(header, entry)
+    layout = Layout.from_json(entry["layout"])
+    weights = [int(c["num_examples"]) for c in entry["clients"]]
+    if sum(weights) != entry["total_weight"] or entry["total_weight"] <= 0:
+        problems.append("total weight is not the sum of the clients' example counts")
+    agg_path = run_dir / entry["aggregate_file"]
+    if not agg_path.exists() or file_sha256(agg_path) != entry["aggregate_sha256"]:
+        return [*problems, f"{entry['aggregate_file']}: missing or sha256 differs from the ledger"]
+    agg = load_aggregate(agg_path)
+    if agg.dtype != np.int64 or agg.shape != (layout.size,):
+        return [*problems, "aggregate file is not an int64 vector of the layout's size"]
+    rows = rows_of(agg)
+    blindings = unpack_blindings(base64.b64decode(entry["aggregate_blindings"]))
+    if any(len(p) != len(rows) for p in points) or len(blindings) != len(rows):
+        problems.append("row counts of commitments / aggregate blindings do not match the aggregate")
+    elif not opening_terms([[(p[k], w) for p, w in zip(points, weights)] for k in range(len(rows))], rows,
+                           blindings).holds():
+        problems.append("sum of weighted client commitments != commitment of the aggregate")
+    bound = float(header["norm_bound"]) * float(1 << header["frac_bits"]) * sum(weights)
+    if float(np.linalg.norm(agg.astype(np.float64))) > bound * (1 + 1e-9):  # float: int64 squares may overflow
+        problems.append("aggregate exceeds the sum of the clients' norm bounds")
+    if file_sha256(prev_path) != prev_sha:
+        problems.append(f"{prev_path.name} of the previous round differs from its ledger hash")
+    new_path = run_dir / entry["adapter_file"]
+    if not new_path.exists():
+        return [*problems, f"missing {entry['adapter_file']}"]
+    if file_sha256(new_path) != entry["adapter_sha256"]:
+        problems.append(f"{entry['adapter_file']}: sha256 differs from the ledger")
+    expected = apply_aggregate(_load_adapter(prev_path), agg, layout, max(1, entry["total_weight"]),
+                               header["frac_bits"])
+    saved = _load_adapter(new_path)
+    if set(saved) != set(expected):
+        problems.append("global adapter has other tensors than the previous one")
+    bad = [k for k in sorted(expected) if k in saved and (saved[k].dtype != expected[k].dtype
+                                                          or saved[k].tobytes() != expected[k].tobytes())]
+    if bad:
+        problems.append(f"global adapter != previous + aggregate in {len(bad)} tensor(s), e.g. {bad[0]}")
+    return problems
+
+
+def audit_run(run_dir: Path) -> list[RoundVerdict]:
+    """A verdict for the header (round 0) and for every round line of ``run_dir/ledger.jsonl``."""
+    run_dir = Path(run_dir)
+    entries = read_ledger(run_dir)
+    if not entries:
+        return [RoundVerdict(0, False, 0, ("no ledger.jsonl or it is empty",))]
+    header, rounds = entries[0], entries[1:]
+    problems = _check_header(run_dir, header)
+    verdicts = [RoundVerdict(0, not problems, 0, tuple(problems))]
+    if header.get("type") != "header":
+        return verdicts
+    prev_path, prev_sha = run_dir / header["adapter_file"], header["adapter_sha256"]
+    for expected_round, entry in enumerate(rounds, start=1):
+        try:
+            problems = [] if entry.get("round") == expected_round else [f"expected round {expected_round}"]
+            problems += _check_round(run_dir, header, entry, prev_path, prev_sha)
+        except (KeyError, ValueError, TypeError, OSError) as exc:
+            problems = [f"unreadable round entry: {type(exc).__name__}: {exc}"]
+        verdicts.append(RoundVerdict(int(entry.get("round", expected_round)), not problems,
+                                     len(entry.get("clients", [])), tuple(problems)))
+        prev_path = run_dir / entry.get("adapter_file", "")
+        prev_sha = entry.get("adapter_sha256", "")
+    return verdicts
+
+
+def format_table(verdicts: list[RoundVerdict]) -> str:
+    lines = [f"{'round':>5}  {'clients':>7}  result  problems"]
+    for v in verdicts:
+        lines.append(f"{v.round:>5}  {v.clients:>7}  {'OK' if v.ok else 'FAIL':<6}  {'; '.join(v.problems) or '-'}")
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""A client's submission, how the client builds it, and the server's checks before aggregation.
+
+The server sees the opening (values + blindings) in this layer; it checks signature, round binding,
+point decoding, the integer range, the L2 bound and the opening, and aggregates only what passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from zk import signing
+from zk.commit import (GROUP_ORDER, OpeningTerms, commit_rows, commitments_digest, decode_points, num_rows,
+                       opening_terms, rows_of, sum_terms)
+from zk.encoding import in_range, norm_within
+from zk.wire import pack_blindings, pack_commitments, unpack_blindings, unpack_commitments, values_from_wire, \
+    values_to_wire
+
+log = logging.getLogger(__name__)
+
+# Rejection reasons start with one of these codes, then ": " and a detail.
+UNKNOWN_NODE = "unknown-node"
+MALFORMED = "malformed"
+DUPLICATE = "duplicate"
+REPLAY = "replay"
+BAD_SIGNATURE = "bad-signature"
+OUT_OF_RANGE = "out-of-range"
+NORM_BOUND = "norm-bound"
+BAD_POINT = "bad-point"
+OPENING = "opening"
+
+MAX_EXAMPLES = 1 << 31
+"""Largest example count accepted as a weight (keeps the int64 aggregate far from overflow)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Submission:
+    """What a client sends for one round: the opening (values, blindings), the row commitments, a signature.
+
+    ``values`` is the flat int64 vector; ``commitments`` compressed G1 points (48 bytes per row of 2048).
+    """
+
+    node_id: str
+    num_examples: int
+    values: np.ndarray
+    blindings: tuple[int, ...]
+    commitments: tuple[bytes, ...]
+    signature: bytes
+
+    @property
+    def digest(self) -> bytes:
+        return commitments_digest(self.commitments)
+
+    def to_wire(self, bits: int) -> dict[str, Any]:
+        """Flower-friendly: ``values`` an int8/int16 array; the rest bytes/int (node id comes from Flower)."""
+        return {"values": values_to_wire(self.values, bits), "num_examples": int(self.num_examples),
+                "commitments": pack_commitments(self.commitments), "blindings": pack_blindings(self.blindings),
+                "signature": bytes(self.signature)}
+
+    @classmethod
+    def from_wire(cls, node_id: str | int, record: Mapping[str, Any]) -> Submission:
+        """Inverse of ``to_wire``; raises ValueError on bytes that do not even parse."""
+        return cls(str(node_id), int(record["num_examples"]), values_from_wire(record["values"]),
+                   tuple(unpack_blindings(record["blindings"])), tuple(unpack_commitments(record["commitments"])),
+                   bytes(record["signature"]))
+
+
+def make_submission(values: np.ndarray, num_examples: int, key: Ed25519PrivateKey, run_id: str, round_num: int,
+                    node_id: str | int) -> Submission:
+    """Client side: commit to the quantized update with fresh blindings and sign the statement."""
+    commitments, blindings = commit_rows(values)
+    statement = signing.update_statement(run_id, round_num, node_id, commitments_digest(commitments), num_examples)
+    return Submission(str(node_id), int(num_examples), np.asarray(values, dtype=np.int64), tuple(blindings),
+                      tuple(commitments), signing.sign(key, statement))
+
+
+def _cheap_checks(sub: Submission, run_id: str, round_num: int, key: Ed25519PublicKey | None, norm_bound: float,
+                  frac_bits: int, bits: int, expected_size: int | None, seen: Collection[bytes]) -> str | None:
+    """The reason ``sub`` fails a check that needs no curve arithmetic, or None."""
+    if key is None:
+        return f"{UNKNOWN_NODE}: no registered public key"
+    if not isinstance(sub.num_examples, int) or not 0 < sub.num_examples <= MAX_EXAMPLES:
+        return f"{MALFORMED}: num_examples {sub.num_examples!r} is not an int in 1..{MAX_EXAMPLES}"
+    if not np.issubdtype(sub.values.dtype, np.integer):
+        return f"{MALFORMED}: values of dtype {sub.values.dtype}, expected integers"
+    if sub.values.ndim != 1 or (expected_size is not None and sub.values.shape[0] != expected_size):
+        return f"{MALFORMED}: {sub.values.shape} values, expected ({expected_size},)"
+    rows = num_rows(sub.values.shape[0])
+    if len(sub.commitments) != rows or len(sub.blindings) != rows:
+        return f"{MALFORMED}: {len(sub.commitments)} commitments / {len(sub.blindings)} blindings for {rows} rows"
+    if any(not 0 <= r < GROUP_ORDER for r in sub.blindings):
+        return f"{MALFORMED}: blinding not reduced mod the group order"
+    try:
+        digest = sub.digest
+    except ValueError as exc:
+        return f"{MALFORMED}: {exc}"
+    if digest in seen:
+        return f"{REPLAY}: commitments already seen in an earlier round"
+    statement = signing.update_statement(run_id, round_num, sub.node_id, digest, sub.num_examples)
+    if not signing.verify(key, statement, sub.signature):
+        return f"{BAD_SIGNATURE}: not signed by {sub.node_id} for run {run_id!r} round {round_num}"
+    if not in_range(sub.values, bits):
+        return f"{OUT_OF_RANGE}: a value exceeds the {bits}-bit range"
+    if not norm_within(sub.values, norm_bound, frac_bits):
+        norm = float(np.linalg.norm(sub.values.astype(np.float64))) / (1 << frac_bits)
+        return f"{NORM_BOUND}: L2 {norm:.6g} > bound {norm_bound:.6g}"
+    return None
+
+
+def client_terms(sub: Submission) -> OpeningTerms | str:
+    """This client's share of the batched opening check (fresh 128-bit weights per row), or a bad-point reason."""
+    try:
+        points = decode_points(sub.commitments)
+    except ValueError as exc:
+        return f"{BAD_POINT}: a row commitment is not a point of the G1 subgroup ({exc})"
+    return opening_terms([[(p, 1)] for p in points], rows_of(sub.values), sub.blindings)
+
+
+def verify_round(submissions: Sequence[Submission], run_id: str, round_num: int,
+                 public_keys: Mapping[str, Ed25519PublicKey], norm_bound: float, frac_bits: int, bits: int,
+                 seen_digests: Collection[bytes] = (), expected_size: int | None = None,
+                 ) -> tuple[list[Submission], dict[str, str]]:
+    """Server side, before aggregation: (accepted submissions in input order, node id -> rejection reason).
+
+    ``seen_digests`` holds the commitment digests accepted in earlier rounds (the caller adds
+    ``sub.digest`` of each accepted one after the round). Within the round, a commitment set submitted twice
+    is accepted only for the first node that sent it (and opens it). The opening is checked for all clients at once with
+    random weights per (client, row); only when that fails is each client checked alone, to name the culprits.
+    Whether enough clients remain is the caller's decision.
+    """
+    rejected: dict[str, str] = {}
+    candidates: list[tuple[Submission, OpeningTerms]] = []
+    counts: dict[str, int] = {}
+    for sub in submissions:
+        counts[sub.node_id] = counts.get(sub.node_id, 0) + 1
+    for sub in submissions:
+        if counts[sub.node_id] > 1:
+            rejected[sub.node_id] = f"{DUPLICATE}: node {sub.node_id} submitted {counts[sub.node_id]} updates"
+            continue
+        reason = _cheap_checks(sub, run_id, round_num, public_keys.get(sub.node_id), norm_bound, frac_bits, bits,
+                               expected_size, seen_digests)
+        terms = client_terms(sub) if reason is None else reason
+        if isinstance(terms, str):
+            rejected[sub.node_id] = terms
+        else:
+            candidates.append((sub, terms))
+    if candidates and not sum_terms([t for _, t in candidates]).holds():
+        for sub, terms in candidates:
+            if not terms.holds():
+                rejected[sub.node_id] = f"{OPENING}: values/blindings do not open the row commitments"
+    owner: dict[bytes, str] = {}
+    for sub, _ in candidates:
+        if sub.node_id in rejected:
+            continue
+        if sub.digest in owner:  # only someone holding the other node's full opening gets here
+            rejected[sub.node_id] = f"{DUPLICATE}: same commitments as node {owner[sub.digest]} in this round"
+        else:
+            owner[sub.digest] = sub.node_id
+    for node, reason in rejected.items():
+        log.warning("zk: round %d: rejected update of node %s: %s", round_num, node, reason)
+    return [s for s, _ in candidates if s.node_id not in rejected], rejected
+
+
+def aggregate(accepted: Sequence[Submission]) -> tuple[np.ndarray, list[int], int]:
+    """(A = sum_i n_i x_i as int64, R_row = sum_i n_i r_i,row mod r per row, N = sum_i n_i).
+
+    Weights are the integer example counts, so Com(A_row, R_row) == sum_i n_i C_i,row exactly.
+    """
+    if not accepted:
+        raise ValueError("nothing to aggregate")
+    sizes = {s.values.shape for s in accepted}
+    if len(sizes) != 1:
+        raise ValueError(f"accepted updates differ in size: {sizes}")
+    total = np.zeros(accepted[0].values.shape, dtype=np.int64)
+    for sub in accepted:
+        total += np.int64(sub.num_examples) * sub.values
+    blindings = [sum(s.num_examples * s.blindings[k] for s in accepted) % GROUP_ORDER
+                 for k in range(len(accepted[0].blindings))]
+    return total, blindings, sum(s.num_examples for s in accepted)
