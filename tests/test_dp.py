@@ -191,7 +191,7 @@ def test_client_level_dp_clips_updates_and_reports_epsilon(tmp_path):
     from common.adapter import read_adapter_dir
 
     bound = 1e-3
-    proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--dp", "--dp-level", "client",
+    proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--dp", "--dp-level", "client", "--no-zk",
                    "--max-grad-norm", str(bound), "--set", "dp.noise-multiplier=0.0",
                    "--out", str(tmp_path), "--run-id", "cl")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -199,7 +199,7 @@ def test_client_level_dp_clips_updates_and_reports_epsilon(tmp_path):
     moved = math.sqrt(sum(float(np.sum((after[k] - before[k]) ** 2)) for k in before))
     assert 0 < moved <= bound * (1 + 1e-4)  # the mean of updates each clipped to the bound
 
-    noisy = run_cli("simulate", "--clients", "2", "--rounds", "1", "--dp", "--dp-level", "client",
+    noisy = run_cli("simulate", "--clients", "2", "--rounds", "1", "--dp", "--dp-level", "client", "--no-zk",
                     "--set", "dp.noise-multiplier=1.5", "--out", str(tmp_path), "--run-id", "cl-noise")
     assert noisy.returncode == 0, noisy.stdout[-3000:] + noisy.stderr[-3000:]
     rec = read_jsonl_records(tmp_path / "cl-noise" / "metrics.jsonl")[-1]["client_level_privacy"]

@@ -49,15 +49,15 @@ def test_only_lora_a_b_cross_the_wire(fedavg_run):
     directions = {(w["round"], w["direction"], w["message_type"]) for w in wire}
     assert {(1, "client->server", "train"), (2, "server->client", "train"), (2, "server->client", "evaluate")} <= directions
     for w in wire:
-        assert set(w["records"]) <= {"arrays", "config", "metrics"}
-        if w["direction"] == "client->server":
-            assert set(w["records"]) == {"arrays", "metrics"}
+        assert set(w["records"]) <= {"arrays", "config", "metrics", "zk"}
+        if w["direction"] == "client->server":  # the quantized update, its metrics, its commitments + signature
+            assert set(w["records"]) == {"arrays", "metrics", "zk"}
         keys = [k for rec in w["arrays"].values() for k in rec]
         assert keys and all(LORA_KEY.match(k) for k in keys), keys
         assert {k.split(".")[-3].replace("_proj", "") + "_proj" for k in keys} == expected
         assert len(keys) == 2 * 3 * 2  # 2 layers x q/k/v x (A, B)
         n_values = sum(int(np.prod(s)) for rec in w["arrays"].values() for s in rec.values())
-        assert w["array_bytes"] < 4 * n_values + 4096  # float32 LoRA tensors and nothing else
+        assert w["array_bytes"] < 4 * n_values + 4096  # float32 (or int16 quantized) LoRA tensors, nothing else
 
 
 def test_saved_adapter_is_the_global_adapter_and_loads_with_peft(fedavg_run):
@@ -119,6 +119,8 @@ def test_resume_continues_from_saved_round(tmp_path, eval_data_dir):
     sent_round2 = {w["sha256"]["arrays"] for w in wire
                    if w["round"] == 2 and w["direction"] == "server->client" and w["message_type"] == "train"}
     assert sent_round2 == {arrays_digest(read_adapter_dir(run_dir / "round-1"))}
+    audit = run_cli("zk", "audit", str(run_dir))  # the ledger spans the restart
+    assert audit.returncode == 0 and "FAIL" not in audit.stdout, audit.stdout + audit.stderr
     expected_lr = round_learning_rate(load_config().train, 2, 2)
     assert all(abs(c["lr"] - expected_lr) < 1e-12 for c in after[2]["clients"].values())
     # --final-eval: every task of the benchmark, every row, after the last round
@@ -151,8 +153,9 @@ def test_ffa_lora_sends_only_b_and_keeps_shared_a(tmp_path, fedavg_run):
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedyogi"])
 def test_other_strategies_run(tmp_path, strategy):
+    zk = "--zk" if strategy == "fedprox" else "--no-zk"  # a server optimizer breaks the zk ledger's equation
     proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--strategy", strategy, "--out", str(tmp_path),
-                   "--run-id", strategy)
+                   "--run-id", strategy, zk)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     metrics = _metrics(tmp_path / strategy)
     assert metrics[1]["num_clients"] == 2
