@@ -23,7 +23,7 @@ from zk.cli import main as zk_main
 from zk.commit import (GROUP_ORDER, commit_row_points, commit_rows, commitments_digest, decode_points,
                        random_blindings)
 from zk.encoding import Layout, apply_aggregate, dequantize, in_range, norm_within, quantize_update
-from zk.generators import PINNED_DIGEST, derive_generators, generators, generators_digest
+from zk.generators import PINNED_DIGEST, ROW_SIZE, derive_generators, generators, generators_digest
 from zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, read_ledger, record_round,
                        save_aggregate, seen_digests)
 from zk.verify import (BAD_POINT, BAD_SIGNATURE, DUPLICATE, NORM_BOUND, OPENING, OUT_OF_RANGE, REPLAY,
@@ -33,7 +33,7 @@ from zk.wire import pack_blindings, unpack_blindings, unpack_commitments
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = "zk-test"
 BOUND, FRAC, BITS = 1.0, 10, 8
-N_VALUES = 5000
+N_VALUES = 2 * ROW_SIZE + 904  # three rows, the last one ragged
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_generators_are_deterministic_and_match_the_pinned_digest() -> None:
     gens, h = derive_generators()
     assert generators_digest(gens, h) == PINNED_DIGEST
     cached, cached_h = generators()
-    assert cached == gens and cached_h == h and len(gens) == 2048
-    assert len({g.to_compressed_bytes() for g in (*gens, h)}) == 2049
+    assert cached == gens and cached_h == h and len(gens) == ROW_SIZE
+    assert len({g.to_compressed_bytes() for g in (*gens, h)}) == ROW_SIZE + 1
 
 
 def test_commitments_are_additively_homomorphic_with_negatives_and_a_ragged_row() -> None:
@@ -143,7 +143,7 @@ def test_submission_survives_the_wire(keys: dict) -> None:
     wire = sub.to_wire(BITS)
     assert wire["values"].dtype == np.int8 and len(wire["blindings"]) == 32 * 3
     back = Submission.from_wire("inst-0", wire)
-    layout = Layout((("a", (2, 1000)), ("b", (3000,))))  # per-key int arrays, as they travel in an ArrayRecord
+    layout = Layout((("a", (2, 1000)), ("b", (N_VALUES - 2000,))))  # per-key int arrays, as they travel in an ArrayRecord
     per_key = {"a": wire["values"][:2000].reshape(2, 1000), "b": wire["values"][2000:]}
     assert np.array_equal(Submission.from_wire("inst-0", {**wire, "values": layout.flatten(per_key)}).values,
                           sub.values)
@@ -206,7 +206,7 @@ def test_each_tampered_update_is_rejected_with_its_reason_and_the_rest_aggregate
     off_subgroup = _resigned(own, k["inst-7"], commitments=(_not_in_subgroup(), *own.commitments[1:]))
     own = make_submission(_values(rng), 9, k["inst-8"], RUN_ID, 2, "inst-8")
     off_curve = _resigned(own, k["inst-8"], commitments=(*own.commitments[:2], _not_on_curve()))
-    too_big = make_submission(np.full(N_VALUES, -50, np.int64), 9, k["inst-9"], RUN_ID, 2, "inst-9")  # L2 3.45
+    too_big = make_submission(np.full(N_VALUES, -50, np.int64), 9, k["inst-9"], RUN_ID, 2, "inst-9")  # L2 > bound
     wide = np.zeros(N_VALUES, np.int64)
     wide[0] = 200
     out_of_range = make_submission(wide, 9, k["inst-10"], RUN_ID, 2, "inst-10")
@@ -400,7 +400,7 @@ def test_audit_fails_on_a_forged_client_entry(run_dir: Path, tmp_path: Path, key
     run = _tampered(run_dir, tmp_path)
     entries = read_ledger(run)
     client = dict(entries[1]["clients"][0])
-    forged = make_submission(np.zeros(len(unpack_commitments(base64.b64decode(client["commitments"]))) * 2048,
+    forged = make_submission(np.zeros(len(unpack_commitments(base64.b64decode(client["commitments"]))) * ROW_SIZE,
                                       np.int64), client["num_examples"], keys["inst-11"], RUN_ID, 1,
                              client["node_id"])
     client["commitments"] = base64.b64encode(b"".join(forged.commitments)).decode()

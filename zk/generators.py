@@ -10,12 +10,18 @@ import hashlib
 
 from py_arkworks_bls12381 import G1Point
 
-ROW_SIZE = 2048
-"""Values per Hyrax row: each row gets one commitment over G_0..G_{ROW_SIZE-1} plus H."""
+ROW_SIZE = 4096
+"""Values per Hyrax row: each row gets one commitment over G_0..G_{ROW_SIZE-1} plus H.
+
+4,096 rather than the 2,048 first proposed: each row costs 80 bytes on the wire (a 48-byte commitment and a
+32-byte blinding), so at Llama-3.1-8B's 4.72 M values 2,048-value rows add 184 kB per client per round, over
+the 100 kB budget, and 4,096-value rows add 92 kB. The MSM work is the same (it scales with the values, not
+the rows), and 1,152 rows x 4,096 columns is still a square-ish Hyrax matrix, so a later norm proof's size,
+O(rows + columns), stays as small."""
 
 DST = b"FINLORA-ZK-V1-PEDERSEN_BLS12381G1_XMD:SHA-256_SSWU_RO_"
 
-PINNED_DIGEST = "fc1ee92c43e22761b77549fe276f9f6c572cced054d0180037ccc3e1ded54e9c"
+PINNED_DIGEST = "d0c1a800c47e7c2492ba6440a1c8688112479d6b8a39e9da833b6ca1e6556437"
 """sha256 over the compressed bytes of G_0..G_2047 then H; recomputed and checked once per process."""
 
 _GENERATOR_CACHE: dict[str, tuple[tuple[G1Point, ...], G1Point]] = {}

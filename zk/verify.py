@@ -42,7 +42,7 @@ MAX_EXAMPLES = 1 << 31
 class Submission:
     """What a client sends for one round: the opening (values, blindings), the row commitments, a signature.
 
-    ``values`` is the flat int64 vector; ``commitments`` compressed G1 points (48 bytes per row of 2048).
+    ``values`` is the flat int64 vector; ``commitments`` compressed G1 points (48 bytes per row of ROW_SIZE values).
     """
 
     node_id: str
