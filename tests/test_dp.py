@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import RDPAccountant
 
 from client.dp_setup import ledger_store, open_ledger, own_budget
 from client.dp_train import make_private, per_example_loss, poisson_batches
 from client.local_data import local_data
 from client.privacy import (ContextLedgerStore, FileLedgerStore, PrivacyBudgetExhausted, PrivacyLedger,
                             calibrate_noise)
-from common.adapter import initial_adapter, load_lora_state, lora_state, shapes_of
+from common.adapter import load_lora_state, lora_state
 from common.config import load_config
 from common.data import collate
 from common.dp_accounting import epsilon_of

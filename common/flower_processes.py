@@ -1,0 +1,139 @@
+"""Starting and stopping Flower's processes (SuperLink, SuperNode, ``flwr``) cleanly, for simulation and deployment.
+
+Shared by ``finlora simulate``, ``finlora server`` and ``finlora client``: free loopback ports, the environment
+every Flower process gets (private ``FLWR_HOME``, telemetry, update checks and runtime dependency installation
+off), health waiting, the run's final status (``flwr run`` exits 0 on a failed run), and stopping a process
+with every descendant (Ray's raylet and workers, Flower's superexec) whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+class FlowerProcessError(RuntimeError):
+    """A Flower process could not be started or did not become healthy."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path, http_port: int) -> dict[str, str]:
+    """Environment for every Flower process of the run."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        # Flower spawns flower-superexec, flwr-serverapp and flwr-simulation by name.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        "PYTHONUNBUFFERED": "1",
+        "RAY_DEDUP_LOGS": "0",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1" if env.get("FINLORA_ONLINE") != "1" else "0"),
+    })
+    return env
+
+
+def toml_value(value: Any) -> str:
+    """A run-config value as TOML (what ``flwr run --run-config`` parses)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable from the same environment as this Python (works inside un-activated venvs)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def wait_superlink_healthy(port: int, proc: subprocess.Popen, log_path: Path) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FlowerProcessError(f"flower-superlink exited with code {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise FlowerProcessError(f"flower-superlink did not become healthy within {STARTUP_TIMEOUT_S:.0f}s; see {log_path}")
+
+
+def _descendants(pid: int) -> list[Any]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_process_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop a process, its process group and every descendant (Ray's raylet, GCS and workers included)."""
+    import psutil
+
+    procs = _descendants(proc.pid)
+    try:
+        procs.append(psutil.Process(proc.pid))
+    except psutil.NoSuchProcess:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=grace_s)
+
+
+def last_run_status(env: Mapping[str, str], workdir: Path, connection: str) -> tuple[str, str]:
+    """(run id, status) of the newest run on the SuperLink, via ``flwr ls --format json``."""
+    out = subprocess.run([flower_bin("flwr"), "ls", connection, "--format", "json"], cwd=workdir, env=dict(env),
+                         capture_output=True, text=True, check=False)
+    try:
+        runs = json.loads(out.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return "", f"unknown (flwr ls said: {out.stdout.strip()[:200]} {out.stderr.strip()[:200]})"
+    if not runs:
+        return "", "unknown (no run listed)"
+    newest = max(runs, key=lambda r: str(r.get("created-at", "")))
+    return str(newest.get("run-id", "")), str(newest.get("status", "unknown"))
