@@ -14,7 +14,7 @@ from client.dp_train import dp_train_round, sample_rate, steps_per_round
 from client.mods import client_level_clipping_mod
 from client.local_data import LocalData, local_data, node_data_key
 from client.train import round_learning_rate, train_round
-from client.zk_update import institution_name, zk_reply_records
+from client.zk_update import institution_name, signing_key_file, zk_reply_records
 from common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, lora_state, load_lora_state,
                             select_keys, shapes_of, to_array_record)
 from common.config import FinloraConfig
@@ -71,7 +71,8 @@ def train(msg: Message, context: Context) -> Message:
         institution = institution_name(context.node_config)
         run_name = cfg.run_name(context.run_id)
         keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / run_name / "keys"
-        record, records["zk"] = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk, keys_dir,
+        key_file = signing_key_file(context.node_config, keys_dir, institution)
+        record, records["zk"] = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk, key_file,
                                                  run_name, server_round, institution, len(data.train), seed)
     else:
         record = to_array_record(local)

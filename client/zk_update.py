@@ -25,8 +25,14 @@ def institution_name(node_config: Mapping[str, Any]) -> str:
     return str(name) if name else f"institution-{int(node_config.get('partition-id', 0))}"
 
 
+def signing_key_file(node_config: Mapping[str, Any], keys_dir: Path, institution: str) -> Path:
+    """A deployed institution names its key in its node config (``zk-key``); a simulated one has it in the run's
+    key directory."""
+    return Path(str(node_config["zk-key"])) if node_config.get("zk-key") else keys_dir / f"{institution}.key"
+
+
 def zk_reply_records(local: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], zk: ZkConfig,
-                     keys_dir: Path, run_id: str, server_round: int, institution: str, num_examples: int,
+                     key_file: Path, run_id: str, server_round: int, institution: str, num_examples: int,
                      seed: int) -> tuple[Any, Any]:
     """(ArrayRecord of int update tensors, ConfigRecord ``zk``) for the reply of a training round."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -37,7 +43,6 @@ def zk_reply_records(local: Mapping[str, np.ndarray], global_arrays: Mapping[str
 
     delta = {k: np.asarray(local[k], np.float64) - np.asarray(global_arrays[k], np.float64) for k in local}
     values, layout = quantize_update(delta, zk.norm_bound, zk.frac_bits, zk.bits, np.random.default_rng(seed))
-    key_file = keys_dir / f"{institution}.key"
     if not key_file.is_file():
         raise FileNotFoundError(f"zk signing key of {institution} not found: {key_file}")
     sub = make_submission(values, num_examples, load_private_key(key_file), run_id, server_round, institution)

@@ -68,15 +68,19 @@ def flower_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
-def wait_superlink_healthy(port: int, proc: subprocess.Popen, log_path: Path) -> None:
+def wait_superlink_healthy(port: int, proc: subprocess.Popen, log_path: Path, ca_cert: Path | None = None) -> None:
+    """Poll the SuperLink's ``/health`` (over TLS with ``ca_cert``) until it answers or the process dies."""
+    import ssl
     import urllib.request
+
+    scheme, context = ("https", ssl.create_default_context(cafile=str(ca_cert))) if ca_cert else ("http", None)
 
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise FlowerProcessError(f"flower-superlink exited with code {proc.returncode}; see {log_path}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as resp:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=0.5, context=context) as resp:
                 if resp.status == 200:
                     return
         except OSError:

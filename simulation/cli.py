@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common.certs import CertificateError
 from common.config import ConfigError, load_config, parse_override
+from common.data import DataError
 from eval.cli import add_eval_parser
 from zk.cli import add_zk_parser
 
@@ -109,6 +111,61 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    """``certs init``: CA + server certificate; ``certs node``: an institution's auth and signing keys."""
+    from common.certs import init_ca_and_server, init_node
+
+    out = Path(args.out)
+    if args.certs_command == "init":
+        files = init_ca_and_server(out, [n.strip() for n in args.server_name.split(",") if n.strip()])
+        print(f"CA {files.ca_cert} (give it to every institution), server certificate {files.server_cert}, "
+              f"keys {files.ca_key} and {files.server_key} (0600)")
+    else:
+        files = init_node(out, args.name)
+        print(f"{args.name}: node-auth key {files.auth_key} (0600) and public key {files.auth_pub} (register it with "
+              f"the server), zk signing key {files.sign_key} (0600) and public key {files.sign_pub} (register it too)")
+    return 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    """One private JSONL per institution, with the simulation's partitioners (to rehearse a deployment)."""
+    from common.data import load_rows, partition_rows
+    from common.io import atomic_write_jsonl
+
+    if bool(args.task) == bool(args.data):
+        raise ConfigError("give exactly one of --task TASK or --data PATH")
+    cfg = load_config({"data.source": args.task or str(Path(args.data).resolve())}).data
+    rows = load_rows(cfg)
+    out = Path(args.out)
+    partitioner = "dirichlet" if args.dirichlet is not None else "iid"
+    for i in range(args.clients):
+        part = partition_rows(rows, args.clients, i, partitioner, args.dirichlet or 0.5, args.seed)
+        atomic_write_jsonl(out / f"bank-{i}.jsonl", part)
+        print(f"{out / f'bank-{i}.jsonl'}: {len(part)} rows")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from server.deploy import ServerOptions, run_server
+
+    return run_server(ServerOptions(state=Path(args.state), config_file=Path(args.config) if args.config else None,
+                                    certs=Path(args.certs or Path(args.state) / "certs"),
+                                    nodes=Path(args.nodes) if args.nodes else None, host=args.host, port=args.port,
+                                    insecure=args.insecure, run_id=args.run_id))
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from client.deploy import ClientOptions, default_state_dir, run_client
+
+    name = args.name or Path(args.key or args.data).name.split(".")[0]
+    return run_client(ClientOptions(superlink=args.superlink, ca=Path(args.ca) if args.ca else None,
+                                    key=Path(args.key) if args.key else None, data=Path(args.data), name=name,
+                                    sign_key=Path(args.sign_key) if args.sign_key else None,
+                                    state=Path(args.state) if args.state else default_state_dir(name),
+                                    insecure=args.insecure, gpu=args.gpu, dp_epsilon=args.dp_epsilon,
+                                    max_wait_time=args.max_wait_time))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finlora", description="Federated LoRA fine-tuning of financial LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +203,53 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
     add_eval_parser(sub)
     add_zk_parser(sub)
+
+    certs = sub.add_parser("certs", help="make the federation's TLS certificates and institutions' keys")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_sub.add_parser("init", help="a CA and the server certificate")
+    init.add_argument("--out", required=True)
+    init.add_argument("--server-name", required=True, help="HOST[,IP...] the institutions will dial")
+    node = certs_sub.add_parser("node", help="an institution's node-auth key pair and zk signing key pair")
+    node.add_argument("--out", required=True)
+    node.add_argument("--name", required=True, help="institution name, e.g. bank-a")
+    certs.set_defaults(func=cmd_certs)
+
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    split = data_sub.add_parser("split", help="one private JSONL per institution (rehearse a deployment)")
+    split.add_argument("--task", help="a FinLoRA train task (see README)")
+    split.add_argument("--data", help="a FinLoRA JSONL file")
+    split.add_argument("--clients", type=int, required=True)
+    split.add_argument("--dirichlet", type=float, metavar="ALPHA", help="label skew Dirichlet(ALPHA) (default IID)")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--out", required=True)
+    split.set_defaults(func=cmd_data_split)
+
+    server = sub.add_parser("server", help="run the federation's server (Flower SuperLink + the finlora run)")
+    server.add_argument("--state", required=True, help="state directory (runs, SuperLink database, logs)")
+    server.add_argument("--config", help="run config TOML: keys of pyproject [tool.flwr.app.config]")
+    server.add_argument("--certs", help="directory with ca.crt, server.pem, server.key (default STATE/certs)")
+    server.add_argument("--nodes", help="directory with the institutions' *.auth.pub and *.pub.pem keys")
+    server.add_argument("--host", default="0.0.0.0")
+    server.add_argument("--port", type=int, default=9092)
+    server.add_argument("--run-id", default="federation")
+    server.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
+    server.set_defaults(func=cmd_server)
+
+    client = sub.add_parser("client", help="join a federation as an institution (Flower SuperNode)")
+    client.add_argument("--superlink", required=True, help="HOST:PORT of the server")
+    client.add_argument("--ca", help="the federation's CA certificate")
+    client.add_argument("--key", help="this institution's node-auth private key (<name>.auth.key)")
+    client.add_argument("--data", required=True, help="this institution's private FinLoRA JSONL")
+    client.add_argument("--name", help="institution name (default: from the key file name)")
+    client.add_argument("--sign-key", help="zk signing key (default: <name>.key beside --key)")
+    client.add_argument("--state", help="local state directory (default $FINLORA_HOME/nodes/<name>)")
+    client.add_argument("--gpu", type=int, help="CUDA device index to train on")
+    client.add_argument("--dp-epsilon", type=float, help="this institution's own privacy budget")
+    client.add_argument("--max-wait-time", type=float, metavar="S",
+                        help="give up after S seconds without the SuperLink (default: keep waiting for it)")
+    client.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
+    client.set_defaults(func=cmd_client)
     return parser
 
 
@@ -153,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, DataError, CertificateError) as exc:
         print(f"finlora: {exc}", file=sys.stderr)
         return 2
 

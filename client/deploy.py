@@ -1,0 +1,115 @@
+"""``finlora client``: an institution joins a federation with its private data, on Flower's SuperNode.
+
+Everything that can be checked locally is checked **before** connecting, each failure naming the file and what is
+wrong: the data file (every line), the SuperNode-auth key, the CA certificate and the zk signing key. Then
+``flower-supernode`` runs in the foreground with the node config (``data-path``, ``institution``, ``zk-key``)
+until the SuperLink ends the federation or the process is interrupted; its descendants are stopped with it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.certs import check_ca_certificate, check_node_auth_key
+from common.config import ConfigError
+from common.data import read_jsonl
+from common.flower_processes import flower_bin, flower_env, free_port, stop_process_tree, toml_value
+
+
+REFUSED_MARK = "[code: 2004]"
+"""What ``flower-supernode`` prints when the SuperLink does not accept the node (unregistered key, TLS failure)."""
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """What ``finlora client`` was asked to do."""
+
+    superlink: str
+    ca: Path | None
+    key: Path | None
+    data: Path
+    name: str
+    sign_key: Path | None
+    state: Path
+    insecure: bool
+    gpu: int | None
+    dp_epsilon: float | None
+    max_wait_time: float | None = None
+
+
+def preflight(opts: ClientOptions) -> dict[str, object]:
+    """Check data, keys and certificate; the node config to start with (raises with the culprit named)."""
+    rows = read_jsonl(opts.data)  # DataError names file:line
+    if not opts.insecure:
+        if opts.ca is None or opts.key is None:
+            raise ConfigError("--ca and --key are required unless --insecure")
+        check_ca_certificate(opts.ca)
+        check_node_auth_key(opts.key)
+    node_config: dict[str, object] = {"data-path": str(opts.data.resolve()), "institution": opts.name}
+    sign_key = opts.sign_key or (opts.key.parent / f"{opts.name}.key" if opts.key else None)
+    if sign_key is not None:
+        if not sign_key.is_file():
+            raise ConfigError(f"{sign_key}: zk signing key of '{opts.name}' not found ('finlora certs node' makes it)")
+        node_config["zk-key"] = str(sign_key.resolve())
+    if opts.dp_epsilon is not None:
+        node_config["dp-epsilon"] = float(opts.dp_epsilon)
+    print(f"finlora client {opts.name}: {len(rows)} rows in {opts.data}; connecting to {opts.superlink}", flush=True)
+    return node_config
+
+
+def run_client(opts: ClientOptions) -> int:
+    node_config = preflight(opts)
+    state = opts.state.resolve()
+    env = flower_env(state / "flwr-home", free_port())
+    if opts.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(opts.gpu)
+    cmd = [flower_bin("flower-supernode"), "--superlink", opts.superlink, "--port", str(free_port()),
+           "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())]
+    if opts.max_wait_time is not None:  # stop waiting for a SuperLink that has gone away
+        cmd += ["--max-wait-time", str(opts.max_wait_time)]
+    if opts.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(opts.ca.resolve()), "--auth-supernode-private-key",  # type: ignore[union-attr]
+                str(opts.key.resolve())]  # type: ignore[union-attr]
+    state.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, cwd=state, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    refused = threading.Event()
+
+    def relay() -> None:
+        """Copy the SuperNode's output; on a refusal stop it (it would otherwise retry, or linger, for ever)."""
+        for line in proc.stdout:  # type: ignore[union-attr]
+            sys.stdout.write(line)
+            if REFUSED_MARK in line and not refused.is_set():
+                refused.set()
+                proc.terminate()
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        stop_process_tree(proc)  # also its superexec child, which holds the output pipe open
+        reader.join(timeout=10)
+    if refused.is_set():
+        print(f"finlora client {opts.name}: the SuperLink refused this node (Flower code 2004): its public key "
+              f"{opts.key.with_suffix('.pub') if opts.key else ''} is not registered with the server, or the server "
+              f"is not the one the CA {opts.ca} certifies", file=sys.stderr, flush=True)
+        return 3
+    if code not in (0, 130):
+        print(f"finlora client {opts.name}: flower-supernode exited with code {code}", file=sys.stderr, flush=True)
+    return code
+
+
+def default_state_dir(name: str) -> Path:
+    """Where an institution's SuperNode keeps its Flower home (and, by default, its privacy ledger's siblings)."""
+    from common.tiny import cache_root
+
+    return cache_root() / "nodes" / name
