@@ -11,9 +11,9 @@ from flwr.clientapp import ClientApp
 
 from client.dp_setup import ledger_store, open_ledger
 from client.dp_train import dp_train_round, sample_rate, steps_per_round
-from client.mods import client_level_clipping_mod
 from client.local_data import LocalData, local_data, node_data_key
-from client.train import round_learning_rate, train_round
+from client.mods import client_level_clipping_mod
+from client.train import TrainStats, round_learning_rate, train_round
 from client.zk_update import institution_name, signing_key_file, zk_reply_records
 from common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, lora_state, load_lora_state,
                             select_keys, shapes_of, to_array_record)
@@ -41,6 +41,39 @@ def _prepare(msg: Message, context: Context) -> tuple[FinloraConfig, ModelBundle
     return cfg, bundle, data, received, load_seconds
 
 
+def _train_locally(cfg: FinloraConfig, bundle: ModelBundle, data: LocalData, context: Context, config: Any,
+                   received: Arrays, lr: float, seed: int) -> tuple[TrainStats, dict[str, float]]:
+    """Plain or DP-SGD training; with DP, the privacy ledger is checked first and saved after."""
+    mu = float(config.get("proximal-mu", 0.0))
+    pad = bundle.tokenizer.pad_token_id
+    if not (cfg.dp.enabled and cfg.dp.level == "sample"):
+        return train_round(bundle.model, data.train, cfg.train, lr, pad, seed=seed, proximal_mu=mu,
+                           global_arrays=received), {}
+    store = ledger_store(cfg.dp, context.node_config, context.state)
+    ledger = open_ledger(cfg.dp, context.node_config, store, len(data.train))
+    rate, steps = sample_rate(len(data.train), cfg.train), steps_per_round(len(data.train), cfg.train)
+    ledger.ensure_calibrated(cfg.dp.epsilon, rate, cfg.num_rounds * steps)
+    ledger.authorize(rate, steps)  # raises PrivacyBudgetExhausted: the server logs it and goes on
+    stats = dp_train_round(bundle.model, data.train, cfg.train, cfg.dp, ledger, lr, pad, seed, proximal_mu=mu,
+                           global_arrays=received)
+    store.save(ledger)
+    return stats, ledger.report()
+
+
+def _update_records(cfg: FinloraConfig, context: Context, local: Arrays, received: Arrays, server_round: int,
+                    num_examples: int, seed: int) -> tuple[Any, dict[str, Any], int]:
+    """(array record, extra records, their bytes): float A/B, or with zk the committed, signed quantized update."""
+    if not cfg.zk.enabled:
+        return to_array_record(local), {}, 0
+    institution = institution_name(context.node_config)
+    run_name = cfg.run_name(context.run_id)
+    keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / run_name / "keys"
+    record, zk_record = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk,
+                                         signing_key_file(context.node_config, keys_dir, institution), run_name,
+                                         server_round, institution, num_examples, seed)
+    return record, {"zk": zk_record}, sum(len(v) for v in zk_record.values() if isinstance(v, bytes))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the adapter's trainable tensors and training metrics."""
@@ -49,35 +82,11 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     lr = round_learning_rate(cfg.train, server_round, cfg.num_rounds)
     seed = cfg.train.seed + 1000 * server_round + node_data_key(context.node_config)[1]
-    privacy: dict[str, float] = {}
-    if cfg.dp.enabled and cfg.dp.level == "sample":
-        store = ledger_store(cfg.dp, context.node_config, context.state)
-        ledger = open_ledger(cfg.dp, context.node_config, store, len(data.train))
-        rate, steps = sample_rate(len(data.train), cfg.train), steps_per_round(len(data.train), cfg.train)
-        ledger.ensure_calibrated(cfg.dp.epsilon, rate, cfg.num_rounds * steps)
-        ledger.authorize(rate, steps)  # raises PrivacyBudgetExhausted: the server logs it and goes on
-        stats = dp_train_round(bundle.model, data.train, cfg.train, cfg.dp, ledger, lr,
-                               bundle.tokenizer.pad_token_id, seed,
-                               proximal_mu=float(config.get("proximal-mu", 0.0)), global_arrays=received)
-        store.save(ledger)
-        privacy = ledger.report()
-    else:
-        stats = train_round(bundle.model, data.train, cfg.train, lr, bundle.tokenizer.pad_token_id, seed=seed,
-                            proximal_mu=float(config.get("proximal-mu", 0.0)), global_arrays=received)
+    stats, privacy = _train_locally(cfg, bundle, data, context, config, received, lr, seed)
     start = time.perf_counter()
-    local = select_keys(lora_state(bundle.model), cfg.lora.ffa)
-    records: dict[str, Any] = {}
-    if cfg.zk.enabled:
-        institution = institution_name(context.node_config)
-        run_name = cfg.run_name(context.run_id)
-        keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / run_name / "keys"
-        key_file = signing_key_file(context.node_config, keys_dir, institution)
-        record, records["zk"] = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk, key_file,
-                                                 run_name, server_round, institution, len(data.train), seed)
-    else:
-        record = to_array_record(local)
+    record, extra, extra_bytes = _update_records(cfg, context, select_keys(lora_state(bundle.model), cfg.lora.ffa),
+                                                 received, server_round, len(data.train), seed)
     serialize_seconds = time.perf_counter() - start
-    zk_bytes = sum(len(v) for v in records["zk"].values() if isinstance(v, bytes)) if records else 0
     metrics = MetricRecord({
         "num-examples": len(data.train),
         "train-loss": stats.loss,
@@ -89,12 +98,12 @@ def train(msg: Message, context: Context) -> Message:
         "load-seconds": load_seconds,
         "serialize-seconds": serialize_seconds,
         "base-model-loads": LOAD_COUNTS["base_model_loads"],
-        "bytes-sent": record.count_bytes() + zk_bytes,
+        "bytes-sent": record.count_bytes() + extra_bytes,
         "partition-id": node_data_key(context.node_config)[1],
         "uniform-weight": 1,  # client-level DP averages institutions uniformly (its sensitivity assumes it)
         **privacy,
     })
-    return Message(RecordDict({"arrays": record, "metrics": metrics, **records}), reply_to=msg)
+    return Message(RecordDict({"arrays": record, "metrics": metrics, **extra}), reply_to=msg)
 
 
 @app.evaluate()
