@@ -7,6 +7,8 @@
 * The loss is the mean over examples of each example's mean answer-token loss, so that one example's
   per-sample gradient depends on that example only (HF's batch-wide token mean would couple them).
 * The grad-sample hooks are removed after the round, so the cached model is left as it was found.
+* The LM head runs on answer positions only (``client.fast_loss``), as in the non-DP loop; batches stay
+  padded, one example per row (no packing), so each per-sample gradient is one example's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ def per_example_loss(logits: Any, labels: Any) -> Any:
                                  ignore_index=IGNORE_INDEX, reduction="none").view(shifted_labels.shape)
     counts = (shifted_labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts
+
+
+def private_example_losses(gsm: Any, batch: dict[str, Any], answer_only_head: bool = True) -> Any:
+    """:func:`per_example_loss` of a padded batch through the grad-sample module ``gsm`` (shape ``[batch]``).
+
+    With ``answer_only_head`` the LM head runs on answer positions only (``client.fast_loss``); the same
+    function, without ``batch x seq x vocab`` logits. Rows stay one example each (never packed): Opacus's
+    per-sample gradients are per row, and each must be one example's for the clipping bound to hold.
+    """
+    if not answer_only_head:
+        logits = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return per_example_loss(logits, batch["labels"])
+    from client.fast_loss import answer_token_losses, per_row_mean
+
+    token_losses, rows = answer_token_losses(gsm, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    return per_row_mean(token_losses, rows, batch["input_ids"].shape[0])
 
 
 def steps_per_round(n_examples: int, cfg: TrainConfig) -> int:
@@ -76,6 +94,7 @@ def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp
     """
     import torch
 
+    from client.fast_loss import supports_answer_only_head
     from client.train import proximal_anchors
 
     torch.manual_seed(seed)
@@ -83,6 +102,7 @@ def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     anchors = proximal_anchors(named, proximal_mu, global_arrays, device)
+    answer_only_head = supports_answer_only_head(model)
     rate = sample_rate(len(examples), cfg)
     steps = steps_per_round(len(examples), cfg)
     gsm, optimizer = make_private(model, params, lr, cfg, ledger.noise_multiplier, dp.max_grad_norm,
@@ -95,8 +115,7 @@ def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp
             if not batch_ids:
                 continue  # an empty Poisson draw: nothing released, still counted in the ledger (conservative)
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], pad_id).items()}
-            logits = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            losses = per_example_loss(logits, batch["labels"])
+            losses = private_example_losses(gsm, batch, answer_only_head)
             optimizer.zero_grad(set_to_none=True)
             losses.mean().backward()
             if optimizer.pre_step():  # clip per sample, add noise, average: p.grad is now private

@@ -78,12 +78,13 @@ def load_base_model(cfg: ModelConfig) -> tuple[Any, Any, str]:
             _say_unquantized_once(cfg.quantization)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     LOAD_COUNTS["base_model_loads"] += 1
-    if effective != "none":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    # Frozen base. Unlike PEFT's prepare_model_for_kbit_training, the embeddings, norms and LM head are *not*
+    # upcast to fp32: on an 8B model that costs GiBs and a cast per step, and the training step already runs
+    # under bf16 autocast with fp32 LoRA weights (client/train.py).
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, tokenizer, effective
 
