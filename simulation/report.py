@@ -100,12 +100,19 @@ def write_privacy_plot(run_dir: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for pid in sorted(table):
         ax.plot(list(table[pid]), list(table[pid].values()), marker="o", label=f"institution {pid}")
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon spent")
     ax.set_title(f"{run_dir.name}: privacy spent")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, run_dir / "privacy.png")
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
 
 
 def _pyplot() -> Any:
@@ -140,6 +147,7 @@ def write_loss_plot(run_dir: Path) -> Path | None:
         points = [(r["round"], r[key]) for r in rows if r[key] is not None]
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("round")
     ax.set_ylabel("answer-token loss")
     ax.set_title(run_dir.name)
