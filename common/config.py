@@ -423,15 +423,16 @@ def pyproject_defaults(pyproject: Path | None = None) -> dict[str, Any]:
     path = pyproject or PROJECT_ROOT / "pyproject.toml"
     with open(path, "rb") as fh:
         table = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
-    return _flatten(table)
+    return flatten_table(table)
 
 
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_table(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A TOML table (nested or with dotted keys) as flat ``{"lora.r": 8}`` config keys."""
     flat: dict[str, Any] = {}
     for key, value in table.items():
         full = f"{prefix}.{key}" if prefix else key
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, full))
+            flat.update(flatten_table(value, full))
         else:
             flat[full] = value
     return flat

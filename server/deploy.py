@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import PROJECT_ROOT, ConfigError, load_config
+from common.config import PROJECT_ROOT, ConfigError, flatten_table, load_config
 from common.flower_processes import (flower_bin, flower_env, last_run_status, stop_process_tree, toml_value,
                                      wait_superlink_healthy)
 from common.logs import get_logger
@@ -44,10 +44,8 @@ def read_run_config(path: Path | None) -> dict[str, Any]:
         return {}
     if not path.is_file():
         raise ConfigError(f"{path}: run config file not found")
-    from common.config import _flatten
-
     try:
-        flat = _flatten(tomllib.loads(path.read_text()))
+        flat = flatten_table(tomllib.loads(path.read_text()))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
     load_config(flat)  # unknown keys and wrong types fail here, naming the key
@@ -89,8 +87,9 @@ def run_server(opts: ServerOptions) -> int:
                                  start_new_session=True)
     try:
         wait_superlink_healthy(opts.port, superlink, state / "superlink.log", ca_cert=ca)
-        if not opts.insecure:
-            _register_nodes(opts.nodes, env, state)
+        registered = 0 if opts.insecure else _register_nodes(opts.nodes, env, state)
+        print(f"finlora server: ready, {registered} institution keys registered; waiting for institutions",
+              flush=True)
         overrides_text = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
         proc = subprocess.run([flower_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream",
                                "--run-config", overrides_text], cwd=state, env=env, check=False)
@@ -102,7 +101,7 @@ def run_server(opts: ServerOptions) -> int:
     return 0 if ok else 1
 
 
-def _register_nodes(nodes: Path | None, env: dict[str, str], state: Path) -> None:
+def _register_nodes(nodes: Path | None, env: dict[str, str], state: Path) -> int:
     """Register every ``<name>.auth.pub`` (OpenSSH) in ``nodes`` with the running SuperLink."""
     keys = sorted(nodes.glob("*.auth.pub")) if nodes else []
     if not keys:
@@ -114,3 +113,4 @@ def _register_nodes(nodes: Path | None, env: dict[str, str], state: Path) -> Non
         if out.returncode != 0:
             raise ConfigError(f"registering {key} failed: {out.stdout.strip()[-300:]} {out.stderr.strip()[-300:]}")
         log.info("registered institution key %s", key.name)
+    return len(keys)

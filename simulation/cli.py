@@ -7,6 +7,7 @@ Subcommands are small functions over argparse; each reads the one config tree (`
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so the SuperLink/SuperNode/Ray processes we
+    # started are stopped by our `finally` blocks instead of being orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return int(args.func(args))
     except (ConfigError, DataError, CertificateError) as exc:

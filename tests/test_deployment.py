@@ -14,7 +14,7 @@ import pytest
 
 from common.flower_processes import free_port
 from common.sample_data import sentiment_rows
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, flower_processes, run_cli
 
 
 def _popen_cli(*args: str, log: Path) -> subprocess.Popen:
@@ -63,6 +63,7 @@ def test_client_fails_fast_before_connecting(federation, tmp_path, case):
 
 
 def test_tls_federation_with_node_auth_refuses_an_unregistered_node(federation, tmp_path):
+    before = flower_processes()
     port = free_port()
     # each message starts a fresh ClientApp process in Flower 1.42 deployments: keep the rounds few
     (tmp_path / "run.toml").write_text('num-rounds = 1\n"strategy.min-available-nodes" = 2\n'
@@ -70,7 +71,10 @@ def test_tls_federation_with_node_auth_refuses_an_unregistered_node(federation, 
     server = _popen_cli("server", "--state", str(tmp_path / "state"), "--config", str(tmp_path / "run.toml"),
                         "--certs", str(federation / "certs"), "--nodes", str(federation / "nodes"),
                         "--host", "127.0.0.1", "--port", str(port), log=tmp_path / "server.log")
-    time.sleep(5)
+    deadline = time.monotonic() + 120  # institutions join once their keys are registered (as in the README)
+    while "waiting for institutions" not in (tmp_path / "server.log").read_text():
+        assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+        time.sleep(0.5)
     common = ["--superlink", f"127.0.0.1:{port}", "--ca", str(federation / "certs" / "ca.crt"), "--max-wait-time", "20"]
     clients = [_popen_cli("client", *common, "--key", str(federation / "nodes" / f"bank-{i}.auth.key"),
                           "--data", str(federation / "data" / f"bank-{i}.jsonl"), log=tmp_path / f"bank-{i}.log")
@@ -86,6 +90,8 @@ def test_tls_federation_with_node_auth_refuses_an_unregistered_node(federation, 
                 p.terminate()
         for p in (server, intruder, *clients):
             p.wait(timeout=60)
+    time.sleep(2)
+    assert not flower_processes() - before, "SuperLink/SuperNode processes were left behind"
     assert "the SuperLink refused this node" in (tmp_path / "intruder.log").read_text()
     run_dir = tmp_path / "state" / "runs" / "federation"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
