@@ -92,13 +92,6 @@ def answer_token_losses(model: Any, input_ids: Any, labels: Any, attention_mask:
     return chunked_cross_entropy(head, hidden[rows, cols], targets, chunk), rows
 
 
-def token_mean_loss(model: Any, batch: dict[str, Any]) -> Any:
-    """HF's causal-LM loss (mean over the batch's answer tokens) for a padded or packed batch."""
-    losses, _rows = answer_token_losses(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
-                                        batch.get("position_ids"))
-    return losses.sum() / max(losses.numel(), 1)
-
-
 def per_row_mean(token_losses: Any, rows: Any, n_rows: int) -> Any:
     """Each row's mean over its answer tokens (rows without answer tokens get 0), shape ``[n_rows]``."""
     import torch

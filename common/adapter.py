@@ -9,7 +9,6 @@ the model, because those names are exactly the keys of the safetensors file.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import zlib
 from collections.abc import Mapping
@@ -166,7 +165,3 @@ def read_adapter_dir(path: Path) -> Arrays:
     if not file.is_file() or not (Path(path) / CONFIG_FILE).is_file():
         raise AdapterError(f"{path}: not a PEFT adapter directory ({CONFIG_FILE} and {ADAPTER_FILE} expected)")
     return {k: v for k, v in sorted(load_file(str(file)).items()) if is_lora_key(k)}
-
-
-def adapter_config_dict(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / CONFIG_FILE).read_text())

@@ -125,11 +125,6 @@ def get_model_bundle(model_cfg: ModelConfig, lora: LoraSettings) -> ModelBundle:
     return bundle
 
 
-def model_device(model: Any) -> Any:
-    return next(model.parameters()).device
-
-
-
 def lora_shapes(model_cfg: ModelConfig, lora: LoraSettings) -> dict[str, tuple[int, ...]]:
     """Shapes of every LoRA A/B tensor, from the model's config alone (no weights are loaded).
 

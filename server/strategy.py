@@ -99,7 +99,8 @@ class LoraRoundMixin:
         absolute = server_round + self.round_offset
         rec = self.record(absolute)
         rec.started = time.perf_counter()
-        self.current_global = from_array_record(arrays)
+        if self.zk is not None:  # zk aggregation adds the committed average to the arrays sent this round
+            self.current_global = from_array_record(arrays)
         messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
         rec.wire += [describe_message(m, "server->client", absolute) for m in messages]
         return messages

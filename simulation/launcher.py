@@ -45,7 +45,7 @@ class SimulationResult:
 
 
 def run_simulation(num_supernodes: int, run_config: Mapping[str, Any], app_dir: Path = PROJECT_ROOT,
-                   cpus_per_client: float = 1.0, gpus_per_client: float = 0.0, stream: bool = True, workdir: Path | None = None,
+                   cpus_per_client: float = 1.0, gpus_per_client: float = 0.0, workdir: Path | None = None,
                    log_to: Any = None) -> SimulationResult:
     """Run the app once in the simulation engine; returns the run's final status (never raises on a failed run).
 

@@ -293,6 +293,14 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, keys: dict) -> Path:
     return run
 
 
+def _nudge_first_lora_b(path: Path, index: int, delta: float) -> None:
+    """Change one value of a saved global adapter (what a dishonest server might do)."""
+    tensors = load_file(str(path))
+    key = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[key].reshape(-1)[index] += np.float32(delta)
+    save_file(tensors, str(path))
+
+
 def _tampered(run_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / RUN_ID
     shutil.copytree(run_dir, copy)
@@ -329,11 +337,7 @@ def test_audit_passes_on_an_honest_run(run_dir: Path, capsys: pytest.CaptureFixt
 
 def test_audit_cli_runs_standalone_and_fails_nonzero(run_dir: Path, tmp_path: Path) -> None:
     run = _tampered(run_dir, tmp_path)
-    path = run / adapter_relpath(1)
-    tensors = load_file(str(path))
-    key = next(k for k in sorted(tensors) if "lora_B" in k)
-    tensors[key].reshape(-1)[17] += np.float32(1e-3)
-    save_file(tensors, str(path))
+    _nudge_first_lora_b(run / adapter_relpath(1), index=17, delta=1e-3)
     proc = subprocess.run([sys.executable, "-m", "zk.cli", "audit", str(run)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
@@ -344,10 +348,7 @@ def test_audit_names_the_round_of_a_changed_adapter_value_even_with_the_hash_upd
                                                                                    tmp_path: Path) -> None:
     run = _tampered(run_dir, tmp_path)
     path = run / adapter_relpath(2)
-    tensors = load_file(str(path))
-    key = next(k for k in sorted(tensors) if "lora_B" in k)
-    tensors[key].reshape(-1)[0] += np.float32(1e-6)
-    save_file(tensors, str(path))
+    _nudge_first_lora_b(path, index=0, delta=1e-6)
     entries = read_ledger(run)
     entries[2]["adapter_sha256"] = file_sha256(path)
     (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))

@@ -6,7 +6,6 @@ aggregate (Pedersen is additively homomorphic over integers mod the group order,
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -64,9 +63,6 @@ class Layout:
         if [k for k, _ in entries] != sorted(k for k, _ in entries):
             raise ValueError("layout keys are not in canonical (sorted) order")
         return cls(entries)
-
-    def canonical_bytes(self) -> bytes:
-        return json.dumps(self.to_json(), separators=(",", ":")).encode()
 
 
 def int_limit(bits: int) -> int:
