@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.dp_setup import ledger_store, open_ledger
@@ -19,12 +20,13 @@ from common.adapter import (Arrays, check_arrays, from_array_record, initial_ada
                             select_keys, shapes_of, to_array_record)
 from common.config import FinloraConfig
 from common.evaluation import answer_loss
+from common.transport import TRANSPORT_RECORD, encode_update
 from common.model import LOAD_COUNTS, ModelBundle, get_model_bundle
 
 app = ClientApp(mods=[client_level_clipping_mod])
 
 
-def _prepare(msg: Message, context: Context) -> tuple[FinloraConfig, ModelBundle, LocalData, Arrays, float]:
+def _prepare(content: RecordDict, context: Context) -> tuple[FinloraConfig, ModelBundle, LocalData, Arrays, float]:
     """Config, cached model, local data, and the received global adapter loaded into the model."""
     cfg = FinloraConfig.from_flat(context.run_config)
     loads_before = LOAD_COUNTS["base_model_loads"]
@@ -32,7 +34,7 @@ def _prepare(msg: Message, context: Context) -> tuple[FinloraConfig, ModelBundle
     load_seconds = bundle.load_seconds if LOAD_COUNTS["base_model_loads"] > loads_before else 0.0
     data = local_data(cfg.data, node_data_key(context.node_config), bundle.tokenizer)
     own = lora_state(bundle.model)
-    received = from_array_record(msg.content["arrays"])
+    received = from_array_record(content["arrays"])
     check_arrays(received, shapes_of(select_keys(own, cfg.lora.ffa)), "global adapter from the server")
     if cfg.lora.ffa:
         # A never travels in FFA-LoRA: every party derives the same frozen A from the shared seed.
@@ -61,30 +63,59 @@ def _train_locally(cfg: FinloraConfig, bundle: ModelBundle, data: LocalData, con
 
 
 def _update_records(cfg: FinloraConfig, context: Context, local: Arrays, received: Arrays, server_round: int,
-                    num_examples: int, seed: int) -> tuple[Any, dict[str, Any], int]:
-    """(array record, extra records, their bytes): float A/B, or with zk the committed, signed quantized update."""
+                    num_examples: int, seed: int) -> tuple[Any, dict[str, Any], int, dict[str, Any]]:
+    """(array record, extra records, their bytes): the float update clipped to ``strategy.max-update-norm`` and
+    encoded as ``transport.dtype``, or with zk the committed, signed quantized update."""
     if not cfg.zk.enabled:
-        return to_array_record(local), {}, 0
+        encoded = encode_update(local, received, cfg.transport.dtype, cfg.strategy.max_update_norm)
+        extra = {TRANSPORT_RECORD: ConfigRecord(encoded.record)} if encoded.record else {}
+        return (to_array_record(encoded.arrays), extra, sum(r.count_bytes() for r in extra.values()),
+                {"update-norm": encoded.norm, "update-clipped": int(encoded.clipped)})
     institution = institution_name(context.node_config)
     run_name = cfg.run_name(context.run_id)
     keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / run_name / "keys"
     record, zk_record = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk,
                                          signing_key_file(context.node_config, keys_dir, institution), run_name,
                                          server_round, institution, num_examples, seed)
-    return record, {"zk": zk_record}, sum(len(v) for v in zk_record.values() if isinstance(v, bytes))
+    return record, {"zk": zk_record}, sum(len(v) for v in zk_record.values() if isinstance(v, bytes)), {}
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """One round of local training, here or in the institution's resident trainer (``finlora client``)."""
+    return Message(_run_task("train", msg.content, context), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Loss of the global adapter on local validation rows, here or in the resident trainer."""
+    return Message(_run_task("evaluate", msg.content, context), reply_to=msg)
+
+
+def _run_task(kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """Flower starts a fresh ClientApp process per message in a deployment; when the node config names a
+    resident trainer (``trainer-socket``), the work goes to that long-lived process, which keeps the base model
+    and tokenized data loaded between rounds. Otherwise (simulation, or no trainer) it runs in this process."""
+    socket = str(context.node_config.get("trainer-socket", "") or "")
+    if socket:
+        from client.resident import call_trainer
+
+        reply, state = call_trainer(socket, kind, content, context)
+        context.state = state  # what the task wrote into the node's state travels back to Flower
+        return reply
+    return TASKS[kind](content, context)
+
+
+def train_content(content: RecordDict, context: Context) -> RecordDict:
     """One round of local training; replies with the adapter's trainable tensors and training metrics."""
-    cfg, bundle, data, received, load_seconds = _prepare(msg, context)
-    config = msg.content["config"]
+    cfg, bundle, data, received, load_seconds = _prepare(content, context)
+    config = content["config"]
     server_round = int(config["server-round"])
     lr = round_learning_rate(cfg.train, server_round, cfg.num_rounds)
     seed = cfg.train.seed + 1000 * server_round + node_data_key(context.node_config)[1]
     stats, privacy = _train_locally(cfg, bundle, data, context, config, received, lr, seed)
     start = time.perf_counter()
-    record, extra, extra_bytes = _update_records(cfg, context, select_keys(lora_state(bundle.model), cfg.lora.ffa),
+    record, extra, extra_bytes, update_info = _update_records(cfg, context, select_keys(lora_state(bundle.model), cfg.lora.ffa),
                                                  received, server_round, len(data.train), seed)
     serialize_seconds = time.perf_counter() - start
     metrics = MetricRecord({
@@ -98,19 +129,24 @@ def train(msg: Message, context: Context) -> Message:
         "load-seconds": load_seconds,
         "serialize-seconds": serialize_seconds,
         "base-model-loads": LOAD_COUNTS["base_model_loads"],
+        "process-id": os.getpid(),  # shows whether one process (a resident trainer) served several rounds
         "bytes-sent": record.count_bytes() + extra_bytes,
         "partition-id": node_data_key(context.node_config)[1],
         "uniform-weight": 1,  # client-level DP averages institutions uniformly (its sensitivity assumes it)
         **privacy,
+        **update_info,
     })
-    return Message(RecordDict({"arrays": record, "metrics": metrics, **extra}), reply_to=msg)
+    return RecordDict({"arrays": record, "metrics": metrics, **extra})
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     """Loss of the global adapter on this institution's validation rows (never trained on)."""
-    cfg, bundle, data, _received, _ = _prepare(msg, context)
+    cfg, bundle, data, _received, _ = _prepare(content, context)
     loss, tokens = answer_loss(bundle.model, data.val, cfg.eval.batch_size, bundle.tokenizer.pad_token_id)
     metrics = MetricRecord({"eval-loss": loss, "eval-tokens": tokens, "num-examples": len(data.val),
                             "uniform-weight": 1})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return RecordDict({"metrics": metrics})
+
+
+TASKS = {"train": train_content, "evaluate": evaluate_content}
+"""What a task kind runs, given the message content and the node's context (also used by the resident trainer)."""

@@ -93,9 +93,10 @@ def complete_with_shared_a(arrays: Mapping[str, np.ndarray], shapes: Mapping[str
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
-                 source: str, integer: bool = False) -> None:
+                 source: str, integer: bool = False, dtype: str | None = None) -> None:
     """Raise :class:`AdapterError` unless ``arrays`` has exactly the expected keys and shapes, all finite
-    (``integer``: quantized zk updates, which must be integer arrays instead of float ones)."""
+    (``integer``: quantized zk updates, which must be integer arrays instead of float ones; ``dtype``: the
+    exact dtype a reply declared for its wire encoding)."""
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
@@ -105,7 +106,9 @@ def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[
     for key, value in arrays.items():
         if tuple(value.shape) != tuple(expected[key]):
             raise AdapterError(f"{source}: '{key}' has shape {tuple(value.shape)}, expected {tuple(expected[key])}")
-        if integer:
+        if dtype is not None and value.dtype != np.dtype(dtype):
+            raise AdapterError(f"{source}: '{key}' has dtype {value.dtype}, expected {dtype}")
+        if integer or (dtype is not None and np.issubdtype(np.dtype(dtype), np.integer)):
             if not np.issubdtype(value.dtype, np.integer):
                 raise AdapterError(f"{source}: '{key}' has dtype {value.dtype}, expected integers (zk)")
             continue
@@ -131,12 +134,15 @@ def shapes_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> Any:
-    """Flower ``ArrayRecord`` keyed by the PEFT names (float32; Flower rejects bfloat16)."""
+    """Flower ``ArrayRecord`` keyed by the PEFT names. Floats travel as float32 (Flower rejects bfloat16) unless
+    they already are float16; integer arrays (int8 transport) keep their type."""
     from flwr.app import Array, ArrayRecord
 
     record = ArrayRecord()
     for key in sorted(arrays):
-        record[key] = Array(np.ascontiguousarray(arrays[key], dtype=np.float32))
+        value = np.asarray(arrays[key])
+        keep = value.dtype == np.float16 or np.issubdtype(value.dtype, np.integer)
+        record[key] = Array(np.ascontiguousarray(value, dtype=value.dtype if keep else np.float32))
     return record
 
 

@@ -174,6 +174,12 @@ class StrategyConfig:
         FedAdam/FedYogi ``eta`` and ``tau``.
     round_timeout : float
         Seconds to wait for replies in each send/receive phase.
+    max_update_norm : float
+        L2 bound of a float update's delta (local minus global, all tensors). Institutions clip to it before
+        sending; the server rejects any reply above it (0: no bound). zk mode bounds with ``zk.norm_bound``.
+    max_examples : int
+        Largest plausible ``num-examples`` of one reply: FedAvg weights by it, so an absurd count would let
+        one institution outvote the rest.
     """
 
     name: str
@@ -186,6 +192,23 @@ class StrategyConfig:
     server_lr: float
     server_tau: float
     round_timeout: float
+    max_update_norm: float
+    max_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TransportConfig:
+    """How float updates travel (``common/transport.py``).
+
+    Attributes
+    ----------
+    dtype : str
+        ``float32`` (the adapter's values), ``float16`` (the delta in half precision) or ``int8`` (the delta
+        with a per-tensor scale). The server decodes to float32 before validating and aggregating. zk mode
+        sends ``zk.bits``-bit integers instead and needs ``float32`` here.
+    """
+
+    dtype: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +342,7 @@ class FinloraConfig:
     data: DataConfig
     train: TrainConfig
     strategy: StrategyConfig
+    transport: TransportConfig
     dp: DpConfig
     zk: ZkConfig
     eval: EvalConfig
@@ -364,6 +388,14 @@ class FinloraConfig:
         if self.zk.enabled and self.dp.enabled and self.dp.level == "client":
             raise ConfigError("zk.enabled cannot be combined with dp.level = client: server-added noise is not in "
                               "the committed aggregate (use dp.level = sample)")
+        if self.transport.dtype not in ("float32", "float16", "int8"):
+            raise ConfigError(f"transport.dtype must be float32, float16 or int8, got '{self.transport.dtype}'")
+        if self.transport.dtype != "float32" and self.zk.enabled:
+            raise ConfigError(f"transport.dtype = {self.transport.dtype} needs zk.enabled = false: zk updates travel "
+                              f"as zk.bits-bit committed integers")
+        if self.transport.dtype != "float32" and self.dp.enabled and self.dp.level == "client":
+            raise ConfigError(f"transport.dtype = {self.transport.dtype} cannot be combined with dp.level = client: "
+                              f"Flower's clipping mod works on float32 weights")
         if self.zk.bits not in (8, 16):
             raise ConfigError(f"zk.bits must be 8 or 16, got {self.zk.bits}")
         return self

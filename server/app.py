@@ -54,6 +54,7 @@ def round_summary(server_round: int, rec: RoundRecord | None, heldout_loss: floa
         "refused": sorted(node for node, reason in (rec.errors if rec else {}).items()
                           if "PrivacyBudgetExhausted" in reason),
         "rejected": rec.rejected if rec else {},
+        "kept_previous": rec.kept_previous if rec else "",
         "errors": rec.errors if rec else {},
     }
 
@@ -104,7 +105,12 @@ def main(grid: Grid, context: Context) -> None:
             return None  # the resumed round was evaluated and saved before the restart
         rec = strategy.rounds.get(absolute)
         if server_round > 0 and (rec is None or not rec.aggregated):
-            raise RoundFailedError(_failure_reason(absolute, rec))
+            # Flower hands us the previous global arrays: the round is saved with them and says why
+            rec = rec or strategy.record(absolute)
+            rec.kept_previous = rec.kept_previous or _failure_reason(absolute, rec)
+            log(WARNING, "round %d kept the previous global adapter: %s", absolute, rec.kept_previous)
+        elif server_round > 0:
+            aggregated_rounds.append(absolute)
         full = full_adapter(arrays)
         heldout = evaluator.loss(full) if evaluator else None
         summary = round_summary(absolute, rec, heldout)
@@ -117,6 +123,8 @@ def main(grid: Grid, context: Context) -> None:
         if verifier is not None:
             if absolute == 0:
                 verifier.write_header()
+            elif rec is not None and rec.kept_previous:
+                verifier.record_kept(absolute, dict(rec.rejected), rec.kept_previous)
             elif rec is not None and rec.zk is not None:
                 verifier.record(absolute, rec.zk)
         if rec:
@@ -125,11 +133,15 @@ def main(grid: Grid, context: Context) -> None:
             f"{heldout:.4f}" if heldout is not None else "n/a")
         return MetricRecord({"heldout-loss": heldout}) if heldout is not None else None
 
+    aggregated_rounds: list[int] = []
     runner.start(grid=grid, initial_arrays=to_array_record(select_keys(global_arrays, cfg.lora.ffa)),
                    num_rounds=remaining, timeout=cfg.strategy.round_timeout,
                    train_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
                    evaluate_config=ConfigRecord({"num-rounds": cfg.num_rounds}), evaluate_fn=after_round)
     _log_summary_table(run_dir)
+    if not aggregated_rounds:  # every round of this run kept the adapter it started from: nothing was learned
+        raise RoundFailedError(f"rounds {offset + 1}..{cfg.num_rounds}: no round aggregated an update (see "
+                               f"'rejected' and 'errors' in {run_dir.metrics_path})")
 
 
 def client_level_privacy(cfg: FinloraConfig, rounds: int) -> dict[str, float]:

@@ -3,8 +3,11 @@
 :class:`LoraRoundMixin` sits in front of a Flower strategy and adds, without touching Flower's arithmetic:
 
 * **validation** of every training reply before aggregation: exactly the adapter's A/B keys (or B only in
-  FFA-LoRA mode), the right shapes, finite values. A bad update is logged with the node id and the reason
-  and left out; the round goes on with the others.
+  FFA-LoRA mode), the right shapes and dtype, finite values, the delta's L2 norm under the bound, a positive
+  and plausible example count. Float16/int8 updates are decoded to float32 first (``common/transport.py``).
+  A bad update is logged with the node id and the reason and left out; the round goes on with the others,
+  and a round with fewer valid updates than ``min_train_nodes`` keeps the previous global adapter (one
+  institution's update alone is never published as the global adapter).
 * **a wire log** of what actually crossed Flower in both directions (record names, array keys, shapes,
   bytes), which is how we prove that only LoRA tensors travel.
 * **per-client records** (train loss, examples, tokens, seconds, bytes) for ``metrics.jsonl``.
@@ -30,6 +33,7 @@ from flwr.supercore import log
 
 from common.adapter import AdapterError, arrays_digest, check_arrays, from_array_record, to_array_record
 from common.config import StrategyConfig
+from common.transport import NORM_SLACK, TRANSPORT_RECORD, decode_update, delta_norm, wire_dtype
 from server.zk_round import ZkVerifier
 
 
@@ -46,6 +50,8 @@ class RoundRecord:
     aggregate_seconds: float = 0.0
     client_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
     zk: Any = None
+    kept_previous: str = ""
+    """Why this round kept the previous global adapter (empty: it aggregated, or it has not ended)."""
 
 
 def describe_message(msg: Message, direction: str, server_round: int) -> dict[str, Any]:
@@ -82,14 +88,18 @@ class LoraRoundMixin:
     rounds: dict[int, RoundRecord]
     zk: ZkVerifier | None
     current_global: dict[str, Any]
+    max_update_norm: float
+    max_examples: int
 
     def setup_lora(self, expected_shapes: dict[str, tuple[int, ...]], round_offset: int = 0,
-                   zk: ZkVerifier | None = None) -> None:
+                   zk: ZkVerifier | None = None, max_update_norm: float = 0.0, max_examples: int = 10**7) -> None:
         self.expected_shapes = dict(expected_shapes)
         self.round_offset = round_offset
         self.rounds = {}
         self.zk = zk
         self.current_global = {}
+        self.max_update_norm = max_update_norm
+        self.max_examples = max_examples
 
     def record(self, absolute_round: int) -> RoundRecord:
         return self.rounds.setdefault(absolute_round, RoundRecord())
@@ -99,8 +109,8 @@ class LoraRoundMixin:
         absolute = server_round + self.round_offset
         rec = self.record(absolute)
         rec.started = time.perf_counter()
-        if self.zk is not None:  # zk aggregation adds the committed average to the arrays sent this round
-            self.current_global = from_array_record(arrays)
+        # what updates are deltas from: zk aggregation, float16/int8 decoding and the norm bound need it
+        self.current_global = from_array_record(arrays)
         messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
         rec.wire += [describe_message(m, "server->client", absolute) for m in messages]
         return messages
@@ -114,6 +124,7 @@ class LoraRoundMixin:
             node = str(msg.metadata.src_node_id)
             if msg.has_error():
                 rec.errors[node] = short_reason(msg.error.reason)
+                log(WARNING, "round %d: node %s failed: %s", absolute, node, rec.errors[node])
                 accepted.append(msg)  # Flower's own check logs and skips it
                 continue
             rec.wire.append(describe_message(msg, "client->server", absolute))
@@ -127,12 +138,25 @@ class LoraRoundMixin:
             accepted.append(msg)
         start = time.perf_counter()
         if self.zk is None:
-            arrays, metrics = super().aggregate_train(absolute, accepted)  # type: ignore[misc]
+            valid = sum(not m.has_error() for m in accepted)
+            arrays, metrics = (self._keep_previous(absolute, rec, valid) if valid < self.min_valid
+                               else super().aggregate_train(absolute, accepted))  # type: ignore[misc]
         else:
             arrays, metrics = self._aggregate_committed(absolute, rec, accepted)
         rec.aggregate_seconds = time.perf_counter() - start
         rec.aggregated = arrays is not None
         return arrays, metrics
+
+    @property
+    def min_valid(self) -> int:
+        """Fewest valid updates a round aggregates: Flower's ``min_train_nodes`` (at least one)."""
+        return max(1, int(self.min_train_nodes))  # type: ignore[attr-defined]
+
+    def _keep_previous(self, server_round: int, rec: RoundRecord, valid: int) -> tuple[None, None]:
+        rec.kept_previous = (f"{valid} valid update(s), fewer than strategy.min-train-nodes = {self.min_valid}: "
+                             f"the previous global adapter is kept")
+        log(WARNING, "round %d: %s", server_round, rec.kept_previous)
+        return None, None
 
     def _aggregate_committed(self, server_round: int, rec: RoundRecord,
                              replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -147,24 +171,42 @@ class LoraRoundMixin:
             rec.rejected[node] = reason
             rec.clients.pop(node, None)
         kept = [m.content for m in valid if str(m.metadata.src_node_id) not in result.rejected]
-        if new_global is None or not kept:
-            return None, None
+        if new_global is None or len(kept) < self.min_valid:
+            return self._keep_previous(server_round, rec, len(kept))
         return to_array_record(new_global), aggregate_metricrecords(kept, self.weighted_by_key)  # type: ignore[attr-defined]
 
     def _problem_with(self, msg: Message) -> str | None:
+        """Why a training reply cannot be aggregated (``None``: it can). A float16/int8 reply that passes is
+        replaced in place by its float32 decoding, so Flower's strategy averages float32 weights."""
         content = msg.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return (f"expected one array record and one metric record, got {sorted(content.array_records)} and "
-                    f"{sorted(content.metric_records)}")
-        metrics = next(iter(content.metric_records.values()))
-        examples = metrics.get("num-examples")
-        if not isinstance(examples, (int, float)) or examples <= 0:
-            return f"metric 'num-examples' must be a positive number, got {examples!r}"
+        if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
+            return (f"expected one array record 'arrays' and one metric record 'metrics', got "
+                    f"{sorted(content.array_records)} and {sorted(content.metric_records)}")
+        examples = content["metrics"].get("num-examples")
+        if (not isinstance(examples, (int, float)) or not float(examples).is_integer() or examples < 1
+                or examples > self.max_examples):
+            return (f"metric 'num-examples' must be a whole number from 1 to {self.max_examples} "
+                    f"(strategy.max-examples), got {examples!r}")
+        received = from_array_record(content["arrays"])
+        if self.zk is not None:
+            try:
+                check_arrays(received, self.expected_shapes, "update", integer=True)
+            except AdapterError as exc:
+                return str(exc)
+            return None
+        transport = dict(content[TRANSPORT_RECORD]) if TRANSPORT_RECORD in content.config_records else None
         try:
-            check_arrays(from_array_record(next(iter(content.array_records.values()))), self.expected_shapes,
-                         "update", integer=self.zk is not None)
+            check_arrays(received, self.expected_shapes, "update", dtype=wire_dtype(transport, "update"))
+            decoded = decode_update(received, transport, self.current_global, "update")
+            check_arrays(decoded, self.expected_shapes, "decoded update")
         except AdapterError as exc:
             return str(exc)
+        norm = delta_norm({k: decoded[k].astype("float64") - self.current_global[k] for k in decoded})
+        if self.max_update_norm > 0 and norm > self.max_update_norm * (1 + NORM_SLACK):
+            return f"update L2 norm {norm:.4g} exceeds strategy.max-update-norm = {self.max_update_norm:g}"
+        if transport is not None:
+            content["arrays"] = to_array_record(decoded)
+            del content[TRANSPORT_RECORD]
         return None
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -219,7 +261,7 @@ def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...
     elif cfg.name in ("fedadam", "fedyogi"):
         common.update(eta=cfg.server_lr, tau=cfg.server_tau)
     strategy = STRATEGIES[cfg.name](**common)
-    strategy.setup_lora(expected_shapes, round_offset, zk)
+    strategy.setup_lora(expected_shapes, round_offset, zk, cfg.max_update_norm, cfg.max_examples)
     log(INFO, "finlora strategy %s over %d LoRA tensors", cfg.name, len(expected_shapes))
     return strategy
 

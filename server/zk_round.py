@@ -99,3 +99,9 @@ class ZkVerifier:
         record_round(self.run_dir, server_round, result.layout, result.accepted,
                      {str(k): v for k, v in result.rejected.items()}, result.aggregate, result.blindings,
                      result.total_weight)
+
+    def record_kept(self, server_round: int, rejected: dict[str, str], reason: str) -> None:
+        """Ledger line of a round that kept the previous global adapter (after its adapter file is saved)."""
+        from zk.ledger import record_kept_round
+
+        record_kept_round(self.run_dir, server_round, rejected, reason)

@@ -152,7 +152,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     return run_server(ServerOptions(state=Path(args.state), config_file=Path(args.config) if args.config else None,
                                     certs=Path(args.certs or Path(args.state) / "certs"),
                                     nodes=Path(args.nodes) if args.nodes else None, host=args.host, port=args.port,
-                                    insecure=args.insecure, run_id=args.run_id))
+                                    insecure=args.insecure, run_id=args.run_id,
+                                    app=Path(args.app) if args.app else None))
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -164,7 +165,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                                     sign_key=Path(args.sign_key) if args.sign_key else None,
                                     state=Path(args.state) if args.state else default_state_dir(name),
                                     insecure=args.insecure, gpu=args.gpu, dp_epsilon=args.dp_epsilon,
-                                    max_wait_time=args.max_wait_time))
+                                    max_wait_time=args.max_wait_time, resident=not args.no_resident))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=9092)
     server.add_argument("--run-id", default="federation")
     server.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
+    server.add_argument("--app", help="Flower app directory to submit (default: this finlora installation)")
     server.set_defaults(func=cmd_server)
 
     client = sub.add_parser("client", help="join a federation as an institution (Flower SuperNode)")
@@ -250,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--max-wait-time", type=float, metavar="S",
                         help="give up after S seconds without the SuperLink (default: keep waiting for it)")
     client.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
+    client.add_argument("--no-resident", action="store_true",
+                        help="no resident trainer: every Flower message loads the base model afresh (slow)")
     client.set_defaults(func=cmd_client)
     return parser
 

@@ -27,6 +27,31 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=dict(os.environ))
 
 
+def popen_cli(*args: str, log: Path) -> subprocess.Popen:
+    """Start ``finlora`` in the background (a server or an institution), its output in ``log``."""
+    return subprocess.Popen([sys.executable, "-m", "simulation.cli", *args], cwd=REPO, env=dict(os.environ),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until ``text`` appears in ``log`` (fails if ``proc`` exits first or the time runs out)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def stop_all(*procs: subprocess.Popen) -> None:
+    """Terminate what is still running (finlora unwinds its Flower processes on SIGTERM) and reap it."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        p.wait(timeout=60)
+
+
 def flower_processes() -> set[int]:
     """PIDs of SuperLink / Ray / Flower worker processes alive now."""
     import psutil

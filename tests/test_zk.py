@@ -24,8 +24,8 @@ from zk.commit import (GROUP_ORDER, commit_row_points, commit_rows, commitments_
                        random_blindings)
 from zk.encoding import Layout, apply_aggregate, dequantize, in_range, norm_within, quantize_update
 from zk.generators import PINNED_DIGEST, ROW_SIZE, derive_generators, generators, generators_digest
-from zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, read_ledger, record_round,
-                       save_aggregate, seen_digests)
+from zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, read_ledger, record_kept_round,
+                       record_round, save_aggregate, seen_digests)
 from zk.verify import (BAD_POINT, BAD_SIGNATURE, DUPLICATE, NORM_BOUND, OPENING, OUT_OF_RANGE, REPLAY,
                        UNKNOWN_NODE, Submission, aggregate, make_submission, verify_round)
 from zk.wire import pack_blindings, unpack_blindings, unpack_commitments
@@ -333,6 +333,20 @@ def test_audit_passes_on_an_honest_run(run_dir: Path, capsys: pytest.CaptureFixt
     assert all("values" not in c and "blindings" not in c for c in entry["clients"])
     assert [k for k, _ in entry["layout"]] == sorted(k for k in load_file(str(run_dir / adapter_relpath(1)))
                                                      if "lora_B" in k)
+
+
+def test_a_round_that_kept_the_previous_adapter_audits_only_if_nothing_changed(run_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    run = _tampered(run_dir, tmp_path)
+    shutil.copyfile(run / adapter_relpath(2), _save_adapter(run, 3, {}))  # round 3: too few valid updates
+    record_kept_round(run, 3, {"17": "update: 'x' holds NaN or infinite values"}, "1 valid update(s), fewer than 2")
+    assert [(v.round, v.ok, v.clients) for v in audit_run(run)][-1] == (3, True, 0)
+    _nudge_first_lora_b(run / adapter_relpath(3), index=3, delta=1e-6)
+    entries = read_ledger(run)
+    entries[3]["adapter_sha256"] = file_sha256(run / adapter_relpath(3))  # a consistent-looking ledger
+    (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    assert _failed_rounds(run) == [3]
+    assert "aggregated nothing but its global adapter differs" in "; ".join(audit_run(run)[3].problems)
 
 
 def test_audit_cli_runs_standalone_and_fails_nonzero(run_dir: Path, tmp_path: Path) -> None:

@@ -74,8 +74,26 @@ def _check_signatures(header: dict[str, Any], entry: dict[str, Any]) -> tuple[li
     return problems, points
 
 
+def _check_kept_round(run_dir: Path, entry: dict[str, Any], prev_path: Path, prev_sha: str) -> list[str]:
+    """A round that aggregated nothing: no client counted, and the global adapter unchanged."""
+    problems = [] if not entry["clients"] and entry["total_weight"] == 0 else ["a kept round lists clients"]
+    if file_sha256(prev_path) != prev_sha:
+        problems.append(f"{prev_path.name} of the previous round differs from its ledger hash")
+    new_path = run_dir / entry["adapter_file"]
+    if not new_path.exists():
+        return [*problems, f"missing {entry['adapter_file']}"]
+    if file_sha256(new_path) != entry["adapter_sha256"]:
+        problems.append(f"{entry['adapter_file']}: sha256 differs from the ledger")
+    previous, saved = _load_adapter(prev_path), _load_adapter(new_path)
+    if set(previous) != set(saved) or any(previous[k].tobytes() != saved[k].tobytes() for k in saved):
+        problems.append("round aggregated nothing but its global adapter differs from the previous one")
+    return problems
+
+
 def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], prev_path: Path,
                  prev_sha: str) -> list[str]:
+    if "kept_previous" in entry:
+        return _check_kept_round(run_dir, entry, prev_path, prev_sha)
     problems, points = _check_signatures(header, entry)
     layout = Layout.from_json(entry["layout"])
     weights = [int(c["num_examples"]) for c in entry["clients"]]

@@ -129,3 +129,16 @@ def record_round(run_dir: Path, round_num: int, layout: Layout, accepted: Sequen
              "adapter_file": adapter_file, "adapter_sha256": file_sha256(run_dir / adapter_file)}
     append_entry(run_dir, entry)
     return entry
+
+
+def record_kept_round(run_dir: Path, round_num: int, rejected: Mapping[str, str], reason: str,
+                      adapter_file: str | None = None) -> dict[str, Any]:
+    """A round that aggregated nothing (too few valid updates): its global adapter must equal the previous one,
+    which the audit checks tensor by tensor; the rejected updates are listed with their reasons."""
+    run_dir = Path(run_dir)
+    adapter_file = adapter_file or adapter_relpath(round_num)
+    entry = {"type": "round", "round": int(round_num), "kept_previous": reason, "clients": [],
+             "rejected": dict(sorted(rejected.items())), "total_weight": 0, "adapter_file": adapter_file,
+             "adapter_sha256": file_sha256(run_dir / adapter_file)}
+    append_entry(run_dir, entry)
+    return entry

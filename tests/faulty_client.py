@@ -1,0 +1,61 @@
+"""A ClientApp for the update-validation tests: honest finlora clients, and misbehaving ones picked by name.
+
+The test copies this file next to finlora's packages as a top-level module of a separate Flower app (it is
+never part of finlora's own app). An institution whose name ends in ``-<fault>`` sends, instead of a trained
+update, the global adapter it received made bad in that way; ``late-nan`` is honest in round 1 and sends NaN
+from round 2 on. Every other institution runs finlora's real ClientApp code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.app import evaluate as honest_evaluate
+from client.app import train as honest_train
+from client.zk_update import institution_name
+from common.adapter import from_array_record, to_array_record
+
+FAULTS = ("nan", "shape", "extra-key", "huge-norm", "zero-examples", "late-nan")
+
+app = ClientApp()
+
+
+def fault_of(context: Context) -> str:
+    name = institution_name(context.node_config)
+    return next((f for f in sorted(FAULTS, key=len, reverse=True) if name.endswith(f"-{f}")), "")
+
+
+def bad_update(fault: str, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """(arrays, num-examples) of a reply broken in the named way."""
+    first = sorted(arrays)[0]
+    arrays = {k: v.copy() for k, v in arrays.items()}
+    examples = 50
+    if fault in ("nan", "late-nan"):
+        arrays[first][0, 0] = np.nan
+    elif fault == "shape":
+        arrays[first] = arrays[first][:-1]
+    elif fault == "extra-key":
+        arrays["base_model.model.lm_head.weight"] = np.zeros((4, 4), np.float32)
+    elif fault == "huge-norm":
+        arrays[first] = arrays[first] + 1000.0
+    elif fault == "zero-examples":
+        examples = 0
+    return arrays, examples
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    fault = fault_of(context)
+    server_round = int(msg.content["config"]["server-round"])
+    if not fault or (fault == "late-nan" and server_round < 2):
+        return honest_train(msg, context)
+    arrays, examples = bad_update(fault, from_array_record(msg.content["arrays"]))
+    metrics = MetricRecord({"num-examples": examples, "train-loss": 0.0})
+    return Message(RecordDict({"arrays": to_array_record(arrays), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return honest_evaluate(msg, context)
