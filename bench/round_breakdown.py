@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.io import read_jsonl_records  # noqa: E402
+from simulation.keys import provision_simulation_keys  # noqa: E402
 from simulation.launcher import run_simulation  # noqa: E402
 
 
@@ -31,9 +32,11 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="finlora-bench-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    keys = provision_simulation_keys(out / "round-breakdown" / "keys", args.clients)  # zk is on by default
     with open(out / "flower.log", "w") as flower_log:
         result = run_simulation(args.clients, {"num-rounds": args.rounds, "run-id": "round-breakdown",
-                                               "out-dir": str(out), "strategy.min-available-nodes": args.clients},
+                                               "out-dir": str(out), "strategy.min-available-nodes": args.clients,
+                                               "zk.keys-dir": str(keys)},
                                 log_to=flower_log)
     if not result.ok:
         print(f"simulation failed: {result.status}; see {out / 'flower.log'}", file=sys.stderr)

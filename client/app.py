@@ -144,7 +144,8 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     cfg, bundle, data, _received, _ = _prepare(content, context)
     loss, tokens = answer_loss(bundle.model, data.val, cfg.eval.batch_size, bundle.tokenizer.pad_token_id)
     metrics = MetricRecord({"eval-loss": loss, "eval-tokens": tokens, "num-examples": len(data.val),
-                            "uniform-weight": 1})
+                            "uniform-weight": 1, "base-model-loads": LOAD_COUNTS["base_model_loads"],
+                            "process-id": os.getpid()})
     return RecordDict({"metrics": metrics})
 
 

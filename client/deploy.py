@@ -4,6 +4,10 @@ Everything that can be checked locally is checked **before** connecting, each fa
 wrong: the data file (every line), the SuperNode-auth key, the CA certificate and the zk signing key. Then
 ``flower-supernode`` runs in the foreground with the node config (``data-path``, ``institution``, ``zk-key``)
 until the SuperLink ends the federation or the process is interrupted; its descendants are stopped with it.
+
+Unless ``--no-resident``, a resident trainer (``client/resident.py``) is started first and named in the node config
+(``trainer-socket``): it keeps the base model and the tokenized data loaded across messages, which Flower's
+one-process-per-message ClientApp cannot. It is restarted if it dies while the SuperNode runs, and stopped with it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.resident import ResidentTrainer, TrainerStartError
 from common.certs import check_ca_certificate, check_node_auth_key
 from common.config import ConfigError
 from common.data import read_jsonl
@@ -39,6 +44,7 @@ class ClientOptions:
     gpu: int | None
     dp_epsilon: float | None
     max_wait_time: float | None = None
+    resident: bool = True
 
 
 def preflight(opts: ClientOptions) -> dict[str, object]:
@@ -67,37 +73,58 @@ def run_client(opts: ClientOptions) -> int:
     env = flower_env(state / "flwr-home", free_port())
     if opts.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(opts.gpu)
-    cmd = [flower_bin("flower-supernode"), "--superlink", opts.superlink, "--port", str(free_port()),
-           "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())]
-    if opts.max_wait_time is not None:  # stop waiting for a SuperLink that has gone away
-        cmd += ["--max-wait-time", str(opts.max_wait_time)]
-    if opts.insecure:
-        cmd.append("--insecure")
-    else:
-        cmd += ["--root-certificates", str(opts.ca.resolve()), "--auth-supernode-private-key",  # type: ignore[union-attr]
-                str(opts.key.resolve())]  # type: ignore[union-attr]
     state.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(cmd, cwd=state, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    trainer: ResidentTrainer | None = None
+    proc: subprocess.Popen | None = None
+    reader: threading.Thread | None = None
     refused = threading.Event()
-
-    def relay() -> None:
-        """Copy the SuperNode's output; on a refusal stop it (it would otherwise retry, or linger, for ever)."""
-        for line in proc.stdout:  # type: ignore[union-attr]
-            sys.stdout.write(line)
-            if REFUSED_MARK in line and not refused.is_set():
-                refused.set()
-                proc.terminate()
-
-    reader = threading.Thread(target=relay, daemon=True)
-    reader.start()
+    trainer_failed = False
     try:
+        if opts.resident:
+            # One long-lived process keeps the base model loaded; Flower's per-message ClientApp hands it the task.
+            trainer = ResidentTrainer(state, env, opts.name)
+            trainer.start()
+            node_config.update(trainer.node_config)
+            print(f"finlora client {opts.name}: resident trainer pid {trainer.pid} on {trainer.socket_path}",
+                  flush=True)
+        cmd = [flower_bin("flower-supernode"), "--superlink", opts.superlink, "--port", str(free_port()),
+               "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())]
+        if opts.max_wait_time is not None:  # stop waiting for a SuperLink that has gone away
+            cmd += ["--max-wait-time", str(opts.max_wait_time)]
+        if opts.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--root-certificates", str(opts.ca.resolve()),  # type: ignore[union-attr]
+                    "--auth-supernode-private-key", str(opts.key.resolve())]  # type: ignore[union-attr]
+        proc = subprocess.Popen(cmd, cwd=state, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        supernode = proc
+
+        def relay() -> None:
+            """Copy the SuperNode's output; on a refusal stop it (it would otherwise retry, or linger, for ever)."""
+            for line in supernode.stdout:  # type: ignore[union-attr]
+                sys.stdout.write(line)
+                if REFUSED_MARK in line and not refused.is_set():
+                    refused.set()
+                    supernode.terminate()
+
+        reader = threading.Thread(target=relay, daemon=True)
+        reader.start()
         code = proc.wait()
     except KeyboardInterrupt:
         code = 130
+    except TrainerStartError as exc:
+        print(f"finlora client {opts.name}: {exc}", file=sys.stderr, flush=True)
+        code, trainer_failed = 4, True
     finally:
-        stop_process_tree(proc)  # also its superexec child, which holds the output pipe open
-        reader.join(timeout=10)
+        if proc is not None:
+            stop_process_tree(proc)  # also its superexec child, which holds the output pipe open
+        if reader is not None:
+            reader.join(timeout=10)
+        if trainer is not None:
+            trainer.stop()
+    if trainer_failed:
+        return code
     if refused.is_set():
         print(f"finlora client {opts.name}: the SuperLink refused this node (Flower code 2004): its public key "
               f"{opts.key.with_suffix('.pub') if opts.key else ''} is not registered with the server, or the server "

@@ -30,7 +30,8 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"round": r["round"], "train_loss": r.get("train_loss"), "heldout_loss": r.get("heldout_loss"),
              "federated_eval_loss": r.get("federated_eval_loss"), "seconds": r.get("seconds"),
              "clients": r.get("num_clients"), "bytes_sent_per_client": r.get("bytes_sent_per_client"),
-             "rejected": len(r.get("rejected") or {})} for r in sorted(records, key=lambda r: r["round"])]
+             "rejected": len(r.get("rejected") or {}), "errors": len(r.get("errors") or {}),
+             "kept_previous": r.get("kept_previous") or ""} for r in sorted(records, key=lambda r: r["round"])]
 
 
 def print_summary(run_dir: Path) -> None:
@@ -44,6 +45,10 @@ def print_summary(run_dir: Path) -> None:
         print(f"{r['round']:>5}  {_fmt(r['train_loss'], '.4f'):>10}  {_fmt(r['heldout_loss'], '.4f'):>13}  "
               f"{_fmt(r['federated_eval_loss'], '.4f'):>9}  {_fmt(r['seconds'], '.1f'):>7}  "
               f"{r['clients']:>7}  {_fmt(r['bytes_sent_per_client'], ',.0f'):>17}")
+    for r in rows:
+        if r["rejected"] or r["errors"] or r["kept_previous"]:
+            print(f"round {r['round']}: {r['rejected']} update(s) rejected, {r['errors']} institution(s) failed"
+                  f"{'; ' + r['kept_previous'] if r['kept_previous'] else ''} (reasons in metrics.jsonl)")
     print()
 
 
