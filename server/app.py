@@ -19,7 +19,8 @@ from server.checkpoint import RunDirectory
 from server.benchmark_eval import run_benchmark_evals
 from server.heldout import HeldoutEvaluator
 from server.zk_round import ZkVerifier
-from server.strategy import RoundRecord, make_strategy, sampled_clients_per_round, with_client_level_dp
+from server.strategy import (RoundRecord, make_strategy, optimizer_state, restore_optimizer_state,
+                             sampled_clients_per_round, with_client_level_dp)
 
 app = ServerApp()
 
@@ -77,11 +78,14 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.resume:
         offset, global_arrays = run_dir.resume_point()
         log(INFO, "resuming %s after round %d of %d", run_dir.path, offset, cfg.num_rounds)
-        if cfg.strategy.name in ("fedadam", "fedyogi"):
-            log(WARNING, "server optimizer moments of %s restart from zero on resume", cfg.strategy.name)
+        saved_moments = run_dir.optimizer_state(offset)
+        changed = changed_settings(run_dir.saved_config(), cfg.to_flat())
+        if changed:
+            log(WARNING, "resuming with settings that differ from the run's start: %s", ", ".join(changed))
     else:
         run_dir.start_fresh()
-        offset, global_arrays = 0, initial_adapter(shapes, cfg.lora.seed)
+        offset, global_arrays, saved_moments = 0, initial_adapter(shapes, cfg.lora.seed), None
+        run_dir.save_config(cfg.to_flat())
     remaining = cfg.num_rounds - offset
     log(INFO, "finlora run %s: %s, %d LoRA tensors (%d travel), rounds %d..%d, output %s", run_id, cfg.model.name,
         len(shapes), len(wire_shapes), offset + 1, cfg.num_rounds, run_dir.path)
@@ -94,6 +98,11 @@ def main(grid: Grid, context: Context) -> None:
                                 else run_dir.path / "keys") if cfg.zk.enabled else None)
     strategy = make_strategy(cfg.strategy, wire_shapes, round_offset=offset,
                              weighted_by_key="uniform-weight" if client_level else "num-examples", zk=verifier)
+    if saved_moments and cfg.strategy.name in ("fedadam", "fedyogi"):
+        restore_optimizer_state(strategy, saved_moments)
+        log(INFO, "restored the %s moments saved with round %d", cfg.strategy.name, offset)
+    elif offset > 0 and cfg.strategy.name in ("fedadam", "fedyogi"):
+        log(WARNING, "no %s moments were saved with round %d: they restart from zero", cfg.strategy.name, offset)
     runner: Any = strategy
     if client_level:
         runner = with_client_level_dp(strategy, cfg.dp.noise_multiplier, cfg.dp.max_grad_norm,
@@ -119,7 +128,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluations = run_benchmark_evals(cfg, absolute, full, run_dir.path)
         if evaluations:
             summary["eval"] = evaluations
-        run_dir.save_round(absolute, full, peft_config, summary)
+        run_dir.save_round(absolute, full, peft_config, summary, optimizer_state=optimizer_state(strategy))
         if verifier is not None:
             if absolute == 0:
                 verifier.write_header()
@@ -142,6 +151,17 @@ def main(grid: Grid, context: Context) -> None:
     if not aggregated_rounds:  # every round of this run kept the adapter it started from: nothing was learned
         raise RoundFailedError(f"rounds {offset + 1}..{cfg.num_rounds}: no round aggregated an update (see "
                                f"'rejected' and 'errors' in {run_dir.metrics_path})")
+
+
+RESUMABLE_CHANGES = ("num-rounds", "resume", "out-dir", "eval.", "strategy.round-timeout", "data.dir", "zk.keys-dir",
+                     "dp.state-dir")
+"""Settings a resumed run may change without changing what it trains (prefixes of flat keys)."""
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every training setting a resumed run changed."""
+    return [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in sorted(saved)
+            if not k.startswith(RESUMABLE_CHANGES) and saved[k] != current.get(k)]
 
 
 def client_level_privacy(cfg: FinloraConfig, rounds: int) -> dict[str, float]:

@@ -4,6 +4,8 @@ Layout (the command-line contract)::
 
     <out>/<run-id>/round-<k>/adapter_config.json
     <out>/<run-id>/round-<k>/adapter_model.safetensors
+    <out>/<run-id>/round-<k>/server_optimizer.safetensors   FedAdam/FedYogi moments after round k
+    <out>/<run-id>/run_config.json    the flat run config the run started with (what --resume continues)
     <out>/<run-id>/metrics.jsonl      one JSON object per completed round (round 0 = before training)
     <out>/<run-id>/wire.jsonl         what crossed Flower, per message: keys, shapes, bytes
 
@@ -13,14 +15,18 @@ listed in ``metrics.jsonl`` always has its adapter on disk: that is what ``--res
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.adapter import ADAPTER_FILE, CONFIG_FILE, Arrays, read_adapter_dir, save_adapter_dir
-from common.io import atomic_write_jsonl, read_jsonl_records
+from common.io import atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl_records
 
 ROUND_DIR = re.compile(r"^round-(\d+)$")
+OPTIMIZER_FILE = "server_optimizer.safetensors"
 
 
 class RunDirectoryError(RuntimeError):
@@ -35,6 +41,7 @@ class RunDirectory:
         self.metrics_path = self.path / "metrics.jsonl"
         self.wire_path = self.path / "wire.jsonl"
         self.ledger_path = self.path / "ledger.jsonl"
+        self.config_path = self.path / "run_config.json"
 
     def round_dir(self, server_round: int) -> Path:
         return self.path / f"round-{server_round}"
@@ -70,12 +77,34 @@ class RunDirectory:
             atomic_write_jsonl(self.ledger_path, kept_ledger)
         return last, read_adapter_dir(self.round_dir(last))
 
-    def save_round(self, server_round: int, arrays: Arrays, peft_config: Any, record: dict[str, Any]) -> None:
-        """Adapter first, then the metrics line (see the module docstring for why)."""
+    def save_round(self, server_round: int, arrays: Arrays, peft_config: Any, record: dict[str, Any],
+                   optimizer_state: Arrays | None = None) -> None:
+        """Adapter (and server optimizer state) first, then the metrics line (see the module docstring for why)."""
         save_adapter_dir(arrays, peft_config, self.round_dir(server_round),
                          metadata={"finlora_round": str(server_round)})
+        if optimizer_state:
+            from safetensors.numpy import save
+
+            atomic_write_bytes(self.round_dir(server_round) / OPTIMIZER_FILE,
+                               save({k: np.ascontiguousarray(v) for k, v in optimizer_state.items()}))
         records = [r for r in read_jsonl_records(self.metrics_path) if int(r["round"]) != server_round]
         atomic_write_jsonl(self.metrics_path, records + [record])
+
+    def save_config(self, flat: dict[str, Any]) -> None:
+        atomic_write_text(self.config_path, json.dumps(flat, indent=2, sort_keys=True) + "\n")
+
+    def saved_config(self) -> dict[str, Any]:
+        """The flat run config saved when the run started (empty for runs from before it was saved)."""
+        return json.loads(self.config_path.read_text()) if self.config_path.is_file() else {}
+
+    def optimizer_state(self, server_round: int) -> Arrays | None:
+        """The server optimizer state saved with a round, if there is one."""
+        path = self.round_dir(server_round) / OPTIMIZER_FILE
+        if not path.is_file():
+            return None
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
 
     def append_wire(self, entries: list[dict[str, Any]]) -> None:
         if entries:

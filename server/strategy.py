@@ -266,6 +266,24 @@ def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...
     return strategy
 
 
+def optimizer_state(strategy: LoraRoundMixin) -> dict[str, Any] | None:
+    """FedAdam/FedYogi moments (``m.<key>``, ``v.<key>``) to save with a round; ``None`` for other strategies.
+
+    Flower keeps them in ``m_t``/``v_t``; a resumed run that started them from zero would take a different
+    (too large, bias-corrected) first step than the uninterrupted run.
+    """
+    m_t, v_t = getattr(strategy, "m_t", None), getattr(strategy, "v_t", None)
+    if not isinstance(strategy, (FedAdam, FedYogi)) or not m_t or not v_t:
+        return None
+    return {**{f"m.{k}": v for k, v in m_t.items()}, **{f"v.{k}": v for k, v in v_t.items()}}
+
+
+def restore_optimizer_state(strategy: LoraRoundMixin, state: dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_state`."""
+    strategy.m_t = {k[2:]: v for k, v in state.items() if k.startswith("m.")}  # type: ignore[attr-defined]
+    strategy.v_t = {k[2:]: v for k, v in state.items() if k.startswith("v.")}  # type: ignore[attr-defined]
+
+
 def sampled_clients_per_round(cfg: StrategyConfig) -> int:
     """Institutions sampled each training round when all ``min_available_nodes`` are connected."""
     return max(int(cfg.min_available_nodes * cfg.fraction_train), cfg.min_train_nodes)

@@ -81,6 +81,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     out_dir, run_id = _run_location(args)
     overrides = _absolute_paths(_overrides_from_args(args))
+    if args.resume:  # continue the run as it was started; flags given now still win
+        from server.checkpoint import RunDirectory
+
+        saved = RunDirectory(out_dir / run_id).saved_config()
+        overrides = {**{k: v for k, v in saved.items() if k not in ("num-rounds", "resume")}, **overrides}
     overrides.update({"out-dir": str(out_dir), "run-id": run_id, "resume": bool(args.resume)})
     cfg = load_config(overrides)  # fail here, with the key's name, not inside a Ray actor
     run_dir = out_dir / run_id

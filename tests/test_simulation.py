@@ -160,6 +160,28 @@ def test_other_strategies_run(tmp_path, strategy):
     metrics = _metrics(tmp_path / strategy)
     assert metrics[1]["num_clients"] == 2
     assert metrics[1]["heldout_loss"] != metrics[0]["heldout_loss"]
+    if strategy == "fedadam":
+        _check_adam_moments_survive_resume(tmp_path / strategy)
+
+
+def _check_adam_moments_survive_resume(run_dir):
+    """Resume to round 2: its moments must continue round 1's, m2 = b1 m1 + (1-b1) d and v2 = b2 v1 + (1-b2) d^2
+    for the same delta d; moments restarted from zero would satisfy the equations with m1 = v1 = 0 instead."""
+    from flwr.serverapp.strategy import FedAdam
+    from safetensors.numpy import load_file
+
+    again = run_cli("simulate", "--clients", "2", "--rounds", "2", "--resume", str(run_dir))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    first, second = (load_file(str(run_dir / f"round-{k}" / "server_optimizer.safetensors")) for k in (1, 2))
+    adam = FedAdam()
+    b1, b2 = adam.beta_1, adam.beta_2
+    for key in (k for k in first if k.startswith("m.")):
+        m1, v1 = first[key].astype(np.float64), first["v" + key[1:]].astype(np.float64)
+        m2, v2 = second[key].astype(np.float64), second["v" + key[1:]].astype(np.float64)
+        delta = (m2 - b1 * m1) / (1 - b1)
+        np.testing.assert_allclose(v2, b2 * v1 + (1 - b2) * delta**2, rtol=1e-3, atol=1e-12)
+        restarted = m2 / (1 - b1)
+        assert not np.allclose(v2, (1 - b2) * restarted**2, rtol=1e-3, atol=1e-12)
 
 
 def test_failed_run_exits_nonzero_and_leaves_nothing_behind(tmp_path):

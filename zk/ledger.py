@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.io import atomic_write_jsonl, read_jsonl_records
+from common.io import atomic_write_bytes, atomic_write_jsonl, read_jsonl_records
 from zk.encoding import Layout
 from zk.generators import PINNED_DIGEST, ROW_SIZE
 from zk.signing import public_key_raw
@@ -67,27 +65,12 @@ def append_entry(run_dir: Path, entry: dict[str, Any]) -> None:
     atomic_write_jsonl(ledger_path(run_dir), [*read_ledger(run_dir), entry])
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_aggregate(run_dir: Path, round_num: int, values: np.ndarray) -> tuple[str, str]:
     """Write A (int64 .npy) beside the ledger; (path relative to the run dir, sha256 of the file)."""
     buf = io.BytesIO()
     np.save(buf, np.asarray(values, dtype=np.int64), allow_pickle=False)
     rel = aggregate_relpath(round_num)
-    _write_bytes_atomic(Path(run_dir) / rel, buf.getvalue())
+    atomic_write_bytes(Path(run_dir) / rel, buf.getvalue())
     return rel, hashlib.sha256(buf.getvalue()).hexdigest()
 
 
