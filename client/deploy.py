@@ -26,7 +26,11 @@ from common.flower_processes import flower_bin, flower_env, free_port, stop_proc
 
 
 REFUSED_MARK = "[code: 2004]"
-"""What ``flower-supernode`` prints when the SuperLink does not accept the node (unregistered key, TLS failure)."""
+"""What ``flower-supernode`` prints when the SuperLink does not accept the node (an unregistered key)."""
+TLS_FAILED_MARKS = ("SSL/TLS handshake error detected", "CERTIFICATE_VERIFY_FAILED")
+"""What ``flower-supernode`` prints when the server's certificate does not verify against ``--root-certificates``
+(Flower 1.42: ``ERROR: SSL/TLS handshake error detected.``, then ``[SSL: CERTIFICATE_VERIFY_FAILED] certificate
+verify failed: ...``, then it exits with code 1)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ def run_client(opts: ClientOptions) -> int:
     proc: subprocess.Popen | None = None
     reader: threading.Thread | None = None
     refused = threading.Event()
+    tls_failure: list[str] = []
     trainer_failed = False
     try:
         if opts.resident:
@@ -107,6 +112,8 @@ def run_client(opts: ClientOptions) -> int:
                 if REFUSED_MARK in line and not refused.is_set():
                     refused.set()
                     supernode.terminate()
+                if any(mark in line for mark in TLS_FAILED_MARKS):
+                    tls_failure.append(line.strip())
 
         reader = threading.Thread(target=relay, daemon=True)
         reader.start()
@@ -125,6 +132,12 @@ def run_client(opts: ClientOptions) -> int:
             trainer.stop()
     if trainer_failed:
         return code
+    if tls_failure:
+        reason = next((x for x in tls_failure if "CERTIFICATE_VERIFY_FAILED" in x), tls_failure[-1])
+        print(f"finlora client {opts.name}: TLS handshake with {opts.superlink} failed: the server's certificate "
+              f"does not verify against the CA {opts.ca} (wrong CA file, or not this federation's server): {reason}",
+              file=sys.stderr, flush=True)
+        return 3
     if refused.is_set():
         print(f"finlora client {opts.name}: the SuperLink refused this node (Flower code 2004): its public key "
               f"{opts.key.with_suffix('.pub') if opts.key else ''} is not registered with the server, or the server "

@@ -129,15 +129,55 @@ def stop_process_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     proc.wait(timeout=grace_s)
 
 
-def last_run_status(env: Mapping[str, str], workdir: Path, connection: str) -> tuple[str, str]:
-    """(run id, status) of the newest run on the SuperLink, via ``flwr ls --format json``."""
+def list_runs(env: Mapping[str, str], workdir: Path, connection: str) -> list[dict[str, Any]]:
+    """The SuperLink's runs (``flwr ls --format json``: ``run-id``, ``status``, ``created-at``, ...).
+
+    Raises :class:`FlowerProcessError` when the answer is not Flower's JSON.
+    """
     out = subprocess.run([flower_bin("flwr"), "ls", connection, "--format", "json"], cwd=workdir, env=dict(env),
                          capture_output=True, text=True, check=False)
     try:
-        runs = json.loads(out.stdout).get("runs", [])
-    except json.JSONDecodeError:
-        return "", f"unknown (flwr ls said: {out.stdout.strip()[:200]} {out.stderr.strip()[:200]})"
+        return list(json.loads(out.stdout).get("runs", []))
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise FlowerProcessError(f"flwr ls said: {out.stdout.strip()[:200]} {out.stderr.strip()[:200]}") from exc
+
+
+def last_run_status(env: Mapping[str, str], workdir: Path, connection: str) -> tuple[str, str]:
+    """(run id, status) of the newest run on the SuperLink, via ``flwr ls --format json``."""
+    try:
+        runs = list_runs(env, workdir, connection)
+    except FlowerProcessError as exc:
+        return "", f"unknown ({exc})"
     if not runs:
         return "", "unknown (no run listed)"
     newest = max(runs, key=lambda r: str(r.get("created-at", "")))
     return str(newest.get("run-id", "")), str(newest.get("status", "unknown"))
+
+
+def stop_leftover_process(pid_file: Path, must_contain: tuple[str, ...], grace_s: float = 10.0) -> bool:
+    """Stop (with its descendants) the process recorded in ``pid_file`` if it is still alive and its command
+    line contains every string of ``must_contain`` (a recycled pid is left alone). True if one was stopped."""
+    import psutil
+
+    try:
+        pid = int(pid_file.read_text().strip())
+        proc = psutil.Process(pid)
+        cmdline = " ".join(proc.cmdline())
+    except (OSError, ValueError, psutil.Error):
+        return False
+    if not all(text in cmdline for text in must_contain):
+        return False
+    procs = [proc, *_descendants(pid)]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    return True

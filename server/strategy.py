@@ -25,6 +25,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedProx,
                                      FedYogi)
@@ -80,6 +81,31 @@ def short_reason(reason: str, limit: int = 400) -> str:
     return (f"{exc_type.group(1)}: " if exc_type and "ray.exceptions" not in exc_type.group(1) else "") + text[:limit]
 
 
+class NotEnoughNodesError(RuntimeError):
+    """Fewer institutions than ``strategy.min-available-nodes`` stayed connected for a whole ``round-timeout``."""
+
+
+class _NodeWaitDeadline:
+    """A Grid whose ``get_node_ids`` raises once ``timeout`` has passed: Flower's ``sample_nodes`` polls it once a
+    second while fewer than ``min_available_nodes`` are connected and has no deadline of its own."""
+
+    def __init__(self, grid: Grid, timeout: float, needed: int, what: str) -> None:
+        self._grid, self._deadline, self._needed, self._what = grid, time.monotonic() + timeout, needed, what
+        self._timeout = timeout
+
+    def get_node_ids(self) -> Iterable[int]:
+        ids = list(self._grid.get_node_ids())
+        if time.monotonic() > self._deadline:
+            raise NotEnoughNodesError(
+                f"{self._what}: only {len(ids)} of the {self._needed} institutions needed "
+                f"(strategy.min-available-nodes / min-train-nodes) connected within {self._timeout:.0f}s "
+                f"(strategy.round-timeout)")
+        return ids
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class LoraRoundMixin:
     """Validation, wire log, per-client records and round offset for a Flower strategy (see module doc)."""
 
@@ -98,6 +124,8 @@ class LoraRoundMixin:
         self.rounds = {}
         self.zk = zk
         self.current_global = {}
+        self.node_wait_timeout = 3600.0  # make_strategy sets strategy.round-timeout
+        self._sent_messages: list[Message] = []
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
 
@@ -111,17 +139,37 @@ class LoraRoundMixin:
         rec.started = time.perf_counter()
         # what updates are deltas from: zk aggregation, float16/int8 decoding and the norm bound need it
         self.current_global = from_array_record(arrays)
-        messages = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
+        needed = max(self.min_available_nodes, self.min_train_nodes)  # type: ignore[attr-defined]
+        messages = list(super().configure_train(  # type: ignore[misc]
+            absolute, arrays, config, _NodeWaitDeadline(grid, self.node_wait_timeout, needed, f"round {absolute}")))
         rec.wire += [describe_message(m, "server->client", absolute) for m in messages]
+        self._sent_messages = messages  # Flower sets their message ids in place when it pushes them
         return messages
+
+    def _reply_node(self, msg: Message) -> str:
+        """The institution a reply is about. For an institution that stopped answering (missed heartbeats, a
+        reply that expired) the SuperLink itself replies, as node ``SUPERLINK_NODE_ID``: map it back through the
+        message it answers."""
+        if msg.metadata.src_node_id == SUPERLINK_NODE_ID:
+            for sent in self._sent_messages:
+                if sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                    return str(sent.metadata.dst_node_id)
+        return str(msg.metadata.src_node_id)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         absolute = server_round + self.round_offset
         rec = self.record(absolute)
         accepted = []
+        replies = list(replies)
+        answered = {msg.metadata.reply_to_message_id for msg in replies}
+        for sent in self._sent_messages:
+            if sent.metadata.message_id not in answered:
+                node = str(sent.metadata.dst_node_id)
+                rec.errors[node] = "no reply within strategy.round-timeout"
+                log(WARNING, "round %d: node %s failed: %s", absolute, node, rec.errors[node])
         for msg in replies:
-            node = str(msg.metadata.src_node_id)
+            node = self._reply_node(msg)
             if msg.has_error():
                 rec.errors[node] = short_reason(msg.error.reason)
                 log(WARNING, "round %d: node %s failed: %s", absolute, node, rec.errors[node])
@@ -212,7 +260,10 @@ class LoraRoundMixin:
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         absolute = server_round + self.round_offset
-        messages = list(super().configure_evaluate(absolute, arrays, config, grid))  # type: ignore[misc]
+        needed = max(self.min_available_nodes, self.min_evaluate_nodes)  # type: ignore[attr-defined]
+        messages = list(super().configure_evaluate(  # type: ignore[misc]
+            absolute, arrays, config, _NodeWaitDeadline(grid, self.node_wait_timeout, needed,
+                                                        f"round {absolute} (evaluation)")))
         self.record(absolute).wire += [describe_message(m, "server->client", absolute) for m in messages]
         return messages
 
@@ -262,6 +313,7 @@ def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...
         common.update(eta=cfg.server_lr, tau=cfg.server_tau)
     strategy = STRATEGIES[cfg.name](**common)
     strategy.setup_lora(expected_shapes, round_offset, zk, cfg.max_update_norm, cfg.max_examples)
+    strategy.node_wait_timeout = cfg.round_timeout
     log(INFO, "finlora strategy %s over %d LoRA tensors", cfg.name, len(expected_shapes))
     return strategy
 

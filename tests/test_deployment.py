@@ -1,32 +1,41 @@
-"""A real federation on loopback: certificates, SuperLink with TLS + node auth, SuperNodes, faults at the door."""
+"""A real federation on loopback: certificates, SuperLink with TLS + node auth, SuperNodes, faults at the door and
+during the run (a SuperNode killed mid-round, the server killed and restarted)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
+from common.adapter import arrays_digest, read_adapter_dir
 from common.flower_processes import free_port
+from common.io import read_jsonl_records
 from common.sample_data import sentiment_rows
-from tests.conftest import REPO, flower_processes, run_cli
+from tests.conftest import REPO, run_cli
 
-
-def _popen_cli(*args: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "simulation.cli", *args], cwd=REPO, env=dict(os.environ),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+# Each message starts a fresh ClientApp process in Flower 1.42 deployments (20-40 s on 2 cores): few rounds, few
+# steps, no server-side evaluation. The round timeout bounds every send/receive phase.
+FAST_RUN = ('"train.local-steps" = 4\n"eval.heldout" = false\n"eval.every" = 0\n"strategy.fraction-train" = 1.0\n'
+            '"strategy.fraction-evaluate" = 0.0\n"strategy.min-train-nodes" = 2\n"strategy.min-available-nodes" = 2\n')
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("federation")
     assert run_cli("certs", "init", "--out", str(root / "certs"), "--server-name", "localhost,127.0.0.1").returncode == 0
-    for name in ("bank-0", "bank-1", "intruder"):
+    # another federation's CA: a client holding it must not trust our server
+    assert run_cli("certs", "init", "--out", str(root / "other-ca"), "--server-name", "localhost").returncode == 0
+    for name in ("bank-0", "bank-1", "bank-2", "intruder"):
         out = root / ("outsider" if name == "intruder" else "nodes")
         assert run_cli("certs", "node", "--out", str(out), "--name", name).returncode == 0
     data = root / "all.jsonl"
@@ -34,6 +43,129 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     split = run_cli("data", "split", "--data", str(data), "--clients", "3", "--out", str(root / "data"))
     assert split.returncode == 0, split.stderr
     return root
+
+
+class Processes:
+    """The processes a test starts, and every descendant of theirs it has seen, so that the test can check that
+    none is left behind (other Flower processes on the machine are not ours and are ignored)."""
+
+    def __init__(self, federation: Path, tmp_path: Path, port: int) -> None:
+        self.federation, self.tmp_path, self.port = federation, tmp_path, port
+        self.started: list[subprocess.Popen] = []
+        self.seen: dict[tuple[int, float], psutil.Process] = {}
+        # each test keeps its own privacy ledgers: budgets spent by another test's run do not carry over
+        self.env = dict(os.environ, FINLORA_DP_STATE=str(tmp_path / "dp-state"))
+
+    def cli(self, *args: str, log: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "simulation.cli", *args], cwd=REPO, env=self.env,
+                                stdout=open(self.tmp_path / log, "w"), stderr=subprocess.STDOUT)
+        self.started.append(proc)
+        return proc
+
+    def server(self, config: str, log: str = "server.log") -> subprocess.Popen:
+        (self.tmp_path / "run.toml").write_text(config)
+        proc = self.cli("server", "--state", str(self.tmp_path / "state"), "--config", str(self.tmp_path / "run.toml"),
+                        "--certs", str(self.federation / "certs"), "--nodes", str(self.federation / "nodes"),
+                        "--host", "127.0.0.1", "--port", str(self.port), log=log)
+        # institutions join once their keys are registered (as in the README)
+        self.wait_for(lambda: "waiting for institutions" in self.log(log), f"{log}: ready", 120, proc)
+        return proc
+
+    def client(self, name: str, *extra: str, key: Path | None = None, ca: Path | None = None,
+               max_wait: float = 20) -> subprocess.Popen:
+        bank = name if name.startswith("bank-") else "bank-2"
+        return self.cli("client", "--superlink", f"127.0.0.1:{self.port}", "--max-wait-time", str(max_wait),
+                        "--ca", str(ca or self.federation / "certs" / "ca.crt"),
+                        "--key", str(key or self.federation / "nodes" / f"{name}.auth.key"), "--name", name,
+                        "--state", str(self.tmp_path / "nodes" / name),
+                        "--data", str(self.federation / "data" / f"{bank}.jsonl"), *extra, log=f"{name}.log")
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / name).read_text()
+
+    def watch(self) -> None:
+        for proc in self.started:
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    self.seen[(child.pid, child.create_time())] = child
+            except psutil.Error:
+                pass
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float,
+                 proc: subprocess.Popen | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            self.watch()
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"{what}: process exited with {proc.returncode}\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not within {timeout:.0f}s\n{self.tail()}")
+            time.sleep(0.5)
+
+    def wait(self, proc: subprocess.Popen, timeout: float) -> int:
+        self.wait_for(lambda: proc.poll() is not None, "exit", timeout)
+        return proc.returncode
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.tmp_path.glob("*.log")))
+
+    def stop(self) -> None:
+        self.watch()
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.terminate()  # SIGTERM: finlora stops the Flower processes it started
+        for proc in self.started:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    def left_behind(self) -> list[str]:
+        time.sleep(2)
+        alive = []
+        for p in self.seen.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{p.pid} {_cmdline(p)[:200]}")
+            except psutil.Error:
+                pass
+        return alive
+
+
+@pytest.fixture
+def processes(federation: Path, tmp_path: Path):
+    procs = Processes(federation, tmp_path, free_port())
+    try:
+        yield procs
+    finally:
+        procs.stop()
+    assert not procs.left_behind(), f"processes left behind: {procs.left_behind()}"
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return read_jsonl_records(run_dir / "metrics.jsonl")
+
+
+def _rounds_logged(run_dir: Path) -> list[int]:
+    return [m["round"] for m in _metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []
+
+
+def _node_ids(server_log: str) -> dict[str, int]:
+    return {name: int(node) for name, node in
+            re.findall(r"institution (\S+) (?:already )?registered as SuperNode (\d+)", server_log)}
+
+
+def _audit_ok(run_dir: Path) -> None:
+    audit = run_cli("zk", "audit", str(run_dir))
+    assert audit.returncode == 0 and "FAIL" not in audit.stdout, audit.stdout + audit.stderr
 
 
 def test_keys_are_private_and_split_covers_the_data(federation):
@@ -62,40 +194,115 @@ def test_client_fails_fast_before_connecting(federation, tmp_path, case):
     assert time.monotonic() - start < 30  # it never waited for the (absent) SuperLink
 
 
-def test_tls_federation_with_node_auth_refuses_an_unregistered_node(federation, tmp_path):
-    before = flower_processes()
-    port = free_port()
-    # each message starts a fresh ClientApp process in Flower 1.42 deployments: keep the rounds few
-    (tmp_path / "run.toml").write_text('num-rounds = 1\n"strategy.min-available-nodes" = 2\n'
-                                       '"strategy.fraction-evaluate" = 0.0\n"strategy.round-timeout" = 300.0\n')
-    server = _popen_cli("server", "--state", str(tmp_path / "state"), "--config", str(tmp_path / "run.toml"),
-                        "--certs", str(federation / "certs"), "--nodes", str(federation / "nodes"),
-                        "--host", "127.0.0.1", "--port", str(port), log=tmp_path / "server.log")
-    deadline = time.monotonic() + 120  # institutions join once their keys are registered (as in the README)
-    while "waiting for institutions" not in (tmp_path / "server.log").read_text():
-        assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-        time.sleep(0.5)
-    common = ["--superlink", f"127.0.0.1:{port}", "--ca", str(federation / "certs" / "ca.crt"), "--max-wait-time", "20"]
-    clients = [_popen_cli("client", *common, "--key", str(federation / "nodes" / f"bank-{i}.auth.key"),
-                          "--data", str(federation / "data" / f"bank-{i}.jsonl"), log=tmp_path / f"bank-{i}.log")
-               for i in range(2)]
-    intruder = _popen_cli("client", *common, "--key", str(federation / "outsider" / "intruder.auth.key"),
-                          "--data", str(federation / "data" / "bank-2.jsonl"), log=tmp_path / "intruder.log")
-    try:
-        assert intruder.wait(timeout=120) == 3
-        assert server.wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
-    finally:
-        for p in (server, intruder, *clients):
-            if p.poll() is None:
-                p.terminate()
-        for p in (server, intruder, *clients):
-            p.wait(timeout=60)
-    time.sleep(2)
-    assert not flower_processes() - before, "SuperLink/SuperNode processes were left behind"
-    assert "the SuperLink refused this node" in (tmp_path / "intruder.log").read_text()
+def test_tls_federation_with_node_auth_refuses_an_unregistered_node_and_a_wrong_ca(federation, tmp_path, processes):
+    server = processes.server('num-rounds = 1\n"strategy.round-timeout" = 300.0\n"strategy.min-available-nodes" = 2\n'
+                              '"strategy.fraction-evaluate" = 0.0\n')
+    clients = [processes.client(f"bank-{i}") for i in range(2)]
+    intruder = processes.client("intruder", key=federation / "outsider" / "intruder.auth.key")
+    wrong_ca = processes.client("wrong-ca", "--sign-key", str(federation / "nodes" / "bank-1.key"),
+                                key=federation / "nodes" / "bank-1.auth.key", ca=federation / "other-ca" / "ca.crt")
+    assert processes.wait(intruder, 120) == 3
+    assert processes.wait(wrong_ca, 120) == 3, processes.log("wrong-ca.log")
+    assert processes.wait(server, 400) == 0, processes.tail()
+    assert all(c.poll() is None for c in clients)  # the run went on without the refused ones
+    assert "the SuperLink refused this node" in processes.log("intruder.log")
+    said = [line for line in processes.log("wrong-ca.log").splitlines() if line.startswith("finlora client wrong-ca:")]
+    assert any("TLS" in line and str(federation / "other-ca" / "ca.crt") in line for line in said), said
     run_dir = tmp_path / "state" / "runs" / "federation"
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = _metrics(run_dir)
     assert [m["round"] for m in metrics] == [0, 1] and metrics[1]["num_clients"] == 2
     assert metrics[1]["heldout_loss"] < metrics[0]["heldout_loss"]
-    audit = run_cli("zk", "audit", str(run_dir))
-    assert audit.returncode == 0, audit.stdout
+    _audit_ok(run_dir)
+
+
+def test_a_supernode_killed_in_round_2_leaves_the_others_to_finish(federation, tmp_path, processes):
+    """3 institutions x 3 rounds; bank-2's SuperNode is SIGKILLed as round 2 starts. The SuperLink notices the
+    missing heartbeats (30-60 s) and answers for it with an error reply: rounds 2 and 3 aggregate the other two."""
+    started = time.monotonic()
+    server = processes.server(f'num-rounds = 3\n"strategy.round-timeout" = 240.0\n{FAST_RUN}')
+    clients = [processes.client(f"bank-{i}") for i in range(3)]
+    run_dir = tmp_path / "state" / "runs" / "federation"
+    processes.wait_for(lambda: 1 in _rounds_logged(run_dir), "round 1 saved", 400, server)
+    supernodes = [p for p in psutil.Process(clients[2].pid).children(recursive=True)
+                  if "flower-supernode" in _cmdline(p)]
+    assert len(supernodes) == 1, supernodes
+    supernodes[0].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    assert processes.wait(server, 600) == 0, processes.tail()
+    print(f"killed after {killed - started:.0f}s; run finished {time.monotonic() - killed:.0f}s later")
+    assert processes.wait(clients[2], 60) != 0  # its SuperNode is gone
+    assert all(c.poll() is None for c in clients[:2])
+
+    dead = _node_ids(processes.log("server.log"))["bank-2"]
+    metrics = _metrics(run_dir)
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3]
+    for k in range(4):
+        assert (run_dir / f"round-{k}" / "adapter_model.safetensors").is_file()
+        assert (run_dir / f"round-{k}" / "adapter_config.json").is_file()
+    # Flower samples whoever is connected once min-available-nodes (2) are: all three, unless a SuperNode connected
+    # after that first sampling (then it joins from round 2, and is sampled there all the same)
+    assert metrics[1]["num_clients"] in (2, 3)
+    assert metrics[2]["num_clients"] == 2 and metrics[3]["num_clients"] == 2
+    assert not metrics[2]["kept_previous"] and not metrics[3]["kept_previous"]  # both rounds aggregated two updates
+    assert str(dead) not in metrics[2]["clients"] and str(dead) in metrics[2]["errors"], metrics[2]["errors"]
+    assert f"node {dead} failed" in processes.log("server.log")
+    _audit_ok(run_dir)
+
+
+def test_too_few_institutions_fail_the_run_instead_of_waiting_for_ever(federation, tmp_path, processes):
+    """Flower's node sampling waits for ``strategy.min-available-nodes`` without a deadline; finlora bounds the wait
+    by ``strategy.round-timeout`` and fails the run naming the setting."""
+    server = processes.server(f'num-rounds = 1\n"strategy.round-timeout" = 20.0\n{FAST_RUN}')
+    processes.client("bank-0")  # 1 of the 2 institutions needed
+    assert processes.wait(server, 150) == 1
+    log = processes.log("server.log")
+    assert "only 1 of the 2 institutions needed (strategy.min-available-nodes" in log, log[-3000:]
+    assert "finished:failed" in log
+
+
+def test_server_killed_after_round_1_resumes_at_round_2(federation, tmp_path, processes):
+    """The server machine crashes (finlora server, SuperLink, ServerApp: kill -9) once round 1 is saved; the same
+    command restarts it on the same state directory. The institutions' SuperNodes reconnect by themselves, the run
+    resumes at round 2 from the saved round-1 adapter, and nothing saved before the crash is rewritten."""
+    config = f'num-rounds = 2\n"strategy.round-timeout" = 240.0\n{FAST_RUN}'
+    server = processes.server(config)
+    # a budget above the plan: training done for the lost round 2 was charged to the ledgers before the crash
+    clients = [processes.client(f"bank-{i}", "--dp-epsilon", "16", max_wait=300) for i in range(2)]
+    run_dir = tmp_path / "state" / "runs" / "federation"
+    processes.wait_for(lambda: 1 in _rounds_logged(run_dir), "round 1 saved", 400, server)
+    before = {m["round"]: m for m in _metrics(run_dir)}
+    saved = {p: (p.read_bytes(), p.stat().st_mtime_ns) for k in (0, 1) for p in (run_dir / f"round-{k}").iterdir()}
+    wire_before = read_jsonl_records(run_dir / "wire.jsonl")
+
+    crashed = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    assert any("flower-superlink" in _cmdline(p) for p in crashed)
+    for p in crashed:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(crashed, timeout=30)
+    processes.started.remove(server)
+    server.wait()
+    crash = time.monotonic()
+
+    again = processes.server(config, log="server-again.log")
+    restarted = time.monotonic()
+    assert processes.wait(again, 600) == 0, processes.tail()
+    print(f"restart took {restarted - crash:.0f}s; resumed run finished {time.monotonic() - restarted:.0f}s later")
+    assert all(c.poll() is None for c in clients)  # they reconnected on their own
+
+    log = processes.log("server-again.log")
+    assert "(resuming)" in log and "resuming" in log.split("ready,")[1]
+    assert _node_ids(log) == _node_ids(processes.log("server.log"))  # the same SuperNodes, already registered
+    assert log.count("already registered as SuperNode") == 3
+    assert "left unfinished by an earlier server process, stopped" in log  # its queued messages were dropped
+    after = _metrics(run_dir)
+    assert [m["round"] for m in after] == [0, 1, 2]  # each round once
+    assert after[0] == before[0] and after[1] == before[1]  # nothing recomputed
+    assert after[2]["num_clients"] == 2
+    for path, (content, mtime) in saved.items():
+        assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, path
+    wire = read_jsonl_records(run_dir / "wire.jsonl")
+    assert [w for w in wire if w["round"] <= 1] == wire_before
+    sent_round2 = {w["sha256"]["arrays"] for w in wire
+                   if w["round"] == 2 and w["direction"] == "server->client" and w["message_type"] == "train"}
+    assert sent_round2 == {arrays_digest(read_adapter_dir(run_dir / "round-1"))}
+    _audit_ok(run_dir)
