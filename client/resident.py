@@ -70,19 +70,10 @@ class RemoteTraceback(Exception):
 
 def write_authkey(path: Path) -> bytes:
     """A fresh random key, written atomically with mode 0600 (never readable by anyone else, even briefly)."""
+    from common.io import atomic_write_private
+
     key = secrets.token_hex(AUTHKEY_BYTES).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # mkstemp creates it 0600
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_private(path, key)
     return key
 
 

@@ -97,6 +97,24 @@ def _descendants(pid: int) -> list[Any]:
         return []
 
 
+def _terminate_then_kill(procs: list[Any], grace_s: float) -> None:
+    """SIGTERM every psutil process, wait up to ``grace_s``, SIGKILL the ones still alive."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
 def stop_process_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """Stop a process, its process group and every descendant (Ray's raylet, GCS and workers included)."""
     import psutil
@@ -110,18 +128,7 @@ def stop_process_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         pass
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
+    _terminate_then_kill(procs, grace_s)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -168,16 +175,5 @@ def stop_leftover_process(pid_file: Path, must_contain: tuple[str, ...], grace_s
     if not all(text in cmdline for text in must_contain):
         return False
     procs = [proc, *_descendants(pid)]
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
+    _terminate_then_kill(procs, grace_s)
     return True

@@ -74,16 +74,28 @@ def _check_signatures(header: dict[str, Any], entry: dict[str, Any]) -> tuple[li
     return problems, points
 
 
-def _check_kept_round(run_dir: Path, entry: dict[str, Any], prev_path: Path, prev_sha: str) -> list[str]:
-    """A round that aggregated nothing: no client counted, and the global adapter unchanged."""
-    problems = [] if not entry["clients"] and entry["total_weight"] == 0 else ["a kept round lists clients"]
+def _hash_chain_problems(run_dir: Path, entry: dict[str, Any], prev_path: Path, prev_sha: str) -> list[str] | None:
+    """The previous adapter still has its recorded hash and this round's adapter has its own (``None``: the
+    round's adapter file is missing, so nothing more can be checked)."""
+    problems = []
     if file_sha256(prev_path) != prev_sha:
         problems.append(f"{prev_path.name} of the previous round differs from its ledger hash")
     new_path = run_dir / entry["adapter_file"]
     if not new_path.exists():
-        return [*problems, f"missing {entry['adapter_file']}"]
+        return None
     if file_sha256(new_path) != entry["adapter_sha256"]:
         problems.append(f"{entry['adapter_file']}: sha256 differs from the ledger")
+    return problems
+
+
+def _check_kept_round(run_dir: Path, entry: dict[str, Any], prev_path: Path, prev_sha: str) -> list[str]:
+    """A round that aggregated nothing: no client counted, and the global adapter unchanged."""
+    problems = [] if not entry["clients"] and entry["total_weight"] == 0 else ["a kept round lists clients"]
+    chain = _hash_chain_problems(run_dir, entry, prev_path, prev_sha)
+    if chain is None:
+        return [*problems, f"missing {entry['adapter_file']}"]
+    problems += chain
+    new_path = run_dir / entry["adapter_file"]
     previous, saved = _load_adapter(prev_path), _load_adapter(new_path)
     if set(previous) != set(saved) or any(previous[k].tobytes() != saved[k].tobytes() for k in saved):
         problems.append("round aggregated nothing but its global adapter differs from the previous one")
@@ -115,13 +127,11 @@ def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], p
     bound = float(header["norm_bound"]) * float(1 << header["frac_bits"]) * sum(weights)
     if float(np.linalg.norm(agg.astype(np.float64))) > bound * (1 + 1e-9):  # float: int64 squares may overflow
         problems.append("aggregate exceeds the sum of the clients' norm bounds")
-    if file_sha256(prev_path) != prev_sha:
-        problems.append(f"{prev_path.name} of the previous round differs from its ledger hash")
-    new_path = run_dir / entry["adapter_file"]
-    if not new_path.exists():
+    chain = _hash_chain_problems(run_dir, entry, prev_path, prev_sha)
+    if chain is None:
         return [*problems, f"missing {entry['adapter_file']}"]
-    if file_sha256(new_path) != entry["adapter_sha256"]:
-        problems.append(f"{entry['adapter_file']}: sha256 differs from the ledger")
+    problems += chain
+    new_path = run_dir / entry["adapter_file"]
     expected = apply_aggregate(_load_adapter(prev_path), agg, layout, max(1, entry["total_weight"]),
                                header["frac_bits"])
     saved = _load_adapter(new_path)

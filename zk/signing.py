@@ -7,15 +7,13 @@ in another round or run, or claimed by another node, or reweighted.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.io import atomic_write_text
+from common.io import atomic_write_private, atomic_write_text
 
 STATEMENT_TAG = b"finlora-zk/update-statement/v1"
 PUBLIC_SUFFIX = ".pub.pem"
@@ -69,18 +67,7 @@ def save_private_key(key: Ed25519PrivateKey, path: Path) -> None:
     """PKCS#8 PEM, unencrypted, created with mode 0600 and renamed into place (never readable by others)."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_private(Path(path), pem)
 
 
 def save_public_key(key: Ed25519PublicKey | Ed25519PrivateKey, path: Path) -> None:
