@@ -118,13 +118,14 @@ class LoraRoundMixin:
     max_examples: int
 
     def setup_lora(self, expected_shapes: dict[str, tuple[int, ...]], round_offset: int = 0,
-                   zk: ZkVerifier | None = None, max_update_norm: float = 0.0, max_examples: int = 10**7) -> None:
+                   zk: ZkVerifier | None = None, max_update_norm: float = 0.0, max_examples: int = 10**7,
+                   node_wait_timeout: float = 3600.0) -> None:
         self.expected_shapes = dict(expected_shapes)
         self.round_offset = round_offset
         self.rounds = {}
         self.zk = zk
         self.current_global = {}
-        self.node_wait_timeout = 3600.0  # make_strategy sets strategy.round-timeout
+        self.node_wait_timeout = node_wait_timeout
         self._sent_messages: list[Message] = []
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
@@ -312,8 +313,7 @@ def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...
     elif cfg.name in ("fedadam", "fedyogi"):
         common.update(eta=cfg.server_lr, tau=cfg.server_tau)
     strategy = STRATEGIES[cfg.name](**common)
-    strategy.setup_lora(expected_shapes, round_offset, zk, cfg.max_update_norm, cfg.max_examples)
-    strategy.node_wait_timeout = cfg.round_timeout
+    strategy.setup_lora(expected_shapes, round_offset, zk, cfg.max_update_norm, cfg.max_examples, cfg.round_timeout)
     log(INFO, "finlora strategy %s over %d LoRA tensors", cfg.name, len(expected_shapes))
     return strategy
 
