@@ -46,7 +46,7 @@ def test_misbehaving_institutions_are_excluded_and_a_short_round_keeps_the_adapt
     (tmp_path / "run.toml").write_text(
         'num-rounds = 2\n"strategy.min-available-nodes" = 7\n"strategy.min-train-nodes" = 2\n'
         '"strategy.fraction-evaluate" = 0.0\n"strategy.round-timeout" = 300.0\n"zk.enabled" = false\n'
-        '"dp.enabled" = false\n"eval.every" = 0\n')
+        '"dp.enabled" = false\n"eval.every" = 0\n"train.local-steps" = 8\n')
     port = free_port()
     server = popen_cli("server", "--state", str(tmp_path / "state"), "--config", str(tmp_path / "run.toml"),
                        "--certs", str(tmp_path / "certs"), "--nodes", str(tmp_path / "nodes"), "--app", str(app),
@@ -56,10 +56,12 @@ def test_misbehaving_institutions_are_excluded_and_a_short_round_keeps_the_adapt
         wait_for_line(tmp_path / "server.log", "waiting for institutions", server)
         for name in (*HONEST, *BAD):
             data = tmp_path / f"{name if name in HONEST else HONEST[0]}.jsonl"
+            # the bad ones never train: no resident trainer importing torch for nothing on a 2-core machine
+            light = [] if name in HONEST else ["--no-resident"]
             clients.append(popen_cli("client", "--superlink", f"127.0.0.1:{port}", "--ca",
                                      str(tmp_path / "certs" / "ca.crt"), "--key",
                                      str(tmp_path / "nodes" / f"{name}.auth.key"), "--data", str(data),
-                                     "--max-wait-time", "20", log=tmp_path / f"{name}.log"))
+                                     "--max-wait-time", "20", *light, log=tmp_path / f"{name}.log"))
         assert server.wait(timeout=900) == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
         stop_all(server, *clients)
