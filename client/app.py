@@ -64,8 +64,9 @@ def _train_locally(cfg: FinloraConfig, bundle: ModelBundle, data: LocalData, con
 
 def _update_records(cfg: FinloraConfig, context: Context, local: Arrays, received: Arrays, server_round: int,
                     num_examples: int, seed: int) -> tuple[Any, dict[str, Any], int, dict[str, Any]]:
-    """(array record, extra records, their bytes): the float update clipped to ``strategy.max-update-norm`` and
-    encoded as ``transport.dtype``, or with zk the committed, signed quantized update."""
+    """(array record, extra records, their bytes, update metrics): the float update clipped to
+    ``strategy.max-update-norm`` and encoded as ``transport.dtype``, or with zk the committed, signed quantized
+    update."""
     if not cfg.zk.enabled:
         encoded = encode_update(local, received, cfg.transport.dtype, cfg.strategy.max_update_norm)
         extra = {TRANSPORT_RECORD: ConfigRecord(encoded.record)} if encoded.record else {}
@@ -115,8 +116,9 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
     seed = cfg.train.seed + 1000 * server_round + node_data_key(context.node_config)[1]
     stats, privacy = _train_locally(cfg, bundle, data, context, config, received, lr, seed)
     start = time.perf_counter()
-    record, extra, extra_bytes, update_info = _update_records(cfg, context, select_keys(lora_state(bundle.model), cfg.lora.ffa),
-                                                 received, server_round, len(data.train), seed)
+    local = select_keys(lora_state(bundle.model), cfg.lora.ffa)
+    record, extra, extra_bytes, update_info = _update_records(cfg, context, local, received, server_round,
+                                                              len(data.train), seed)
     serialize_seconds = time.perf_counter() - start
     metrics = MetricRecord({
         "num-examples": len(data.train),
