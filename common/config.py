@@ -3,8 +3,10 @@
 Defaults live in exactly one place: ``[tool.flwr.app.config]`` of ``pyproject.toml``. Flower hands that
 table (merged with ``--run-config`` overrides) to the ServerApp and ClientApp as a flat ``run_config``
 mapping with dotted keys (``lora.r``); the CLI reads the same table and applies its own overrides. This
-module turns such a flat mapping into typed dataclasses, so that a typo or a wrong type fails loudly with
-the key's name instead of surfacing as a strange training result three rounds later.
+module turns such a flat mapping into typed dataclasses, so that a typo, a wrong type, a value outside a key's
+choices (``Literal`` fields) or outside its valid range (``_range`` fields) fails loudly at load with the key's
+name instead of surfacing as a strange training result three rounds later (or as a silently skipped safeguard:
+``dp.level = samples`` used to load and then neither client nor server applied DP).
 """
 
 from __future__ import annotations
@@ -14,14 +16,21 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 """Directory holding ``pyproject.toml`` (the Flower app directory)."""
 
 
 class ConfigError(ValueError):
-    """A configuration key is unknown, missing or has a value of the wrong type."""
+    """A configuration key is unknown, missing, or has a value of the wrong type, choice or range."""
+
+
+def _range(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    """A dataclass field whose value must lie in the given bounds (checked by ``from_flat``)."""
+    bounds = {name: bound for name, bound in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if bound is not None}
+    return dataclasses.field(metadata={"range": bounds})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +49,7 @@ class ModelConfig:
     """
 
     name: str
-    quantization: str
+    quantization: Literal["4", "8", "none"]
     gradient_checkpointing: bool
 
 
@@ -62,12 +71,12 @@ class LoraSettings:
         Seed of the initial adapter (and of the frozen A in FFA mode); all parties must agree on it.
     """
 
-    r: int
-    alpha: int
-    dropout: float
+    r: int = _range(ge=1)
+    alpha: int = _range(ge=1)
+    dropout: float = _range(ge=0, lt=1)
     target_modules: str
     ffa: bool
-    seed: int
+    seed: int = _range(ge=0)
 
     @property
     def target_module_list(self) -> list[str]:
@@ -100,11 +109,11 @@ class DataConfig:
 
     source: str
     dir: str
-    partitioner: str
-    dirichlet_alpha: float
-    heldout_size: int
-    max_length: int
-    seed: int
+    partitioner: Literal["iid", "dirichlet"]
+    dirichlet_alpha: float = _range(gt=0)
+    heldout_size: int = _range(ge=0)
+    max_length: int = _range(ge=2)
+    seed: int = _range(ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,17 +150,17 @@ class TrainConfig:
         Ignored with DP (one example per row).
     """
 
-    local_steps: int
-    local_epochs: int
-    batch_size: int
-    lr: float
-    lr_schedule: str
-    lr_min_ratio: float
-    weight_decay: float
-    max_grad_norm: float
-    seed: int
-    max_tokens_per_step: int
-    max_tokens_per_forward: int
+    local_steps: int = _range(ge=0)
+    local_epochs: int = _range(ge=0)
+    batch_size: int = _range(ge=1)
+    lr: float = _range(gt=0)
+    lr_schedule: Literal["constant", "cosine"]
+    lr_min_ratio: float = _range(ge=0, le=1)
+    weight_decay: float = _range(ge=0)
+    max_grad_norm: float = _range(ge=0)
+    seed: int = _range(ge=0)
+    max_tokens_per_step: int = _range(ge=0)
+    max_tokens_per_forward: int = _range(ge=0)
     packing: bool
 
 
@@ -180,20 +189,25 @@ class StrategyConfig:
     max_examples : int
         Largest plausible ``num-examples`` of one reply: FedAvg weights by it, so an absurd count would let
         one institution outvote the rest.
+    weighting : str
+        FedAvg weight of each accepted update: its example count (``examples``; capped by ``max-examples``,
+        replies above the cap are rejected) or 1 for every institution (``equal``), so that no institution can
+        dominate by claiming data.
     """
 
-    name: str
-    fraction_train: float
-    fraction_evaluate: float
-    min_train_nodes: int
-    min_evaluate_nodes: int
-    min_available_nodes: int
-    proximal_mu: float
-    server_lr: float
-    server_tau: float
-    round_timeout: float
-    max_update_norm: float
-    max_examples: int
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
+    fraction_train: float = _range(gt=0, le=1)
+    fraction_evaluate: float = _range(ge=0, le=1)
+    min_train_nodes: int = _range(ge=1)
+    min_evaluate_nodes: int = _range(ge=1)
+    min_available_nodes: int = _range(ge=1)
+    proximal_mu: float = _range(ge=0)
+    server_lr: float = _range(gt=0)
+    server_tau: float = _range(gt=0)
+    round_timeout: float = _range(gt=0)
+    max_update_norm: float = _range(ge=0)
+    max_examples: int = _range(ge=1)
+    weighting: Literal["examples", "equal"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +222,7 @@ class TransportConfig:
         sends ``zk.bits``-bit integers instead and needs ``float32`` here.
     """
 
-    dtype: str
+    dtype: Literal["float32", "float16", "int8"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,19 +252,16 @@ class DpConfig:
         ``rdp`` or ``prv`` (Opacus accountants; PRV is tighter).
     noise_multiplier : float
         Server-side noise multiplier for ``level = client`` (sigma relative to ``max_grad_norm``).
-    state_dir : str
-        Where a deployed client keeps its privacy ledger; empty means ``$FINLORA_HOME/dp-state``.
     """
 
     enabled: bool
-    level: str
-    epsilon: float
+    level: Literal["sample", "client"]
+    epsilon: float = _range(gt=0)
     client_epsilons: str
-    delta: float
-    max_grad_norm: float
-    accountant: str
-    noise_multiplier: float
-    state_dir: str
+    delta: float = _range(ge=0, lt=1)
+    max_grad_norm: float = _range(gt=0)
+    accountant: Literal["rdp", "prv"]
+    noise_multiplier: float = _range(ge=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,9 +285,9 @@ class ZkConfig:
     """
 
     enabled: bool
-    norm_bound: float
-    frac_bits: int
-    bits: int
+    norm_bound: float = _range(gt=0)
+    frac_bits: int = _range(ge=0, le=30)
+    bits: Literal[8, 16]
     keys_dir: str
 
 
@@ -307,12 +318,12 @@ class EvalConfig:
     """
 
     heldout: bool
-    batch_size: int
-    every: int
+    batch_size: int = _range(ge=1)
+    every: int = _range(ge=0)
     tasks: str
-    max_samples: int
+    max_samples: int = _range(ge=0)
     final: bool
-    mode: str
+    mode: Literal["fast", "finlora"]
     data_dir: str
 
 
@@ -333,7 +344,7 @@ class FinloraConfig:
         Continue ``out_dir/run_id`` from its last completed round instead of starting afresh.
     """
 
-    num_rounds: int
+    num_rounds: int = _range(ge=1)
     run_id: str
     out_dir: str
     resume: bool
@@ -361,8 +372,11 @@ class FinloraConfig:
             if dataclasses.is_dataclass(hint):
                 values[field.name] = _build_section(hint, field.name, flat)
             else:
-                values[field.name] = _coerce(_key(None, field.name), hint, flat)
-        return cls(**values)
+                values[field.name] = _checked(_key(None, field.name), field, hint, flat)
+        cfg = cls(**values)
+        _check_client_epsilons(cfg.dp.client_epsilons)
+        _check_eval_tasks(cfg.eval.tasks)
+        return cfg
 
     def to_flat(self) -> dict[str, Any]:
         """Inverse of :meth:`from_flat` (what Flower's ``--run-config`` takes)."""
@@ -388,16 +402,15 @@ class FinloraConfig:
         if self.zk.enabled and self.dp.enabled and self.dp.level == "client":
             raise ConfigError("zk.enabled cannot be combined with dp.level = client: server-added noise is not in "
                               "the committed aggregate (use dp.level = sample)")
-        if self.transport.dtype not in ("float32", "float16", "int8"):
-            raise ConfigError(f"transport.dtype must be float32, float16 or int8, got '{self.transport.dtype}'")
         if self.transport.dtype != "float32" and self.zk.enabled:
             raise ConfigError(f"transport.dtype = {self.transport.dtype} needs zk.enabled = false: zk updates travel "
                               f"as zk.bits-bit committed integers")
         if self.transport.dtype != "float32" and self.dp.enabled and self.dp.level == "client":
             raise ConfigError(f"transport.dtype = {self.transport.dtype} cannot be combined with dp.level = client: "
                               f"Flower's clipping mod works on float32 weights")
-        if self.zk.bits not in (8, 16):
-            raise ConfigError(f"zk.bits must be 8 or 16, got {self.zk.bits}")
+        if self.train.local_steps < 1 and self.train.local_epochs < 1:
+            raise ConfigError("train.local-steps and train.local-epochs are both 0: a round would train nothing "
+                              "(set train.local-steps >= 1 or train.local-epochs >= 1)")
         return self
 
     def resolved_out_dir(self) -> Path:
@@ -424,14 +437,69 @@ def _all_keys() -> list[str]:
 
 def _build_section(section_cls: type, section: str, flat: Mapping[str, Any]) -> Any:
     hints = typing.get_type_hints(section_cls)
-    return section_cls(**{f.name: _coerce(_key(section, f.name), hints[f.name], flat)
+    return section_cls(**{f.name: _checked(_key(section, f.name), f, hints[f.name], flat)
                           for f in dataclasses.fields(section_cls)})
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _checked(key: str, field: dataclasses.Field, hint: Any, flat: Mapping[str, Any]) -> Any:
+    """The value of ``key`` coerced to ``hint`` and checked against the field's ``_range`` bounds."""
+    value = _coerce(key, hint, flat)
+    bounds = field.metadata.get("range", {})
+    tests = {"ge": lambda b: value >= b, "gt": lambda b: value > b, "le": lambda b: value <= b,
+             "lt": lambda b: value < b}
+    if not all(tests[op](bound) for op, bound in bounds.items()):  # NaN fails every bound
+        wanted = " and ".join(f"{_BOUND_TEXT[op]} {bound:g}" for op, bound in bounds.items())
+        raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {wanted}")
+    return value
+
+
+def _check_client_epsilons(text: str) -> None:
+    for part in text.split(","):
+        if not part.strip():
+            continue  # an empty entry: that partition uses dp.epsilon
+        try:
+            eps = float(part)
+        except ValueError:
+            eps = float("nan")
+        if not eps > 0:
+            raise ConfigError(f"config key 'dp.client-epsilons' = {text!r}: every entry must be a number > 0 or "
+                              f"empty, got {part.strip()!r}")
+
+
+def _check_eval_tasks(text: str) -> None:
+    from eval.tasks import TASKS  # light (no torch); imported here because eval.tasks imports this module
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TASKS] if names != ["all"] else []
+    if unknown:
+        raise ConfigError(f"config key 'eval.tasks' = {text!r}: unknown task(s) {', '.join(map(repr, unknown))}; "
+                          f"must be 'all' or a comma-separated list of {', '.join(TASKS)}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    return hint.__name__
 
 
 def _coerce(key: str, hint: Any, flat: Mapping[str, Any]) -> Any:
     if key not in flat:
-        raise ConfigError(f"config key '{key}' is missing (expected {hint.__name__})")
+        raise ConfigError(f"config key '{key}' is missing (expected {_type_name(hint)})")
     value = flat[key]
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        base = type(allowed[0])
+        try:  # a TOML override such as model.quantization=4 arrives as an int, zk.bits from Flower maybe as a float
+            candidate = _coerce(key, base, {key: value})
+        except ConfigError:
+            candidate = None
+        if candidate in allowed and not isinstance(value, bool):
+            return candidate
+        raise ConfigError(f"config key '{key}' = {value!r} is not allowed: must be one of "
+                          f"{', '.join(repr(a) for a in allowed)}")
     if hint is bool:
         if isinstance(value, bool):
             return value
