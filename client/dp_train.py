@@ -9,11 +9,18 @@
 * The grad-sample hooks are removed after the round, so the cached model is left as it was found.
 * The LM head runs on answer positions only (``client.fast_loss``), as in the non-DP loop; batches stay
   padded, one example per row (no packing), so each per-sample gradient is one example's.
+* The Gaussian noise and the Poisson sample come from **fresh secret randomness** every round
+  (``secrets``/``os.urandom``), never from the round's ``seed``: that seed is ``train.seed + 1000 * round +
+  partition-id``, all known to the server, which could otherwise regenerate the noise and subtract it from the
+  update (the guarantee would be void), or learn which rows were sampled (amplification by subsampling assumes
+  the sample is hidden). Noise uses Opacus's ``secure_mode`` (robust to floating-point attacks). Only a test passes
+  ``noise_seed`` to make a DP round reproducible; the data order and LoRA dropout stay seeded by ``seed``.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -64,40 +71,65 @@ def sample_rate(n_examples: int, cfg: TrainConfig) -> float:
     return min(1.0, cfg.batch_size / n_examples)
 
 
-def poisson_batches(n_examples: int, rate: float, steps: int, seed: int) -> list[list[int]]:
-    """``steps`` Poisson-sampled index batches (each example independently with probability ``rate``)."""
-    rng = np.random.default_rng(seed)
+def poisson_batches(n_examples: int, rate: float, steps: int, seed: int | None = None) -> list[list[int]]:
+    """``steps`` Poisson-sampled index batches (each example independently with probability ``rate``).
+
+    ``seed=None`` (what training uses) draws from 128 bits of fresh OS entropy, so nobody can recompute the sample.
+    """
+    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
     return [np.flatnonzero(rng.random(n_examples) < rate).tolist() for _ in range(steps)]
 
 
+def noise_generator(device: Any, seed: int | None = None) -> Any:
+    """The ``torch.Generator`` of DP-SGD's Gaussian noise on ``device``: seeded from ``os.urandom`` (64 bits)
+    unless a test passes ``seed``. Never the global torch RNG, whose seed the server can know."""
+    import torch
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(64) if seed is None else seed)
+    return generator
+
+
 def make_private(model: Any, params: list[Any], lr: float, cfg: TrainConfig, sigma: float, max_grad_norm: float,
-                 expected_batch_size: int, grad_sample_mode: str = "hooks") -> tuple[Any, Any]:
-    """Opacus grad-sample module over ``model`` and a ``DPOptimizer`` around AdamW on ``params``."""
+                 expected_batch_size: int, grad_sample_mode: str = "hooks", generator: Any = None) -> tuple[Any, Any]:
+    """Opacus grad-sample module over ``model`` and a ``DPOptimizer`` around AdamW on ``params``.
+
+    The noise is drawn from ``generator`` (default: a fresh secret one, :func:`noise_generator`) in Opacus's
+    ``secure_mode`` (each draw a sum of four Gaussians, against floating-point attacks on the noise).
+    """
     import torch
     from opacus.grad_sample.utils import wrap_model
     from opacus.optimizers import DPOptimizer
 
+    if generator is None:
+        generator = noise_generator(params[0].device if params else "cpu")
     gsm = wrap_model(model, grad_sample_mode=grad_sample_mode, loss_reduction="mean")
     optimizer = DPOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay),
                             noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-                            expected_batch_size=expected_batch_size, loss_reduction="mean")
+                            expected_batch_size=expected_batch_size, loss_reduction="mean",
+                            generator=generator, secure_mode=True)
     return gsm, optimizer
 
 
 def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp: DpConfig, ledger: PrivacyLedger,
                    lr: float, pad_id: int, seed: int, proximal_mu: float = 0.0,
-                   global_arrays: Mapping[str, np.ndarray] | None = None) -> TrainStats:
+                   global_arrays: Mapping[str, np.ndarray] | None = None,
+                   noise_seed: int | None = None) -> TrainStats:
     """Train one round with DP-SGD and record its steps in ``ledger`` (the caller has authorized them).
 
     FedProx's proximal term depends on the weights only, not on any example, so its gradient is added
     *after* Opacus has clipped and noised the data gradient: it costs no privacy and is not clipped.
+
+    ``seed`` (known to the server) seeds only LoRA dropout and other non-private randomness. The noise and the
+    Poisson sample come from fresh secret randomness unless ``noise_seed`` is given: tests only, never in
+    production (a known noise seed voids the DP guarantee).
     """
     import torch
 
     from client.fast_loss import supports_answer_only_head
     from client.train import proximal_anchors
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # LoRA dropout only: the noise has its own secret generator (noise_generator)
     device = next(model.parameters()).device
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -106,12 +138,14 @@ def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp
     rate = sample_rate(len(examples), cfg)
     steps = steps_per_round(len(examples), cfg)
     gsm, optimizer = make_private(model, params, lr, cfg, ledger.noise_multiplier, dp.max_grad_norm,
-                                  expected_batch_size=max(1, round(rate * len(examples))))
+                                  expected_batch_size=max(1, round(rate * len(examples))),
+                                  generator=noise_generator(device, noise_seed))
+    sample_seed = None if noise_seed is None else noise_seed + 1
     model.train()
     start = time.perf_counter()
     loss_sum, answer_tokens, tokens, seen = 0.0, 0, 0, 0
     try:
-        for batch_ids in poisson_batches(len(examples), rate, steps, seed):
+        for batch_ids in poisson_batches(len(examples), rate, steps, sample_seed):
             if not batch_ids:
                 continue  # an empty Poisson draw: nothing released, still counted in the ledger (conservative)
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], pad_id).items()}
