@@ -38,7 +38,8 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from multiprocessing.connection import AuthenticationError, Client, Connection, Listener
+from multiprocessing.connection import (AuthenticationError, Client, Connection, Listener, answer_challenge,
+                                        deliver_challenge)
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ AUTHKEY_BYTES = 32
 CONNECT_WAIT_S = 15.0
 """How long the ClientApp keeps trying to reach the trainer (covers a restart by ``finlora client``)."""
 STARTUP_TIMEOUT_S = 60.0
+HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a new connection may take to authenticate before the trainer drops it (one request at a time: a
+peer that connects and then sends nothing must not hold the trainer)."""
 MAX_SOCKET_PATH = 100
 """AF_UNIX paths are limited to 107 bytes on Linux; a longer state directory gets its socket in a temp dir."""
 
@@ -270,6 +274,41 @@ def _remove_stale_socket(socket_path: Path) -> None:
     raise TrainerStartError(f"another resident trainer is already serving at {socket_path}")
 
 
+def _authenticate(conn: Connection, authkey: bytes, timeout_s: float) -> None:
+    """``multiprocessing``'s HMAC challenge in both directions, within ``timeout_s`` seconds.
+
+    Raises whatever a malformed or hostile peer provokes (``AuthenticationError``, ``OSError`` for a bad length
+    prefix or a truncated frame, ``EOFError``, ...); the caller drops the connection. On timeout the socket is shut
+    down, so the blocked read returns end-of-file."""
+    lock, done, expired = threading.Lock(), [False], [False]
+
+    def expire() -> None:
+        with lock:
+            if done[0]:
+                return
+            expired[0] = True
+            try:
+                with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        deliver_challenge(conn, authkey)
+        answer_challenge(conn, authkey)
+    except Exception as exc:  # noqa: BLE001 - re-raised, as a timeout when the timer cut the connection
+        if expired[0]:
+            raise TimeoutError(f"no valid handshake within {timeout_s:g} s") from exc
+        raise
+    finally:
+        with lock:  # after this the timer never touches the descriptor (which the caller may close and reuse)
+            done[0] = True
+        timer.cancel()
+
+
 def _serve_one(conn: Connection, trainer: _Trainer, on_task: Callable[[str, float, dict[str, Any]], None]) -> None:
     try:
         kind, content, context = pickle.loads(conn.recv_bytes())
@@ -301,11 +340,13 @@ def _send(conn: Connection, payload: bytes | tuple[Any, ...], trainer: _Trainer)
 
 def serve(socket_path: Path, authkey_file: Path, *, max_requests: int | None = None,
           on_task: Callable[[str, float, dict[str, Any]], None] | None = None,
-          preload: threading.Thread | None = None) -> None:
+          preload: threading.Thread | None = None, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
     """Serve tasks on ``socket_path`` until killed (or ``max_requests`` connections), one at a time.
 
     The key is read from ``authkey_file`` (created, 0600, if missing); the socket's directory is made 0700.
-    ``preload``: a thread importing the heavy libraries, joined before the first task."""
+    ``preload``: a thread importing the heavy libraries, joined before the first task. A connection that fails
+    authentication in any way (wrong key, garbage, a truncated frame, an absurd length prefix, silence for
+    ``handshake_timeout_s``) is dropped with one log line; the trainer goes on serving."""
     from common.logs import get_logger
 
     log = get_logger(__name__)
@@ -322,19 +363,31 @@ def serve(socket_path: Path, authkey_file: Path, *, max_requests: int | None = N
 
     report = on_task or summary
     served = 0
-    with Listener(str(socket_path), family="AF_UNIX", backlog=16, authkey=authkey) as listener:
+    # No authkey on the Listener: its accept() would run the handshake itself, unbounded in time, and let a
+    # malformed frame's exception (OSError "bad message length", AssertionError, ...) end the trainer.
+    with Listener(str(socket_path), family="AF_UNIX", backlog=16) as listener:
         os.chmod(socket_path, 0o600)
         log.info("resident trainer: pid %d listening on %s", os.getpid(), socket_path)
         while max_requests is None or served < max_requests:
             try:
                 conn = listener.accept()
-            except AuthenticationError:
-                log.warning("resident trainer: refused a connection with a wrong key")
+            except OSError as exc:  # e.g. too many open files: wait, do not spin or die
+                log.warning("resident trainer: accept failed (%s)", exc)
+                time.sleep(0.5)
                 continue
-            except (EOFError, ConnectionError):
-                continue  # a peer that left during the handshake (e.g. a readiness probe)
-            served += 1
             with conn:
+                try:
+                    _authenticate(conn, authkey, handshake_timeout_s)
+                except AuthenticationError:
+                    log.warning("resident trainer: refused a connection with a wrong key")
+                    continue
+                except (EOFError, ConnectionError):
+                    continue  # a peer that left before the handshake (e.g. a readiness probe)
+                except Exception as exc:  # noqa: BLE001 - anything an unauthenticated peer sends is dropped
+                    log.warning("resident trainer: dropped a connection with a malformed handshake (%s: %s)",
+                                type(exc).__name__, exc)
+                    continue
+                served += 1
                 _serve_one(conn, trainer, report)
 
 
@@ -368,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--authkey-file", required=True, help="key file (0600); created if missing")
     parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process exits")
     parser.add_argument("--no-preload", action="store_true", help="do not import torch/transformers before a task")
+    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S,
+                        help="seconds a new connection may take to authenticate (default: %(default)s)")
     args = parser.parse_args(argv)
     import signal
 
@@ -387,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         preload = threading.Thread(target=_preload, name="preload", daemon=True)
         preload.start()
     try:
-        serve(Path(args.socket), Path(args.authkey_file), preload=preload)
+        serve(Path(args.socket), Path(args.authkey_file), preload=preload, handshake_timeout_s=args.handshake_timeout)
     except (TrainerStartError, TrainerUnavailable) as exc:
         print(f"resident trainer: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -53,7 +55,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     content = RecordDict({"arrays": to_array_record(select_keys(initial_adapter(shapes, cfg.lora.seed), cfg.lora.ffa)),
                           "config": ConfigRecord({"server-round": 1, "num-rounds": cfg.num_rounds})})
     node_config = {"data-path": str(data), "institution": "bank-t", "trainer-socket": str(socket_path),
-                   "trainer-authkey-file": str(key_file)}
+                   "trainer-authkey-file": str(key_file),
+                   "dp-required": False}  # this institution allows the no-DP run config above
     try:
         yield {"proc": proc, "socket": socket_path, "key": key_file, "content": content, "cfg": cfg,
                "node_config": node_config, "log": root / "trainer.log"}
@@ -154,6 +157,72 @@ def test_wrong_key_and_absent_trainer_are_refused_clearly(setup, tmp_path):
     with pytest.raises(TrainerUnavailable, match="resident trainer of `finlora client` is not running") as err:
         call_trainer(missing, "train", setup["content"], _context(setup), wait_s=0.5)
     assert str(missing) in str(err.value)
+
+
+def _raw(socket_path: Path, payload: bytes, *, hold: bool = False) -> socket.socket:
+    """Connect without the key, read the trainer's challenge, answer ``payload``; unless ``hold``, wait until the
+    trainer hangs up (so that it really read the payload) and close."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(socket_path))
+    assert b"#CHALLENGE#" in sock.recv(4096)
+    sock.sendall(payload)
+    if not hold:
+        sock.shutdown(socket.SHUT_WR)  # end of input: a truncated frame stays truncated
+        try:
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+        sock.close()
+    return sock
+
+
+MALFORMED_HANDSHAKES = {
+    "garbage": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(64),
+    "truncated frame": struct.pack("!i", 16) + b"abc",
+    "huge length prefix": struct.pack("!i", 0x7FFFFFFF) + b"x" * 32,
+    "huge 64-bit length prefix": struct.pack("!i", -1) + struct.pack("!Q", 2**63 - 1),
+    "negative length": struct.pack("!i", -2) + b"xx",
+    "wrong-length digest": struct.pack("!i", 3) + b"abc",
+}
+
+
+def test_malformed_frames_before_authentication_do_not_end_the_trainer(setup):
+    """Security hardening, finding 10: a malformed frame sent to the socket before authentication used to end the
+    trainer process (multiprocessing's handshake raised OSError('bad message length') out of accept())."""
+    proc = setup["proc"]
+    pid = _wait_answering(setup["socket"], setup["key"], proc)["pid"]
+    for name, payload in MALFORMED_HANDSHAKES.items():
+        _raw(setup["socket"], payload)
+        assert ping(setup["socket"], read_authkey(setup["key"]), wait_s=5)["pid"] == pid, name
+    assert proc.poll() is None
+    dropped = [line for line in setup["log"].read_text().splitlines() if "malformed handshake" in line]
+    assert len(dropped) >= 4, setup["log"].read_text()[-3000:]  # one line per dropped connection
+
+
+def test_a_silent_connection_is_dropped_after_the_handshake_timeout(tmp_path):
+    """A peer that connects and never authenticates must not hold the one-request-at-a-time trainer."""
+    socket_path, key_file = tmp_path / "s" / "trainer.sock", tmp_path / "authkey"
+    log = tmp_path / "trainer.log"
+    proc = subprocess.Popen([sys.executable, "-m", "client.resident", "--socket", str(socket_path),
+                             "--authkey-file", str(key_file), "--no-preload", "--handshake-timeout", "1"],
+                            cwd=REPO, env=dict(os.environ), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        pid = _wait_answering(socket_path, key_file, proc)["pid"]
+        silent = _raw(socket_path, struct.pack("!i", 16) + b"abc", hold=True)  # a truncated frame, then silence
+        try:
+            start = time.monotonic()
+            assert ping(socket_path, read_authkey(key_file), wait_s=5)["pid"] == pid
+            assert time.monotonic() - start < 5
+        finally:
+            silent.close()
+        assert proc.poll() is None
+        assert "no valid handshake within 1 s" in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_terminate_leaves_no_process_and_no_socket(setup):
