@@ -44,8 +44,7 @@ def run_federation(root: Path, data: list[Path], rounds: int, resident: bool, ev
     root.mkdir(parents=True, exist_ok=True)
     settings = {"num-rounds": rounds, "strategy.min-available-nodes": len(data),
                 "strategy.fraction-evaluate": 1.0 if evaluate else 0.0, "strategy.round-timeout": 900.0,
-                "zk.enabled": False, "eval.heldout": False, "eval.every": 0,
-                "dp.state-dir": str(root / "dp-state")}  # a fresh privacy ledger per run (it is never reset)
+                "zk.enabled": False, "eval.heldout": False, "eval.every": 0}
     (root / "run.toml").write_text("".join(f'"{k}" = {json.dumps(v)}\n' for k, v in settings.items()))
     port = free_port()
     start = time.monotonic()
@@ -60,6 +59,7 @@ def run_federation(root: Path, data: list[Path], rounds: int, resident: bool, ev
         for i, path in enumerate(data):
             clients.append(cli("client", "--insecure", "--superlink", f"127.0.0.1:{port}", "--data", str(path),
                                "--name", f"bank-{i}", "--state", str(root / f"bank-{i}"),
+                               "--dp-ledger-dir", str(root / "dp-state"),  # a fresh ledger per run (never reset)
                                *([] if resident else ["--no-resident"]), log=root / f"bank-{i}.log"))
         code = server.wait(timeout=timeout)
         wall = time.monotonic() - start

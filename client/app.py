@@ -10,7 +10,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dp_setup import ledger_store, open_ledger
+from client.dp_setup import enforce_policy, ledger_store, open_ledger
 from client.dp_train import dp_train_round, sample_rate, steps_per_round
 from client.local_data import LocalData, local_data, node_data_key
 from client.mods import client_level_clipping_mod
@@ -110,6 +110,7 @@ def _run_task(kind: str, content: RecordDict, context: Context) -> RecordDict:
 def train_content(content: RecordDict, context: Context) -> RecordDict:
     """One round of local training; replies with the adapter's trainable tensors and training metrics."""
     cfg, bundle, data, received, load_seconds = _prepare(content, context)
+    enforce_policy(cfg.dp, context.node_config, len(data.train))  # before any training or ledger access
     config = content["config"]
     server_round = int(config["server-round"])
     lr = round_learning_rate(cfg.train, server_round, cfg.num_rounds)

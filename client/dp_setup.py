@@ -1,4 +1,12 @@
-"""Which privacy ledger and budget an institution uses, from the run config and its node config."""
+"""Which privacy ledger and budget an institution uses, and the institution's own DP policy.
+
+The server is not trusted with an institution's privacy: a deployed institution (``data-path`` in its node config)
+keeps its policy in its node config, which only it controls (``finlora client`` writes it): DP required
+(``dp-required``, on unless ``--allow-no-dp``), its largest epsilon (``dp-epsilon``), delta (``dp-delta``) and
+clipping norm (``dp-max-grad-norm``), and where its ledger lives (``dp-state-dir``). The run config may ask for
+*more* privacy, never less: a run config that asks for less is refused before any training, naming the key, and the
+ledger is left untouched.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +16,75 @@ from pathlib import Path
 from typing import Any
 
 from client.privacy import ContextLedgerStore, FileLedgerStore, PrivacyConfigError, PrivacyLedger
-from common.config import DpConfig
+from common.config import DpConfig, pyproject_defaults
 from common.tiny import cache_root
+
+
+class PrivacyPolicyViolation(RuntimeError):
+    """The run config asks for less privacy than the institution's own policy allows; the institution refuses.
+
+    Like :class:`~client.privacy.PrivacyBudgetExhausted`, the message starts with the class name because Flower's
+    simulation engine forwards only the message text, and the server logs it per node.
+    """
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}: {super().__str__()}"
+
+
+def is_deployed(node_config: Mapping[str, Any]) -> bool:
+    """A deployed institution names its private data file in its node config; a simulated one has a partition id."""
+    return bool(str(node_config.get("data-path", "") or ""))
+
+
+def _node_float(node_config: Mapping[str, Any], key: str) -> float | None:
+    if key not in node_config or node_config[key] in ("", None):
+        return None
+    try:
+        value = float(node_config[key])
+    except (TypeError, ValueError) as exc:
+        raise PrivacyConfigError(f"node config {key} = {node_config[key]!r}: expected a number") from exc
+    if not value > 0:
+        raise PrivacyConfigError(f"node config {key} = {value!r}: expected a positive number")
+    return value
+
+
+def _node_bool(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = node_config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise PrivacyConfigError(f"node config {key} = {value!r}: expected true or false")
+
+
+def enforce_policy(dp: DpConfig, node_config: Mapping[str, Any], n_examples: int) -> None:
+    """Refuse (raise :class:`PrivacyPolicyViolation`) a run config that asks a deployed institution for less privacy
+    than its node config allows. Simulated institutions follow the run config (one user plays every party)."""
+    if not is_deployed(node_config):
+        return
+    required = _node_bool(node_config, "dp-required", True)
+    if required and not dp.enabled:
+        raise PrivacyPolicyViolation("run config dp.enabled = false, but this institution requires DP-SGD on its "
+                                     "data (node config dp-required; start the client with --allow-no-dp to allow)")
+    if not dp.enabled:
+        return
+    if required and dp.level != "sample":
+        raise PrivacyPolicyViolation(f"run config dp.level = {dp.level}: server-added noise protects nothing from "
+                                     f"the server; this institution requires dp.level = sample (node config "
+                                     f"dp-required)")
+    max_epsilon = _node_float(node_config, "dp-epsilon") or float(pyproject_defaults()["dp.epsilon"])
+    if dp.epsilon > max_epsilon * (1 + 1e-9):
+        raise PrivacyPolicyViolation(f"run config dp.epsilon = {dp.epsilon:g} exceeds this institution's maximum "
+                                     f"{max_epsilon:g} (node config dp-epsilon)")
+    max_delta = _node_float(node_config, "dp-delta")
+    delta = dp.delta if dp.delta > 0 else 1.0 / (10 * n_examples)
+    if max_delta is not None and delta > max_delta * (1 + 1e-9):
+        raise PrivacyPolicyViolation(f"run config dp.delta = {delta:.3g} exceeds this institution's maximum "
+                                     f"{max_delta:.3g} (node config dp-delta)")
+    max_clip = _node_float(node_config, "dp-max-grad-norm")
+    if max_clip is not None and dp.max_grad_norm > max_clip * (1 + 1e-9):
+        raise PrivacyPolicyViolation(f"run config dp.max-grad-norm = {dp.max_grad_norm:g} exceeds this "
+                                     f"institution's maximum {max_clip:g} (node config dp-max-grad-norm)")
 
 
 def own_budget(dp: DpConfig, node_config: Mapping[str, Any]) -> float:
@@ -17,6 +92,8 @@ def own_budget(dp: DpConfig, node_config: Mapping[str, Any]) -> float:
     ``dp.client-epsilons`` (simulation, by partition id), else the federation's ``dp.epsilon``."""
     if "dp-epsilon" in node_config:
         return float(node_config["dp-epsilon"])
+    if is_deployed(node_config):
+        return min(dp.epsilon, float(pyproject_defaults()["dp.epsilon"]))
     if dp.client_epsilons.strip():
         values = [v.strip() for v in dp.client_epsilons.split(",")]
         pid = int(node_config.get("partition-id", 0))
@@ -30,12 +107,13 @@ def own_budget(dp: DpConfig, node_config: Mapping[str, Any]) -> float:
 
 
 def ledger_store(dp: DpConfig, node_config: Mapping[str, Any], state: Any) -> FileLedgerStore | ContextLedgerStore:
-    """A deployed institution (``data-path`` in its node config) keeps its ledger in a file beside its data's
-    identity, so a restart or a new run cannot reset the spend; a simulated one uses ``context.state``."""
-    data_path = str(node_config.get("data-path", "") or "")
-    if data_path:
-        state_dir = Path(dp.state_dir or os.environ.get("FINLORA_DP_STATE", "") or cache_root() / "dp-state")
-        return FileLedgerStore(state_dir, data_path)
+    """A deployed institution keeps its ledger in a file keyed by its data file, in the directory its own node
+    config names (``dp-state-dir``), else ``$FINLORA_DP_STATE`` or ``$FINLORA_HOME/dp-state``: never where the run
+    config says, so a server cannot point it at a fresh, unspent ledger. A simulated one uses ``context.state``."""
+    if is_deployed(node_config):
+        state_dir = Path(str(node_config.get("dp-state-dir", "") or "") or os.environ.get("FINLORA_DP_STATE", "")
+                         or cache_root() / "dp-state")
+        return FileLedgerStore(state_dir, str(node_config["data-path"]))
     return ContextLedgerStore(state)
 
 

@@ -153,8 +153,7 @@ def main(grid: Grid, context: Context) -> None:
                                f"'rejected' and 'errors' in {run_dir.metrics_path})")
 
 
-RESUMABLE_CHANGES = ("num-rounds", "resume", "out-dir", "eval.", "strategy.round-timeout", "data.dir", "zk.keys-dir",
-                     "dp.state-dir")
+RESUMABLE_CHANGES = ("num-rounds", "resume", "out-dir", "eval.", "strategy.round-timeout", "data.dir", "zk.keys-dir")
 """Settings a resumed run may change without changing what it trains (prefixes of flat keys)."""
 
 

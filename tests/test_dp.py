@@ -114,8 +114,8 @@ def test_calibrated_sigma_reaches_target_epsilon(accountant):
 def test_ledger_survives_restart_and_refuses_beyond_budget(tmp_path):
     data = tmp_path / "bank-a.jsonl"
     data.write_text("")
-    dp = load_config({"dp.enabled": True, "dp.state-dir": str(tmp_path / "state")}).dp
-    node = {"data-path": str(data)}
+    dp = load_config({"dp.enabled": True}).dp
+    node = {"data-path": str(data), "dp-state-dir": str(tmp_path / "state")}
     store = ledger_store(dp, node, state=None)
     assert isinstance(store, FileLedgerStore)
     ledger = open_ledger(dp, node, store, n_examples=170)

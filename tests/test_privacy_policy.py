@@ -1,0 +1,75 @@
+"""An institution, not the server, owns its privacy: a run config that asks a deployed institution for less privacy
+than its node config allows is refused by the ClientApp before any training, and its ledger is left as it was
+(security finding 2: the server used to be able to switch DP off or move the ledger to a fresh one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from client.app import train_content
+from client.dp_setup import PrivacyPolicyViolation, ledger_store
+from common.adapter import initial_adapter, select_keys, to_array_record
+from common.config import ConfigError, load_config
+from common.model import lora_shapes
+from common.sample_data import sentiment_rows
+
+
+@pytest.fixture()
+def institution(tmp_path: Path) -> dict:
+    data = tmp_path / "bank.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n=40, seed=3)))
+    ledger_dir = tmp_path / "ledger"
+    ledger_dir.mkdir()
+    return {"data": data, "ledger_dir": ledger_dir,
+            "node_config": {"data-path": str(data), "institution": "bank-p", "dp-state-dir": str(ledger_dir),
+                            "dp-epsilon": 8.0, "dp-max-grad-norm": 1.0}}
+
+
+def _round(node_config: dict, **run: object) -> RecordDict:
+    """Round 1 of a run with the server's ``run`` config, handled by the real ClientApp task function."""
+    cfg = load_config({"zk.enabled": False, "train.local-steps": 1, **run})
+    shapes = lora_shapes(cfg.model, cfg.lora)
+    content = RecordDict({"arrays": to_array_record(select_keys(initial_adapter(shapes, cfg.lora.seed), cfg.lora.ffa)),
+                          "config": ConfigRecord({"server-round": 1, "num-rounds": cfg.num_rounds})})
+    context = Context(run_id=5, node_id=9, node_config=node_config, state=RecordDict(), run_config=cfg.to_flat())
+    return train_content(content, context)
+
+
+@pytest.mark.parametrize("run, key", [
+    ({"dp.enabled": False}, "dp.enabled"),
+    ({"dp.enabled": True, "dp.level": "client"}, "dp.level"),
+    ({"dp.enabled": True, "dp.epsilon": 50.0}, "dp.epsilon"),
+    ({"dp.enabled": True, "dp.max-grad-norm": 10.0}, "dp.max-grad-norm"),
+])
+def test_a_server_asking_for_less_privacy_is_refused(institution: dict, run: dict, key: str) -> None:
+    with pytest.raises(PrivacyPolicyViolation, match=key.replace(".", r"\.")):
+        _round(institution["node_config"], **run)
+    assert not list(institution["ledger_dir"].iterdir())  # nothing trained, nothing recorded
+
+
+def test_a_stricter_delta_policy_refuses_a_looser_run_delta(institution: dict) -> None:
+    with pytest.raises(PrivacyPolicyViolation, match=r"dp\.delta"):
+        _round({**institution["node_config"], "dp-delta": 1e-6}, **{"dp.enabled": True, "dp.delta": 1e-3})
+
+
+def test_the_server_cannot_move_the_ledger(institution: dict) -> None:
+    """``dp.state-dir`` is no longer a run-config key: a server that sends it is refused at config load."""
+    with pytest.raises(ConfigError, match="dp.state-dir"):
+        load_config({"dp.state-dir": "/tmp/fresh-ledger"})
+
+
+def test_more_privacy_is_accepted_and_spent_in_the_institutions_own_ledger(institution: dict) -> None:
+    reply = _round(institution["node_config"], **{"dp.enabled": True, "dp.epsilon": 4.0})
+    metrics = reply["metrics"]
+    assert 0 < metrics["dp-epsilon"] <= 8.0 and metrics["dp-target-epsilon"] == 8.0
+    store = ledger_store(load_config().dp, institution["node_config"], state=None)
+    assert store.path.parent == institution["ledger_dir"] and store.load().steps == 1
+
+
+def test_an_institution_that_allows_no_dp_trains_without_it(institution: dict) -> None:
+    reply = _round({**institution["node_config"], "dp-required": False}, **{"dp.enabled": False})
+    assert "dp-epsilon" not in reply["metrics"]
