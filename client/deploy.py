@@ -5,6 +5,16 @@ wrong: the data file (every line), the SuperNode-auth key, the CA certificate an
 ``flower-supernode`` runs in the foreground with the node config (``data-path``, ``institution``, ``zk-key``)
 until the SuperLink ends the federation or the process is interrupted; its descendants are stopped with it.
 
+**App pinning**: the SuperNode runs only the app bundle (FAB) whose SHA-256 the institution pinned with
+``--app-hash`` (``auto``, the default: the FAB Flower builds from this finlora installation, which is what an
+operator running the same finlora submits; a hex digest the operator published; ``any``: unpinned, with a
+warning). ``flower-superexec`` finds ``flwr-clientapp`` on PATH, so the SuperNode's PATH starts with a private 0700
+folder (``STATE/pinned-bin``) whose ``flwr-clientapp`` runs ``client/pinned_clientapp.py``: it refuses a FAB of
+another hash before installing or importing anything of it, and the server receives an error reply for the node.
+
+The institution's own privacy policy travels in the node config (``dp-required``, ``dp-epsilon``, ``dp-delta``,
+``dp-max-grad-norm``, ``dp-state-dir``); the ClientApp enforces it.
+
 Unless ``--no-resident``, a resident trainer (``client/resident.py``) is started first and named in the node config
 (``trainer-socket``): it keeps the base model and the tokenized data loaded across messages, which Flower's
 one-process-per-message ClientApp cannot. It is restarted if it dies while the SuperNode runs, and stopped with it.
@@ -12,6 +22,9 @@ one-process-per-message ClientApp cannot. It is restarted if it dies while the S
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -20,9 +33,9 @@ from pathlib import Path
 
 from client.resident import ResidentTrainer, TrainerStartError
 from common.certs import check_ca_certificate, check_node_auth_key
-from common.config import ConfigError
+from common.config import PROJECT_ROOT, ConfigError
 from common.data import read_jsonl
-from common.flower_processes import flower_bin, flower_env, free_port, stop_process_tree, toml_value
+from common.flower_processes import app_fab_hash, flower_bin, flower_env, free_port, stop_process_tree, toml_value
 
 
 REFUSED_MARK = "[code: 2004]"
@@ -31,6 +44,10 @@ TLS_FAILED_MARKS = ("SSL/TLS handshake error detected", "CERTIFICATE_VERIFY_FAIL
 """What ``flower-supernode`` prints when the server's certificate does not verify against ``--root-certificates``
 (Flower 1.42: ``ERROR: SSL/TLS handshake error detected.``, then ``[SSL: CERTIFICATE_VERIFY_FAILED] certificate
 verify failed: ...``, then it exits with code 1)."""
+PIN_ENV = "FINLORA_PINNED_APP_HASH"
+"""The pinned FAB hash, read by ``client/pinned_clientapp.py`` in every ``flwr-clientapp`` process."""
+PINNED_BIN = "pinned-bin"
+"""Under the client's state directory (0700): the ``flwr-clientapp`` that checks the app's hash first."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,40 @@ class ClientOptions:
     dp_epsilon: float | None
     max_wait_time: float | None = None
     resident: bool = True
+    app_hash: str = "auto"
+    """``auto`` (this installation's FAB), a SHA-256 hex digest, or ``any`` (unpinned)."""
+    dp_delta: float | None = None
+    dp_max_grad_norm: float | None = None
+    dp_ledger_dir: Path | None = None
+    allow_no_dp: bool = False
+
+
+def resolve_app_pin(app_hash: str) -> str | None:
+    """The SHA-256 the institution pins (None for ``any``); ``auto`` builds this installation's FAB."""
+    value = app_hash.strip().lower()
+    if value == "any":
+        return None
+    if value == "auto":
+        return app_fab_hash(PROJECT_ROOT)
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ConfigError(f"--app-hash {app_hash!r}: expected 'auto', 'any' or the 64-hex-digit SHA-256 of the app "
+                          f"(FAB) the server prints as 'app hash ...'")
+    return value
+
+
+def write_pinned_clientapp(state: Path) -> Path:
+    """``STATE/pinned-bin/flwr-clientapp`` (0700 folder), running ``client/pinned_clientapp.py`` with this Python."""
+    folder = state / PINNED_BIN
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    script = Path(__file__).resolve().parent / "pinned_clientapp.py"
+    shim = folder / "flwr-clientapp"
+    tmp = folder / ".flwr-clientapp.tmp"
+    tmp.write_text("#!/bin/sh\n# finlora app pinning: flower-superexec starts this instead of Flower's flwr-clientapp\n"
+                   f"exec {shlex.quote(sys.executable)} {shlex.quote(str(script))} \"$@\"\n")
+    tmp.chmod(0o700)
+    tmp.replace(shim)
+    return folder
 
 
 def preflight(opts: ClientOptions) -> dict[str, object]:
@@ -65,19 +116,35 @@ def preflight(opts: ClientOptions) -> dict[str, object]:
         if not sign_key.is_file():
             raise ConfigError(f"{sign_key}: zk signing key of '{opts.name}' not found ('finlora certs node' makes it)")
         node_config["zk-key"] = str(sign_key.resolve())
-    if opts.dp_epsilon is not None:
-        node_config["dp-epsilon"] = float(opts.dp_epsilon)
+    # the institution's own privacy policy (enforced by the ClientApp)
+    node_config["dp-required"] = not opts.allow_no_dp
+    for key, value in (("dp-epsilon", opts.dp_epsilon), ("dp-delta", opts.dp_delta),
+                       ("dp-max-grad-norm", opts.dp_max_grad_norm)):
+        if value is not None:
+            node_config[key] = float(value)
+    if opts.dp_ledger_dir is not None:
+        node_config["dp-state-dir"] = str(opts.dp_ledger_dir.resolve())
     print(f"finlora client {opts.name}: {len(rows)} rows in {opts.data}; connecting to {opts.superlink}", flush=True)
     return node_config
 
 
 def run_client(opts: ClientOptions) -> int:
     node_config = preflight(opts)
+    pin = resolve_app_pin(opts.app_hash)
     state = opts.state.resolve()
     env = flower_env(state / "flwr-home", free_port())
     if opts.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(opts.gpu)
     state.mkdir(parents=True, exist_ok=True)
+    if pin is None:
+        env.pop(PIN_ENV, None)
+        print(f"finlora client {opts.name}: WARNING: --app-hash any: this institution runs ANY app the server sends, "
+              f"with access to its data and keys", flush=True)
+    else:
+        env["PATH"] = os.pathsep.join([str(write_pinned_clientapp(state)), env["PATH"]])
+        env[PIN_ENV] = pin
+        print(f"finlora client {opts.name}: runs only the app with hash {pin}"
+              f"{' (auto: this finlora installation)' if opts.app_hash.strip().lower() == 'auto' else ''}", flush=True)
     trainer: ResidentTrainer | None = None
     proc: subprocess.Popen | None = None
     reader: threading.Thread | None = None

@@ -2,7 +2,8 @@
 
 Shared by ``finlora simulate``, ``finlora server`` and ``finlora client``: free loopback ports, the environment
 every Flower process gets (private ``FLWR_HOME``, telemetry, update checks and runtime dependency installation
-off), health waiting, the run's final status (``flwr run`` exits 0 on a failed run), and stopping a process
+off), health waiting (the SuperLink, and the Fleet gateway in front of it), the hash of the app bundle (FAB) that
+``flwr run`` submits, the run's final status (``flwr run`` exits 0 on a failed run), and stopping a process
 with every descendant (Ray's raylet and workers, Flower's superexec) whatever happened.
 """
 
@@ -62,6 +63,20 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
+def app_fab_hash(app_dir: Path) -> str:
+    """SHA-256 of the FAB that ``flwr run APP_DIR`` submits, built with Flower's own builder.
+
+    Flower's FAB builds are deterministic (``flwr/cli/build.py`` writes every entry with the fixed ``FAB_DATE``,
+    in a fixed order), so the operator's submitted FAB and an institution's build of the same finlora files have
+    the same hash; ``finlora client --app-hash auto`` pins it.
+    """
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+
+
 def flower_bin(name: str) -> str:
     """A Flower executable from the same environment as this Python (works inside un-activated venvs)."""
     candidate = Path(sys.executable).parent / name
@@ -86,6 +101,50 @@ def wait_superlink_healthy(port: int, proc: subprocess.Popen, log_path: Path, ca
         except OSError:
             time.sleep(0.2)
     raise FlowerProcessError(f"flower-superlink did not become healthy within {STARTUP_TIMEOUT_S:.0f}s; see {log_path}")
+
+
+def wait_gateway_ready(host: str, port: int, proc: subprocess.Popen, log_path: Path,
+                       ca_cert: Path | None = None) -> None:
+    """Wait until the Fleet gateway on ``host:port`` answers a Fleet call with the SuperLink's own answer.
+
+    A POST to ``/v1/fleet/get-run`` without node credentials must cross the gateway (TLS verified against the
+    federation's ``ca_cert``; the host name is not checked, the certificate names the public address) and be
+    refused by the SuperLink itself (401 with node auth on): any answer other than the gateway's own 404 or its
+    503 (SuperLink unreachable) proves the whole path.
+    """
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    target = "127.0.0.1" if host in ("0.0.0.0", "", "::", "[::]") else host
+    target = f"[{target}]" if ":" in target and not target.startswith("[") else target
+    context = None
+    if ca_cert is not None:
+        context = ssl.create_default_context(cafile=str(ca_cert))
+        context.check_hostname = False  # the chain is verified; the certificate names the public host, not this one
+    scheme = "https" if ca_cert else "http"
+    request = urllib.request.Request(f"{scheme}://{target}:{port}/v1/fleet/get-run", data=b"", method="POST",
+                                     headers={"content-type": "application/protobuf"})
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FlowerProcessError(f"the Fleet gateway exited with code {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(request, timeout=2, context=context) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except OSError as exc:
+            last = str(exc)
+            time.sleep(0.2)
+            continue
+        if status not in (404, 502, 503, 504):
+            return
+        last = f"HTTP {status}"
+        time.sleep(0.2)
+    raise FlowerProcessError(f"the Fleet gateway on {host}:{port} did not reach the SuperLink within "
+                             f"{STARTUP_TIMEOUT_S:.0f}s ({last}); see {log_path}")
 
 
 def _descendants(pid: int) -> list[Any]:

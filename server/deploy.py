@@ -1,8 +1,14 @@
 """``finlora server``: the operator's side of a real federation, on Flower's own SuperLink.
 
 Starts ``flower-superlink`` (TLS and SuperNode authentication on unless ``--insecure``; runtime dependency
-installation off), registers the institutions' SuperNode public keys, submits the finlora app with the run
-config, streams Flower's log, and stops the SuperLink at the end. Everything lives under the state directory;
+installation off) **on 127.0.0.1 only**, on an internal port, and in front of it the Fleet gateway
+(``server/fleet_gateway.py``) on ``--host:--port``: the address the institutions dial passes nothing but the Fleet
+API, so the SuperLink's unauthenticated Control API (register nodes, list / stop / start runs) stays with the
+operator's ``flwr`` CLI on loopback (``STATE/flwr-home``). The SuperLink's loopback TLS uses a CA made for it under
+``STATE/loopback-tls``; the gateway presents the federation's ``server.pem``. Then it registers the institutions'
+SuperNode public keys, prints the hash of the app bundle (FAB) it submits (institutions pin it with
+``finlora client --app-hash``), submits the finlora app with the run config, streams Flower's log, and stops the
+gateway and the SuperLink at the end. Everything lives under the state directory;
 restarted with the same state directory, the run resumes from its last completed round. Exit code 0 only
 when Flower reports the run completed (``flwr run`` itself exits 0 on a failed run).
 
@@ -19,14 +25,16 @@ import hashlib
 import json
 import re
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.config import PROJECT_ROOT, ConfigError, flatten_table, load_config
-from common.flower_processes import (flower_bin, flower_env, last_run_status, list_runs, stop_leftover_process,
-                                     stop_process_tree, toml_value, wait_superlink_healthy)
+from common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, last_run_status, list_runs,
+                                     stop_leftover_process, stop_process_tree, toml_value, wait_gateway_ready,
+                                     wait_superlink_healthy)
 from common.io import atomic_write_text
 
 CONNECTION = "finlora-server"
@@ -34,7 +42,16 @@ REGISTRY_FILE = "institutions.json"
 """Under the state directory: institution name -> SuperNode id and key digest, as registered with the SuperLink."""
 PID_FILE = "superlink.pid"
 """Under the state directory: the running SuperLink's process id (found and stopped after a crash)."""
+GATEWAY_PID_FILE = "fleet-gateway.pid"
+"""Under the state directory: the running Fleet gateway's process id (found and stopped after a crash)."""
+GATEWAY_LOG = "fleet-gateway.log"
+"""Under the state directory: the gateway's log (one line per refused request: method, path, peer)."""
+LOOPBACK_TLS = "loopback-tls"
+"""Under the state directory (0700): a CA and certificate for 127.0.0.1 made at every start, for the SuperLink's TLS
+(its Control and Runtime APIs, which only the operator's ``flwr`` CLI and Flower's own ServerApp reach)."""
 ALREADY_REGISTERED = "Public key already in use"
+NONCE_FILE = "zk-run-nonce"
+"""Under the state directory: the deployment's random nonce, part of the run id every zk signature is over."""
 
 
 @dataclass(frozen=True)
@@ -77,52 +94,112 @@ def run_server(opts: ServerOptions) -> int:
         if opts.nodes is None:
             raise ConfigError("zk is on: --nodes DIR must hold the institutions' <name>.pub.pem signing keys")
         overrides["zk.keys-dir"] = str(opts.nodes.resolve())
+    if not overrides.get("zk.run-nonce"):
+        overrides["zk.run-nonce"] = deployment_nonce(state)
     cfg = load_config(overrides)
-    env = flower_env(state / "flwr-home", opts.port)
-    ca = None if opts.insecure else (opts.certs / "ca.crt").resolve()
-    cmd = [flower_bin("flower-superlink"), "--host", opts.host, "--port", str(opts.port),
+    internal_port = free_port()  # the SuperLink's, on 127.0.0.1 only
+    env = flower_env(state / "flwr-home", internal_port)
+    fed_ca = None if opts.insecure else (opts.certs / "ca.crt").resolve()
+    cmd = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(internal_port),
            "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation",
            "--log-file", str(state / "superlink.log")]
+    gateway_log = state / GATEWAY_LOG
+    gateway_cmd = [sys.executable, "-m", "server.fleet_gateway", "--listen", f"{opts.host}:{opts.port}",
+                   "--upstream", f"127.0.0.1:{internal_port}", "--log-file", str(gateway_log)]
+    loopback_ca = None
     if opts.insecure:
         cmd.append("--insecure")
+        gateway_cmd.append("--insecure")
     else:
         for name in ("ca.crt", "server.pem", "server.key"):
             if not (opts.certs / name).is_file():
                 raise ConfigError(f"{opts.certs / name} not found: make it with 'finlora certs init --out {opts.certs}'")
-        cmd += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str((opts.certs / "server.pem").resolve()),
-                "--ssl-keyfile", str((opts.certs / "server.key").resolve()), "--enable-supernode-auth"]
-    connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{opts.port}"\n'
-    connection += "insecure = true\n" if opts.insecure else f'root-certificates = "{ca}"\n'
+        loopback = _loopback_certificates(state / LOOPBACK_TLS)
+        loopback_ca = loopback.ca_cert
+        cmd += ["--ssl-ca-certfile", str(loopback.ca_cert), "--ssl-certfile", str(loopback.server_cert),
+                "--ssl-keyfile", str(loopback.server_key), "--enable-supernode-auth"]
+        gateway_cmd += ["--certfile", str((opts.certs / "server.pem").resolve()),
+                        "--keyfile", str((opts.certs / "server.key").resolve()), "--upstream-ca", str(loopback.ca_cert)]
+    connection = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                  f'address = "127.0.0.1:{internal_port}"\n')
+    connection += "insecure = true\n" if opts.insecure else f'root-certificates = "{loopback_ca}"\n'
     (state / "flwr-home").mkdir(parents=True, exist_ok=True)
     (state / "flwr-home" / "config.toml").write_text(connection)
-    print(f"finlora server: SuperLink on {opts.host}:{opts.port} ({'INSECURE' if opts.insecure else 'TLS + node auth'})"
-          f", run {opts.run_id}{' (resuming)' if resume else ''}, {cfg.num_rounds} rounds, state {state}", flush=True)
-    pid_file = state / PID_FILE
+    print(f"finlora server: Fleet gateway on {opts.host}:{opts.port} "
+          f"({'INSECURE' if opts.insecure else 'TLS + node auth'}; log {gateway_log}), SuperLink on "
+          f"127.0.0.1:{internal_port}, run {opts.run_id}{' (resuming)' if resume else ''}, {cfg.num_rounds} rounds, "
+          f"state {state}", flush=True)
+    pid_file, gateway_pid_file = state / PID_FILE, state / GATEWAY_PID_FILE
+    if stop_leftover_process(gateway_pid_file, must_contain=("server.fleet_gateway", str(gateway_log))):
+        print(f"finlora server: stopped a Fleet gateway left running on {state} by an earlier server process",
+              flush=True)
     if stop_leftover_process(pid_file, must_contain=("flower-superlink", str(state / "superlink.db"))):
         print(f"finlora server: stopped a SuperLink left running on {state} by an earlier server process",
               flush=True)
     superlink = subprocess.Popen(cmd, cwd=state, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
     atomic_write_text(pid_file, f"{superlink.pid}\n")
+    gateway: subprocess.Popen | None = None
     try:
-        wait_superlink_healthy(opts.port, superlink, state / "superlink.log", ca_cert=ca)
+        with open(gateway_log, "ab") as gateway_out:  # crash tracebacks land beside its log lines
+            gateway = subprocess.Popen(gateway_cmd, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=gateway_out, stderr=gateway_out, start_new_session=True)
+        atomic_write_text(gateway_pid_file, f"{gateway.pid}\n")
+        wait_superlink_healthy(internal_port, superlink, state / "superlink.log", ca_cert=loopback_ca)
+        wait_gateway_ready(opts.host, opts.port, gateway, gateway_log, ca_cert=fed_ca)
         registered = 0 if opts.insecure else len(_register_nodes(opts.nodes, env, state))
+        if not opts.insecure and cfg.zk.enabled and not overrides.get("zk.registry"):
+            overrides["zk.registry"] = str(state / REGISTRY_FILE)  # institution -> SuperNode id, fixed before the run
         if not opts.insecure and registered < cfg.strategy.min_available_nodes:
             raise ConfigError(f"strategy.min-available-nodes is {cfg.strategy.min_available_nodes} but only "
                               f"{registered} institution keys are in {opts.nodes}: the run could never start")
         _stop_unfinished_runs(env, state)
+        app_dir = (opts.app or PROJECT_ROOT).resolve()
+        fab_hash = app_fab_hash(app_dir)  # what 'flwr run' below submits (Flower's FAB builds are deterministic)
+        print(f"finlora server: app hash {fab_hash} (the FAB of {app_dir}; publish it to the institutions, which "
+              f"run only the app they pin: 'finlora client --app-hash {fab_hash}' or the default 'auto')", flush=True)
         print(f"finlora server: ready, {registered} institution keys registered; waiting for institutions",
               flush=True)
         overrides_text = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
-        proc = subprocess.run([flower_bin("flwr"), "run", str((opts.app or PROJECT_ROOT).resolve()), CONNECTION,
+        proc = subprocess.run([flower_bin("flwr"), "run", str(app_dir), CONNECTION,
                                "--stream", "--run-config", overrides_text], cwd=state, env=env, check=False)
         run_id, status = last_run_status(env, state, CONNECTION)
     finally:
+        if gateway is not None:
+            stop_process_tree(gateway)
+            gateway_pid_file.unlink(missing_ok=True)
         stop_process_tree(superlink)
         pid_file.unlink(missing_ok=True)
     ok = status.endswith("completed") and proc.returncode == 0
     print(f"finlora server: Flower run {run_id or '?'} {status}; outputs in {run_dir}", flush=True)
     return 0 if ok else 1
+
+
+def deployment_nonce(state: Path) -> str:
+    """This deployment's random run nonce (``zk.run-nonce``): made at the first start, kept in ``STATE/`` so that a
+    restarted server resumes under the same signed run id; a new state directory is a new deployment."""
+    import secrets
+
+    path = state / NONCE_FILE
+    if path.is_file():
+        nonce = path.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{32}", nonce):
+            return nonce
+        raise ConfigError(f"{path}: expected the 32-hex-digit run nonce this deployment started with, got "
+                          f"{nonce[:80]!r} (delete the file only to start a new deployment)")
+    nonce = secrets.token_hex(16)
+    atomic_write_text(path, nonce + "\n")
+    return nonce
+
+
+def _loopback_certificates(directory: Path) -> Any:
+    """A fresh CA and certificate for 127.0.0.1 / localhost in a 0700 directory (made at every start)."""
+    from common.certs import init_ca_and_server
+
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    files = init_ca_and_server(directory, ["127.0.0.1", "localhost"])
+    return type(files)(*(p.resolve() for p in (files.ca_cert, files.ca_key, files.server_cert, files.server_key)))
 
 
 def _register_nodes(nodes: Path | None, env: dict[str, str], state: Path) -> dict[str, int | None]:

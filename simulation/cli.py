@@ -7,6 +7,7 @@ Subcommands are small functions over argparse; each reads the one config tree (`
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import sys
 import time
@@ -93,6 +94,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from simulation.keys import provision_simulation_keys
 
         overrides["zk.keys-dir"] = str(provision_simulation_keys(run_dir / "keys", args.clients))
+    if cfg.zk.enabled and not cfg.zk.run_nonce:  # a resumed run keeps the saved one (read from its config above)
+        overrides["zk.run-nonce"] = secrets.token_hex(16)
     print(f"finlora simulate: {args.clients} institutions x {cfg.num_rounds} rounds, model {cfg.model.name}, "
           f"data {cfg.data.source} ({cfg.data.partitioner}), strategy {cfg.strategy.name}"
           f"{' + FFA-LoRA' if cfg.lora.ffa else ''}"
@@ -114,6 +117,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               f"{'; ' + '; '.join(problems) if problems else ''})", file=sys.stderr)
         return 1
     print(f"finlora simulate: {cfg.num_rounds} rounds completed; global adapters in {run_dir}/round-<k>/")
+    if cfg.zk.enabled:
+        keys = Path(str(overrides["zk.keys-dir"]))
+        print(f"audit it: finlora zk audit {run_dir} --keys {keys}")
     return 0
 
 
@@ -170,7 +176,11 @@ def cmd_client(args: argparse.Namespace) -> int:
                                     sign_key=Path(args.sign_key) if args.sign_key else None,
                                     state=Path(args.state) if args.state else default_state_dir(name),
                                     insecure=args.insecure, gpu=args.gpu, dp_epsilon=args.dp_epsilon,
-                                    max_wait_time=args.max_wait_time, resident=not args.no_resident))
+                                    max_wait_time=args.max_wait_time, resident=not args.no_resident,
+                                    app_hash=args.app_hash, dp_delta=args.dp_delta,
+                                    dp_max_grad_norm=args.dp_max_grad_norm,
+                                    dp_ledger_dir=Path(args.dp_ledger_dir) if args.dp_ledger_dir else None,
+                                    allow_no_dp=args.allow_no_dp))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--config", help="run config TOML: keys of pyproject [tool.flwr.app.config]")
     server.add_argument("--certs", help="directory with ca.crt, server.pem, server.key (default STATE/certs)")
     server.add_argument("--nodes", help="directory with the institutions' *.auth.pub and *.pub.pem keys")
-    server.add_argument("--host", default="0.0.0.0")
-    server.add_argument("--port", type=int, default=9092)
+    server.add_argument("--host", default="0.0.0.0",
+                        help="address the Fleet gateway listens on (the SuperLink itself stays on 127.0.0.1)")
+    server.add_argument("--port", type=int, default=9092, help="port the institutions connect to")
     server.add_argument("--run-id", default="federation")
     server.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
     server.add_argument("--app", help="Flower app directory to submit (default: this finlora installation)")
@@ -254,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--state", help="local state directory (default $FINLORA_HOME/nodes/<name>)")
     client.add_argument("--gpu", type=int, help="CUDA device index to train on")
     client.add_argument("--dp-epsilon", type=float, help="this institution's own privacy budget")
+    client.add_argument("--dp-delta", type=float, help="this institution's own DP delta")
+    client.add_argument("--dp-max-grad-norm", type=float, help="this institution's own per-example clipping bound")
+    client.add_argument("--dp-ledger-dir", metavar="DIR",
+                        help="where this institution's privacy ledger lives (default $FINLORA_HOME/dp-state)")
+    client.add_argument("--allow-no-dp", action="store_true",
+                        help="accept runs without differential privacy (default: this institution requires DP)")
+    client.add_argument("--app-hash", default="auto", metavar="auto|SHA256|any",
+                        help="run only the app (FAB) with this hash: 'auto' (default) = this finlora installation's, "
+                             "or the hash the server prints; 'any' = unpinned (not recommended)")
     client.add_argument("--max-wait-time", type=float, metavar="S",
                         help="give up after S seconds without the SuperLink (default: keep waiting for it)")
     client.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")

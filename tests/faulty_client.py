@@ -17,7 +17,7 @@ from client.app import train as honest_train
 from client.zk_update import institution_name
 from common.adapter import from_array_record, to_array_record
 
-FAULTS = ("nan", "shape", "extra-key", "huge-norm", "zero-examples", "late-nan")
+FAULTS = ("nan", "shape", "extra-key", "huge-norm", "zero-examples", "no-loss", "late-nan")
 
 app = ClientApp()
 
@@ -52,7 +52,9 @@ def train(msg: Message, context: Context) -> Message:
     if not fault or (fault == "late-nan" and server_round < 2):
         return honest_train(msg, context)
     arrays, examples = bad_update(fault, from_array_record(msg.content["arrays"]))
-    metrics = MetricRecord({"num-examples": examples, "train-loss": 0.0})
+    # no-loss: a metric key the others send is missing (Flower's consistency check used to fail the whole run)
+    metrics = MetricRecord({"num-examples": examples} if fault == "no-loss" else
+                           {"num-examples": examples, "train-loss": 0.0})
     return Message(RecordDict({"arrays": to_array_record(arrays), "metrics": metrics}), reply_to=msg)
 
 

@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from common.adapter import read_adapter_dir
-from common.flower_processes import free_port
+from common.flower_processes import app_fab_hash, free_port
 from common.sample_data import sentiment_rows
 from tests.conftest import REPO, flower_processes, popen_cli, run_cli, stop_all, wait_for_line
 
 BAD = {"x-nan": "holds NaN or infinite values", "x-shape": "has shape (7, 64), expected (8, 64)",
        "x-extra-key": "unexpected ['base_model.model.lm_head.weight']",
        "x-huge-norm": "exceeds strategy.max-update-norm = 8",
-       "x-zero-examples": "metric 'num-examples' must be a whole number from 1"}
+       "x-zero-examples": "metric 'num-examples' must be a whole number from 1",
+       "x-no-loss": "metric 'train-loss' must be a finite number, got None"}
 HONEST = ("bank-a", "bank-b-late-nan")  # the second sends NaN from round 2 on
 
 
@@ -44,10 +45,11 @@ def test_misbehaving_institutions_are_excluded_and_a_short_round_keeps_the_adapt
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     app = make_fault_app(tmp_path / "app")
     (tmp_path / "run.toml").write_text(
-        'num-rounds = 2\n"strategy.min-available-nodes" = 7\n"strategy.min-train-nodes" = 2\n'
+        'num-rounds = 2\n"strategy.min-available-nodes" = 8\n"strategy.min-train-nodes" = 2\n'
         '"strategy.fraction-evaluate" = 0.0\n"strategy.round-timeout" = 300.0\n"zk.enabled" = false\n'
         '"dp.enabled" = false\n"eval.every" = 0\n"train.local-steps" = 8\n')
     port = free_port()
+    app_hash = app_fab_hash(app)  # the institutions pin the operator's published app (not their own finlora's)
     server = popen_cli("server", "--state", str(tmp_path / "state"), "--config", str(tmp_path / "run.toml"),
                        "--certs", str(tmp_path / "certs"), "--nodes", str(tmp_path / "nodes"), "--app", str(app),
                        "--host", "127.0.0.1", "--port", str(port), log=tmp_path / "server.log")
@@ -61,7 +63,8 @@ def test_misbehaving_institutions_are_excluded_and_a_short_round_keeps_the_adapt
             clients.append(popen_cli("client", "--superlink", f"127.0.0.1:{port}", "--ca",
                                      str(tmp_path / "certs" / "ca.crt"), "--key",
                                      str(tmp_path / "nodes" / f"{name}.auth.key"), "--data", str(data),
-                                     "--max-wait-time", "20", *light, log=tmp_path / f"{name}.log"))
+                                     "--max-wait-time", "20", "--allow-no-dp", "--app-hash", app_hash,
+                                     *light, log=tmp_path / f"{name}.log"))
         assert server.wait(timeout=900) == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
         stop_all(server, *clients)
