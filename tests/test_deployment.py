@@ -1,8 +1,10 @@
-"""A real federation on loopback: certificates, SuperLink with TLS + node auth, SuperNodes, faults at the door and
-during the run (a SuperNode killed mid-round, the server killed and restarted)."""
+"""A real federation on loopback: certificates, SuperLink with TLS + node auth behind the Fleet gateway, SuperNodes,
+faults at the door and during the run (a SuperNode killed mid-round, the server killed and restarted, an
+institution pinned to another app refusing the server's)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -62,11 +64,11 @@ class Processes:
         self.started.append(proc)
         return proc
 
-    def server(self, config: str, log: str = "server.log") -> subprocess.Popen:
+    def server(self, config: str, log: str = "server.log", host: str = "127.0.0.1") -> subprocess.Popen:
         (self.tmp_path / "run.toml").write_text(config)
         proc = self.cli("server", "--state", str(self.tmp_path / "state"), "--config", str(self.tmp_path / "run.toml"),
                         "--certs", str(self.federation / "certs"), "--nodes", str(self.federation / "nodes"),
-                        "--host", "127.0.0.1", "--port", str(self.port), log=log)
+                        "--host", host, "--port", str(self.port), log=log)
         # institutions join once their keys are registered (as in the README)
         self.wait_for(lambda: "waiting for institutions" in self.log(log), f"{log}: ready", 120, proc)
         return proc
@@ -163,8 +165,8 @@ def _node_ids(server_log: str) -> dict[str, int]:
             re.findall(r"institution (\S+) (?:already )?registered as SuperNode (\d+)", server_log)}
 
 
-def _audit_ok(run_dir: Path) -> None:
-    audit = run_cli("zk", "audit", str(run_dir))
+def _audit_ok(run_dir: Path, keys: Path) -> None:
+    audit = run_cli("zk", "audit", str(run_dir), "--keys", str(keys))  # the institutions' published keys
     assert audit.returncode == 0 and "FAIL" not in audit.stdout, audit.stdout + audit.stderr
 
 
@@ -194,17 +196,29 @@ def test_client_fails_fast_before_connecting(federation, tmp_path, case):
     assert time.monotonic() - start < 30  # it never waited for the (absent) SuperLink
 
 
-def test_tls_federation_with_node_auth_refuses_an_unregistered_node_and_a_wrong_ca(federation, tmp_path, processes):
-    server = processes.server('num-rounds = 1\n"strategy.round-timeout" = 300.0\n"strategy.min-available-nodes" = 2\n'
+def _app_hash(log: str, pattern: str) -> str:
+    found = re.findall(pattern + r" ([0-9a-f]{64})", log)
+    assert len(found) == 1, (pattern, log[-3000:])
+    return found[0]
+
+
+def test_tls_federation_refuses_an_unregistered_node_a_wrong_ca_and_runs_only_pinned_apps(federation, tmp_path,
+                                                                                          processes):
+    """At the door: an unregistered key and a wrong CA are refused. Inside: bank-2 pins another app hash than the
+    one the server submits, so it refuses the app before installing it; the server records an error for it and the
+    round aggregates bank-0 and bank-1, whose default pin ('auto': their own finlora's FAB) equals the server's."""
+    server = processes.server('num-rounds = 1\n"strategy.round-timeout" = 300.0\n"strategy.min-available-nodes" = 3\n'
                               '"strategy.fraction-evaluate" = 0.0\n')
     clients = [processes.client(f"bank-{i}") for i in range(2)]
+    other_app = hashlib.sha256(b"some other app").hexdigest()
+    pinned_elsewhere = processes.client("bank-2", "--app-hash", other_app, "--no-resident")
     intruder = processes.client("intruder", key=federation / "outsider" / "intruder.auth.key")
     wrong_ca = processes.client("wrong-ca", "--sign-key", str(federation / "nodes" / "bank-1.key"),
                                 key=federation / "nodes" / "bank-1.auth.key", ca=federation / "other-ca" / "ca.crt")
     assert processes.wait(intruder, 120) == 3
     assert processes.wait(wrong_ca, 120) == 3, processes.log("wrong-ca.log")
     assert processes.wait(server, 400) == 0, processes.tail()
-    assert all(c.poll() is None for c in clients)  # the run went on without the refused ones
+    assert all(c.poll() is None for c in [*clients, pinned_elsewhere])  # the run went on without the refused ones
     assert "the SuperLink refused this node" in processes.log("intruder.log")
     said = [line for line in processes.log("wrong-ca.log").splitlines() if line.startswith("finlora client wrong-ca:")]
     assert any("TLS" in line and str(federation / "other-ca" / "ca.crt") in line for line in said), said
@@ -212,7 +226,19 @@ def test_tls_federation_with_node_auth_refuses_an_unregistered_node_and_a_wrong_
     metrics = _metrics(run_dir)
     assert [m["round"] for m in metrics] == [0, 1] and metrics[1]["num_clients"] == 2
     assert metrics[1]["heldout_loss"] < metrics[0]["heldout_loss"]
-    _audit_ok(run_dir)
+    _audit_ok(run_dir, federation / "nodes")
+
+    # app pinning: the server's FAB is the honest institutions' 'auto' pin, and not bank-2's
+    submitted = _app_hash(processes.log("server.log"), "finlora server: app hash")
+    for name in ("bank-0", "bank-1"):
+        assert _app_hash(processes.log(f"{name}.log"), "runs only the app with hash") == submitted
+    refusal = f"app hash {submitted} is not the pinned {other_app}"
+    assert f"REFUSED the app the server sent: {refusal}" in processes.log("bank-2.log")
+    refused_node = str(_node_ids(processes.log("server.log"))["bank-2"])
+    assert refused_node not in metrics[1]["clients"], metrics[1]
+    assert refusal in metrics[1]["errors"][refused_node], metrics[1]["errors"]
+    installed = {name: list((tmp_path / "nodes" / name / "flwr-home" / "apps").glob("*")) for name in ("bank-0", "bank-2")}
+    assert installed["bank-0"] and not installed["bank-2"], installed  # the refused app was never installed
 
 
 def test_a_supernode_killed_in_round_2_leaves_the_others_to_finish(federation, tmp_path, processes):
@@ -246,7 +272,7 @@ def test_a_supernode_killed_in_round_2_leaves_the_others_to_finish(federation, t
     assert not metrics[2]["kept_previous"] and not metrics[3]["kept_previous"]  # both rounds aggregated two updates
     assert str(dead) not in metrics[2]["clients"] and str(dead) in metrics[2]["errors"], metrics[2]["errors"]
     assert f"node {dead} failed" in processes.log("server.log")
-    _audit_ok(run_dir)
+    _audit_ok(run_dir, federation / "nodes")
 
 
 def test_too_few_institutions_fail_the_run_instead_of_waiting_for_ever(federation, tmp_path, processes):
@@ -305,4 +331,4 @@ def test_server_killed_after_round_1_resumes_at_round_2(federation, tmp_path, pr
     sent_round2 = {w["sha256"]["arrays"] for w in wire
                    if w["round"] == 2 and w["direction"] == "server->client" and w["message_type"] == "train"}
     assert sent_round2 == {arrays_digest(read_adapter_dir(run_dir / "round-1"))}
-    _audit_ok(run_dir)
+    _audit_ok(run_dir, federation / "nodes")
