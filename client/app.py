@@ -76,7 +76,8 @@ def _update_records(cfg: FinloraConfig, context: Context, local: Arrays, receive
     run_name = cfg.run_name(context.run_id)
     keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / run_name / "keys"
     record, zk_record = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk,
-                                         signing_key_file(context.node_config, keys_dir, institution), run_name,
+                                         signing_key_file(context.node_config, keys_dir, institution),
+                                         cfg.signed_run_id(context.run_id),
                                          server_round, institution, num_examples, seed)
     return record, {"zk": zk_record}, sum(len(v) for v in zk_record.values() if isinstance(v, bytes)), {}
 
@@ -135,7 +136,6 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
         "process-id": os.getpid(),  # shows whether one process (a resident trainer) served several rounds
         "bytes-sent": record.count_bytes() + extra_bytes,
         "partition-id": node_data_key(context.node_config)[1],
-        "uniform-weight": 1,  # client-level DP averages institutions uniformly (its sensitivity assumes it)
         **privacy,
         **update_info,
     })
@@ -147,7 +147,7 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     cfg, bundle, data, _received, _ = _prepare(content, context)
     loss, tokens = answer_loss(bundle.model, data.val, cfg.eval.batch_size, bundle.tokenizer.pad_token_id)
     metrics = MetricRecord({"eval-loss": loss, "eval-tokens": tokens, "num-examples": len(data.val),
-                            "uniform-weight": 1, "base-model-loads": LOAD_COUNTS["base_model_loads"],
+                            "base-model-loads": LOAD_COUNTS["base_model_loads"],
                             "process-id": os.getpid()})
     return RecordDict({"metrics": metrics})
 

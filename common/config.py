@@ -12,6 +12,7 @@ name instead of surfacing as a strange training result three rounds later (or as
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -282,6 +283,14 @@ class ZkConfig:
     keys_dir : str
         Directory of the institutions' signing keys and the public-key registry; empty means
         ``<run dir>/keys`` (simulation creates them there).
+    run_nonce : str
+        Random hex chosen once per deployment (``finlora server`` and ``finlora simulate`` pick it and keep it in
+        their state, so a resumed run keeps it): every signature is over ``<run name>#<nonce>``, so an update signed
+        for one deployment is worthless in another that uses the same run name. Empty: the run name alone.
+    registry : str
+        JSON file institution -> Flower SuperNode id (``finlora server`` writes ``STATE/institutions.json`` from
+        the keys it registered): a reply claiming an institution other than its node's is rejected. Empty: an
+        institution is bound to the first node that signs for it (simulation).
     """
 
     enabled: bool
@@ -289,6 +298,8 @@ class ZkConfig:
     frac_bits: int = _range(ge=0, le=30)
     bits: Literal[8, 16]
     keys_dir: str
+    run_nonce: str
+    registry: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,6 +387,9 @@ class FinloraConfig:
         cfg = cls(**values)
         _check_client_epsilons(cfg.dp.client_epsilons)
         _check_eval_tasks(cfg.eval.tasks)
+        if cfg.zk.run_nonce and not re.fullmatch(r"[0-9a-f]{16,64}", cfg.zk.run_nonce):
+            raise ConfigError(f"config key 'zk.run-nonce' = {cfg.zk.run_nonce!r}: expected 16 to 64 lowercase hex "
+                              f"digits (or empty)")
         return cfg
 
     def to_flat(self) -> dict[str, Any]:
@@ -393,6 +407,11 @@ class FinloraConfig:
     def run_name(self, flower_run_id: int | str) -> str:
         """The run directory's name: ``run-id``, or one derived from Flower's run id (the same on every party)."""
         return self.run_id or f"run-{flower_run_id}"
+
+    def signed_run_id(self, flower_run_id: int | str) -> str:
+        """What every zk signature is over: the run's name and the deployment's nonce (``zk.run-nonce``)."""
+        name = self.run_name(flower_run_id)
+        return f"{name}#{self.zk.run_nonce}" if self.zk.run_nonce else name
 
     def check_combinations(self) -> FinloraConfig:
         """Reject settings that cannot work together, naming the keys (before any process starts)."""

@@ -29,10 +29,11 @@ class RoundFailedError(RuntimeError):
     """A round ended without an aggregated adapter: the run must not report success."""
 
 
-def round_summary(server_round: int, rec: RoundRecord | None, heldout_loss: float | None) -> dict[str, Any]:
-    """The ``metrics.jsonl`` line of a round."""
+def round_summary(server_round: int, rec: RoundRecord | None, heldout_loss: float | None,
+                  weighting: str = "examples") -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of a round (``weighting``: how the server weighed the accepted updates)."""
     clients = rec.clients if rec else {}
-    examples = sum(c["num_examples"] for c in clients.values())
+    examples = sum(c["num_examples"] for c in clients.values())  # every accepted reply has both (server/strategy)
     train_loss = (sum(c["train_loss"] * c["num_examples"] for c in clients.values()) / examples
                   if examples else None)
     eval_clients = rec.client_eval if rec else {}
@@ -46,15 +47,17 @@ def round_summary(server_round: int, rec: RoundRecord | None, heldout_loss: floa
         "seconds": (time.perf_counter() - rec.started) if rec else 0.0,
         "aggregate_seconds": rec.aggregate_seconds if rec else 0.0,
         "num_clients": len(clients),
-        "bytes_sent_per_client": (sum(c["bytes_sent"] for c in clients.values()) / len(clients)) if clients else 0,
+        "bytes_sent_per_client": (sum(c.get("bytes_sent", 0) for c in clients.values()) / len(clients)) if clients else 0,
         "bytes_received_per_client": (max((w["array_bytes"] for w in rec.wire if w["direction"] == "server->client"),
                                           default=0) if rec else 0),
         "clients": clients,
-        "privacy": {node: {k[3:]: v for k, v in c.items() if k.startswith("dp_")} | {"partition_id": c["partition_id"]}
+        "privacy": {node: {k[3:]: v for k, v in c.items() if k.startswith("dp_")} | {"partition_id": c.get("partition_id")}
                     for node, c in clients.items() if "dp_epsilon" in c},
         "refused": sorted(node for node, reason in (rec.errors if rec else {}).items()
                           if "PrivacyBudgetExhausted" in reason),
         "rejected": rec.rejected if rec else {},
+        "eval_rejected": rec.eval_rejected if rec else {},
+        "weighting": weighting,
         "kept_previous": rec.kept_previous if rec else "",
         "errors": rec.errors if rec else {},
     }
@@ -94,10 +97,11 @@ def main(grid: Grid, context: Context) -> None:
         return
 
     client_level = cfg.dp.enabled and cfg.dp.level == "client"
-    verifier = (ZkVerifier.open(cfg.zk, run_id, run_dir.path, Path(cfg.zk.keys_dir) if cfg.zk.keys_dir
-                                else run_dir.path / "keys") if cfg.zk.enabled else None)
-    strategy = make_strategy(cfg.strategy, wire_shapes, round_offset=offset,
-                             weighted_by_key="uniform-weight" if client_level else "num-examples", zk=verifier)
+    verifier = (ZkVerifier.open(cfg.zk, cfg.signed_run_id(context.run_id), run_dir.path,
+                                Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else run_dir.path / "keys",
+                                equal_weights=cfg.strategy.weighting == "equal") if cfg.zk.enabled else None)
+    strategy = make_strategy(cfg.strategy, wire_shapes, round_offset=offset, zk=verifier,
+                             client_level_clip=cfg.dp.max_grad_norm if client_level else None)
     if saved_moments and cfg.strategy.name in ("fedadam", "fedyogi"):
         restore_optimizer_state(strategy, saved_moments)
         log(INFO, "restored the %s moments saved with round %d", cfg.strategy.name, offset)
@@ -122,7 +126,7 @@ def main(grid: Grid, context: Context) -> None:
             aggregated_rounds.append(absolute)
         full = full_adapter(arrays)
         heldout = evaluator.loss(full) if evaluator else None
-        summary = round_summary(absolute, rec, heldout)
+        summary = round_summary(absolute, rec, heldout, strategy.weighting)
         if client_level:
             summary["client_level_privacy"] = client_level_privacy(cfg, absolute)
         evaluations = run_benchmark_evals(cfg, absolute, full, run_dir.path)
@@ -153,7 +157,8 @@ def main(grid: Grid, context: Context) -> None:
                                f"'rejected' and 'errors' in {run_dir.metrics_path})")
 
 
-RESUMABLE_CHANGES = ("num-rounds", "resume", "out-dir", "eval.", "strategy.round-timeout", "data.dir", "zk.keys-dir")
+RESUMABLE_CHANGES = ("num-rounds", "resume", "out-dir", "eval.", "strategy.round-timeout", "data.dir", "zk.keys-dir",
+                     "zk.registry")
 """Settings a resumed run may change without changing what it trains (prefixes of flat keys)."""
 
 

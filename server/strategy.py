@@ -4,10 +4,16 @@
 
 * **validation** of every training reply before aggregation: exactly the adapter's A/B keys (or B only in
   FFA-LoRA mode), the right shapes and dtype, finite values, the delta's L2 norm under the bound, a positive
-  and plausible example count. Float16/int8 updates are decoded to float32 first (``common/transport.py``).
+  and plausible example count (with zk, equal to the signed count), a finite ``train-loss`` and finite scalar
+  metrics. Float16/int8 updates are decoded to float32 first (``common/transport.py``).
   A bad update is logged with the node id and the reason and left out; the round goes on with the others,
   and a round with fewer valid updates than ``min_train_nodes`` keeps the previous global adapter (one
   institution's update alone is never published as the global adapter).
+* **one weight, set by the server**: every accepted reply reaches Flower with a normalised metric record
+  holding only :data:`WEIGHT_KEY` (the example count, or 1 with ``strategy.weighting = equal`` and with
+  client-level DP) and the loss, so Flower's consistency check (``InconsistentMessageReplies``, which fails the
+  whole run) never sees a client's extra or missing key, and no client chooses its own weight. Evaluation
+  replies are normalised the same way.
 * **a wire log** of what actually crossed Flower in both directions (record names, array keys, shapes,
   bytes), which is how we prove that only LoRA tensors travel.
 * **per-client records** (train loss, examples, tokens, seconds, bytes) for ``metrics.jsonl``.
@@ -20,6 +26,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -35,7 +43,32 @@ from flwr.supercore import log
 from common.adapter import AdapterError, arrays_digest, check_arrays, from_array_record, to_array_record
 from common.config import StrategyConfig
 from common.transport import NORM_SLACK, TRANSPORT_RECORD, decode_update, delta_norm, wire_dtype
-from server.zk_round import ZkVerifier
+from server.zk_round import ZK_RECORD, ZkVerifier
+
+WEIGHT_KEY = "finlora-weight"
+"""The only weight Flower aggregates by; the server sets it on every accepted reply and never reads it from one."""
+MAX_METRIC_KEYS = 64
+"""A reply with more metrics than this is rejected (they are kept in ``metrics.jsonl``)."""
+
+
+def checked_metrics(metrics: Mapping[str, Any], loss_key: str, max_examples: int) -> tuple[dict[str, Any], str | None]:
+    """(the reply's metrics, why they are unusable or ``None``): ``num-examples`` a whole number from 1 to
+    ``max_examples``, ``loss_key`` finite, every value a finite number, at most :data:`MAX_METRIC_KEYS` keys."""
+    values = dict(metrics)
+    examples = values.get("num-examples")
+    if (isinstance(examples, bool) or not isinstance(examples, (int, float)) or not math.isfinite(examples)
+            or not float(examples).is_integer() or not 1 <= examples <= max_examples):
+        return values, (f"metric 'num-examples' must be a whole number from 1 to {max_examples} "
+                        f"(strategy.max-examples), got {examples!r}")
+    if len(values) > MAX_METRIC_KEYS:
+        return values, f"{len(values)} metrics, at most {MAX_METRIC_KEYS} are accepted"
+    loss = values.get(loss_key)
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return values, f"metric '{loss_key}' must be a finite number, got {loss!r}"
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return values, f"metric {key[:80]!r} must be a finite number, got {str(value)[:80]}"
+    return values, None
 
 
 @dataclass
@@ -50,6 +83,7 @@ class RoundRecord:
     aggregated: bool = False
     aggregate_seconds: float = 0.0
     client_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval_rejected: dict[str, str] = field(default_factory=dict)
     zk: Any = None
     kept_previous: str = ""
     """Why this round kept the previous global adapter (empty: it aggregated, or it has not ended)."""
@@ -116,10 +150,11 @@ class LoraRoundMixin:
     current_global: dict[str, Any]
     max_update_norm: float
     max_examples: int
+    weighting: str
 
     def setup_lora(self, expected_shapes: dict[str, tuple[int, ...]], round_offset: int = 0,
                    zk: ZkVerifier | None = None, max_update_norm: float = 0.0, max_examples: int = 10**7,
-                   node_wait_timeout: float = 3600.0) -> None:
+                   node_wait_timeout: float = 3600.0, weighting: str = "examples") -> None:
         self.expected_shapes = dict(expected_shapes)
         self.round_offset = round_offset
         self.rounds = {}
@@ -129,6 +164,13 @@ class LoraRoundMixin:
         self._sent_messages: list[Message] = []
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
+        if weighting not in ("examples", "equal"):
+            raise ValueError(f"weighting must be 'examples' or 'equal', got {weighting!r}")
+        self.weighting = weighting
+
+    def weight_of(self, num_examples: int) -> float:
+        """The FedAvg weight of an accepted reply (``strategy.weighting``), computed here, never reported."""
+        return 1.0 if self.weighting == "equal" else float(num_examples)
 
     def record(self, absolute_round: int) -> RoundRecord:
         return self.rounds.setdefault(absolute_round, RoundRecord())
@@ -182,8 +224,10 @@ class LoraRoundMixin:
                 log(WARNING, "round %d: rejected the update of node %s: %s", absolute, node, problem)
                 rec.rejected[node] = problem
                 continue
-            metrics = next(iter(msg.content.metric_records.values()))
+            metrics = dict(msg.content["metrics"])
             rec.clients[node] = {k.replace("-", "_"): v for k, v in metrics.items()}
+            msg.content["metrics"] = MetricRecord({WEIGHT_KEY: self.weight_of(int(metrics["num-examples"])),
+                                                   "train-loss": float(metrics["train-loss"])})
             accepted.append(msg)
         start = time.perf_counter()
         if self.zk is None:
@@ -231,13 +275,16 @@ class LoraRoundMixin:
         if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
             return (f"expected one array record 'arrays' and one metric record 'metrics', got "
                     f"{sorted(content.array_records)} and {sorted(content.metric_records)}")
-        examples = content["metrics"].get("num-examples")
-        if (not isinstance(examples, (int, float)) or not float(examples).is_integer() or examples < 1
-                or examples > self.max_examples):
-            return (f"metric 'num-examples' must be a whole number from 1 to {self.max_examples} "
-                    f"(strategy.max-examples), got {examples!r}")
+        metrics, problem = checked_metrics(content["metrics"], "train-loss", self.max_examples)
+        if problem:
+            return problem
         received = from_array_record(content["arrays"])
         if self.zk is not None:
+            zk_record = content.config_records.get(ZK_RECORD)
+            signed = zk_record.get("num_examples") if zk_record is not None else None
+            if signed != metrics["num-examples"]:  # one weight: the signed count is what the aggregate uses
+                return (f"metric 'num-examples' = {metrics['num-examples']!r} differs from the signed zk count "
+                        f"{signed!r}")
             try:
                 check_arrays(received, self.expected_shapes, "update", integer=True)
             except AdapterError as exc:
@@ -269,13 +316,30 @@ class LoraRoundMixin:
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Flower's aggregation over the evaluation replies that pass :func:`checked_metrics` (normalised to the
+        server's weight, the loss and the count); a bad one is recorded in ``eval_rejected`` and left out."""
         absolute = server_round + self.round_offset
-        replies = list(replies)
+        rec = self.record(absolute)
+        usable = []
         for msg in replies:
-            if not msg.has_error() and msg.content.metric_records:
-                metrics = next(iter(msg.content.metric_records.values()))
-                self.record(absolute).client_eval[str(msg.metadata.src_node_id)] = dict(metrics)
-        return super().aggregate_evaluate(absolute, replies)  # type: ignore[misc]
+            if msg.has_error():
+                usable.append(msg)  # Flower's own check logs and skips it
+                continue
+            node = self._reply_node(msg)
+            if list(msg.content.metric_records) != ["metrics"] or msg.content.array_records:
+                problem: str | None = (f"expected one metric record 'metrics' and no arrays, got "
+                                       f"{sorted(msg.content.metric_records)} and {sorted(msg.content.array_records)}")
+            else:
+                metrics, problem = checked_metrics(msg.content["metrics"], "eval-loss", self.max_examples)
+            if problem:
+                log(WARNING, "round %d: rejected the evaluation of node %s: %s", absolute, node, problem)
+                rec.eval_rejected[node] = problem
+                continue
+            rec.client_eval[node] = metrics
+            msg.content["metrics"] = MetricRecord({WEIGHT_KEY: self.weight_of(int(metrics["num-examples"])),
+                                                   "eval-loss": float(metrics["eval-loss"])})
+            usable.append(msg)
+        return super().aggregate_evaluate(absolute, usable)  # type: ignore[misc]
 
 
 class LoraFedAvg(LoraRoundMixin, FedAvg):
@@ -300,20 +364,29 @@ STRATEGIES: dict[str, type[LoraRoundMixin]] = {
 
 
 def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...]],
-                  round_offset: int = 0, weighted_by_key: str = "num-examples",
-                  zk: ZkVerifier | None = None) -> LoraRoundMixin:
-    """Build the configured strategy (aggregation weighted by the ``weighted_by_key`` client metric)."""
+                  round_offset: int = 0, zk: ZkVerifier | None = None, client_level_clip: float | None = None,
+                  ) -> LoraRoundMixin:
+    """Build the configured strategy, aggregating by the server-set :data:`WEIGHT_KEY`.
+
+    ``client_level_clip``: client-level DP's clipping norm. Its sensitivity analysis assumes every institution
+    weighs the same and moves the mean by at most that norm, so then every weight is 1 and an update above the
+    norm is rejected (whatever ``strategy.weighting`` and ``strategy.max-update-norm`` say).
+    """
     if cfg.name not in STRATEGIES:
         raise ValueError(f"strategy.name must be one of {', '.join(STRATEGIES)}, got '{cfg.name}'")
     common: dict[str, Any] = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                                   min_train_nodes=cfg.min_train_nodes, min_evaluate_nodes=cfg.min_evaluate_nodes,
-                                  min_available_nodes=cfg.min_available_nodes, weighted_by_key=weighted_by_key)
+                                  min_available_nodes=cfg.min_available_nodes, weighted_by_key=WEIGHT_KEY)
     if cfg.name == "fedprox":
         common["proximal_mu"] = cfg.proximal_mu
     elif cfg.name in ("fedadam", "fedyogi"):
         common.update(eta=cfg.server_lr, tau=cfg.server_tau)
     strategy = STRATEGIES[cfg.name](**common)
-    strategy.setup_lora(expected_shapes, round_offset, zk, cfg.max_update_norm, cfg.max_examples, cfg.round_timeout)
+    bound, weighting = cfg.max_update_norm, cfg.weighting
+    if client_level_clip is not None:
+        bound = min(bound, client_level_clip) if bound > 0 else client_level_clip
+        weighting = "equal"
+    strategy.setup_lora(expected_shapes, round_offset, zk, bound, cfg.max_examples, cfg.round_timeout, weighting)
     log(INFO, "finlora strategy %s over %d LoRA tensors", cfg.name, len(expected_shapes))
     return strategy
 

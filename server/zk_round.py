@@ -1,5 +1,14 @@
 """The server's side of the commitment layer: verify every update before aggregation, aggregate the committed
-integers exactly, and keep the run's ledger for ``finlora zk audit``."""
+integers exactly, and keep the run's ledger for ``finlora zk audit``.
+
+**Who is who.** A reply names the institution whose key signed it; Flower names the node that sent it. The two are
+bound before any signature is checked, so that a node cannot get another institution's honest update dropped by
+claiming its name: with a registry (``zk.registry``, written by ``finlora server`` from the SuperNode keys it
+registered: institution -> SuperNode id), a reply whose claimed institution is not its node's is rejected and only
+its sender is blamed. Without one (simulation, where the researcher runs every institution) an institution is bound
+to the first node whose update under that name carries a valid signature, for the rest of the run; a node
+claiming a bound name, or several names, is rejected alone.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,22 @@ import numpy as np
 from common.config import ZkConfig
 
 ZK_RECORD = "zk"
+IMPERSONATION = "impersonation"
+"""Rejection code of a reply that claims an institution its node is not bound to."""
+
+
+def load_node_registry(path: Path) -> dict[str, str | None]:
+    """Institution name -> SuperNode id (as a string; ``None`` where the id was not recorded), from
+    ``finlora server``'s ``institutions.json`` ({name: {"node_id": int | null, "key_sha256": ...}})."""
+    import json
+
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"zk.registry {path}: not a readable JSON file: {exc}") from exc
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) and "node_id" in v for v in raw.values()):
+        raise ValueError(f"zk.registry {path}: expected a JSON object institution -> {{\"node_id\": ...}}")
+    return {str(name): None if v["node_id"] is None else str(int(v["node_id"])) for name, v in raw.items()}
 
 
 @dataclass
@@ -33,19 +58,29 @@ class ZkVerifier:
 
     cfg: ZkConfig
     run_id: str
+    """What every signature is over: the run's name and the deployment's random nonce (``zk.run-nonce``)."""
     run_dir: Path
     public_keys: dict[str, Any]
     seen_digests: set[bytes] = field(default_factory=set)
+    equal_weights: bool = False
+    """``strategy.weighting = equal``: every accepted update weighs 1 (else its signed example count)."""
+    node_of: dict[str, str | None] = field(default_factory=dict)
+    """Institution -> the Flower node id it is bound to (from the registry, or bound on first valid signature)."""
+    registry_fixed: bool = False
+    """A registry was given: a node not in it, or an institution with no node, is never bound during the run."""
 
     @classmethod
-    def open(cls, cfg: ZkConfig, run_id: str, run_dir: Path, keys_dir: Path) -> ZkVerifier:
+    def open(cls, cfg: ZkConfig, run_id: str, run_dir: Path, keys_dir: Path, equal_weights: bool = False
+             ) -> ZkVerifier:
         from zk.ledger import seen_digests
         from zk.signing import load_key_registry
 
         if not keys_dir.exists():
             raise FileNotFoundError(f"zk: key registry {keys_dir} not found (institutions' public keys)")
+        registry = load_node_registry(Path(cfg.registry)) if cfg.registry else {}
         # on resume, commitments accepted before the restart still count as seen (no replay across restarts)
-        return cls(cfg, run_id, run_dir, load_key_registry(keys_dir), set(seen_digests(run_dir)))
+        return cls(cfg, run_id, run_dir, load_key_registry(keys_dir), set(seen_digests(run_dir)), equal_weights,
+                   registry, bool(cfg.registry))
 
     def write_header(self) -> None:
         """First ledger line: keys, parameters and the round-0 adapter's hash (call after saving round 0)."""
@@ -53,7 +88,37 @@ class ZkVerifier:
 
         append_entry(self.run_dir, header_entry(self.run_id, self.public_keys,
                                                 file_sha256(self.run_dir / adapter_relpath(0)), self.cfg.norm_bound,
-                                                self.cfg.frac_bits, self.cfg.bits))
+                                                self.cfg.frac_bits, self.cfg.bits,
+                                                weighting="equal" if self.equal_weights else "examples"))
+
+    def _identity_problem(self, node_id: str, institution: str, sub: Any, server_round: int,
+                          claims: dict[str, list[str]]) -> str | None:
+        """Why ``node_id`` may not speak for ``institution`` this round (``None``: it may, pending its signature)."""
+        bound_node = self.node_of.get(institution)
+        bound_name = next((name for name, node in self.node_of.items() if node == node_id), None)
+        if bound_name is not None and bound_name != institution:
+            return f"{IMPERSONATION}: node {node_id} is {bound_name}, but its reply claims to be {institution}"
+        if bound_node is not None and bound_node != node_id:
+            return f"{IMPERSONATION}: {institution} is node {bound_node}, but node {node_id} claims to be it"
+        if self.registry_fixed and institution not in self.node_of:
+            return f"{IMPERSONATION}: {institution} is not in the run's registry ({self.cfg.registry})"
+        if bound_node is None and len(claims[institution]) > 1 and not self._signed_by(institution, sub, server_round):
+            return f"{IMPERSONATION}: node {node_id} claims to be {institution} without its signature"
+        return None
+
+    def _signed_by(self, institution: str, sub: Any, server_round: int) -> bool:
+        """Whether ``sub`` carries ``institution``'s valid signature for this run and round."""
+        key = self.public_keys.get(institution)
+        if key is None:
+            return False
+        from zk import signing
+
+        try:
+            digest = sub.digest
+        except ValueError:
+            return False
+        statement = signing.update_statement(self.run_id, server_round, institution, digest, sub.num_examples)
+        return signing.verify(key, statement, sub.signature)
 
     def verify_and_aggregate(self, server_round: int, replies: list[tuple[str, Any]],
                              global_arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None,
@@ -64,7 +129,8 @@ class ZkVerifier:
         from zk.verify import Submission, aggregate, verify_round
 
         layout = Layout.from_tensors({k: np.asarray(v) for k, v in global_arrays.items()})
-        subs, rejected, names = [], {}, {}
+        parsed: list[tuple[str, str, Any]] = []
+        rejected: dict[str, str] = {}
         for node_id, content in replies:
             try:
                 zk_rec = content.config_records[ZK_RECORD]
@@ -76,10 +142,21 @@ class ZkVerifier:
                           "commitments": zk_rec["commitments"], "blindings": zk_rec["blindings"],
                           "signature": zk_rec["signature"]}
                 institution = str(zk_rec["institution"])
-                subs.append(Submission.from_wire(institution, record))
-                names[institution] = node_id
+                parsed.append((str(node_id), institution, Submission.from_wire(institution, record)))
             except (KeyError, ValueError, TypeError) as exc:
                 rejected[node_id] = f"malformed zk submission: {exc}"
+        # bind node <-> institution before verifying: an impostor is rejected alone, its victim goes on
+        claims: dict[str, list[str]] = {}
+        for node_id, institution, _ in parsed:
+            claims.setdefault(institution, []).append(node_id)
+        subs, names = [], {}
+        for node_id, institution, sub in parsed:
+            problem = self._identity_problem(node_id, institution, sub, server_round, claims)
+            if problem is not None:
+                rejected[node_id] = problem
+            else:
+                subs.append(sub)
+                names[institution] = node_id
         accepted, failed = verify_round(subs, self.run_id, server_round, self.public_keys, self.cfg.norm_bound,
                                         self.cfg.frac_bits, self.cfg.bits, self.seen_digests,
                                         expected_size=layout.size)
@@ -87,7 +164,10 @@ class ZkVerifier:
         if not accepted:
             return None, ZkRoundResult(layout, [], rejected, np.zeros(0, np.int64), [], 0)
         self.seen_digests.update(s.digest for s in accepted)
-        total, blindings, weight = aggregate(accepted)
+        for sub in accepted:  # a valid signature binds the institution to its node for the rest of the run
+            if self.node_of.get(sub.node_id) is None:
+                self.node_of[sub.node_id] = names[sub.node_id]
+        total, blindings, weight = aggregate(accepted, self.equal_weights)
         new_global = apply_aggregate({k: np.asarray(v) for k, v in global_arrays.items()}, total, layout, weight,
                                      self.cfg.frac_bits)
         return new_global, ZkRoundResult(layout, accepted, rejected, total, blindings, weight)

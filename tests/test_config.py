@@ -137,3 +137,10 @@ def test_eval_tasks_must_name_known_tasks():
     assert load_config({"eval.tasks": "fpb, ner"}).eval.tasks == "fpb, ner"
     with pytest.raises(ConfigError, match="eval.tasks.*'fbp'"):
         load_config({"eval.tasks": "fbp,tfns"})
+
+
+@pytest.mark.parametrize("nonce", ["xyz", "ABCDEF0123456789", "0" * 8, "0" * 65])
+def test_zk_run_nonce_must_be_lowercase_hex(nonce):
+    with pytest.raises(ConfigError, match="zk.run-nonce"):
+        load_config({"zk.run-nonce": nonce})
+    assert load_config({"zk.run-nonce": "0123456789abcdef"}).signed_run_id(3) == "run-3#0123456789abcdef"

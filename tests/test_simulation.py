@@ -119,7 +119,7 @@ def test_resume_continues_from_saved_round(tmp_path, eval_data_dir):
     sent_round2 = {w["sha256"]["arrays"] for w in wire
                    if w["round"] == 2 and w["direction"] == "server->client" and w["message_type"] == "train"}
     assert sent_round2 == {arrays_digest(read_adapter_dir(run_dir / "round-1"))}
-    audit = run_cli("zk", "audit", str(run_dir))  # the ledger spans the restart
+    audit = run_cli("zk", "audit", str(run_dir), "--keys", str(run_dir / "keys"))  # the ledger spans the restart
     assert audit.returncode == 0 and "FAIL" not in audit.stdout, audit.stdout + audit.stderr
     expected_lr = round_learning_rate(load_config().train, 2, 2)
     assert all(abs(c["lr"] - expected_lr) < 1e-12 for c in after[2]["clients"].values())

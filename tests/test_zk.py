@@ -274,6 +274,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, keys: dict) -> Path:
     path0 = _save_adapter(run, 0, global_)
     append_entry(run, header_entry(RUN_ID, {n: k.public_key() for n, (k, _) in clients.items()},
                                    file_sha256(path0), BOUND, FRAC, BITS))
+    for name, (key, _) in clients.items():  # what the institutions publish (the audit's --keys)
+        signing.save_public_key(key.public_key(), run / "keys" / f"{name}{signing.PUBLIC_SUFFIX}")
     seen: set[bytes] = set()
     for rnd in (1, 2):
         subs = []
@@ -307,8 +309,17 @@ def _tampered(run_dir: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def _published(run: Path) -> dict:
+    """The institutions' own public keys (from outside the ledger)."""
+    return signing.load_key_registry(run / "keys")
+
+
+def _audit(run: Path) -> list:
+    return audit_run(run, _published(run))
+
+
 def _failed_rounds(run: Path) -> list[int]:
-    return [v.round for v in audit_run(run) if not v.ok]
+    return [v.round for v in _audit(run) if not v.ok]
 
 
 def _rewrite_round(run: Path, rnd: int, total: np.ndarray, blindings: list[int], weight: int) -> None:
@@ -325,9 +336,9 @@ def _rewrite_round(run: Path, rnd: int, total: np.ndarray, blindings: list[int],
 
 
 def test_audit_passes_on_an_honest_run(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    verdicts = audit_run(run_dir)
+    verdicts = _audit(run_dir)
     assert [(v.round, v.ok, v.clients) for v in verdicts] == [(0, True, 0), (1, True, 3), (2, True, 3)]
-    assert zk_main(["audit", str(run_dir)]) == 0
+    assert zk_main(["audit", str(run_dir), "--keys", str(run_dir / "keys")]) == 0
     assert "audit OK" in capsys.readouterr().out
     entry = read_ledger(run_dir)[1]
     assert all("values" not in c and "blindings" not in c for c in entry["clients"])
@@ -340,20 +351,20 @@ def test_a_round_that_kept_the_previous_adapter_audits_only_if_nothing_changed(r
     run = _tampered(run_dir, tmp_path)
     shutil.copyfile(run / adapter_relpath(2), _save_adapter(run, 3, {}))  # round 3: too few valid updates
     record_kept_round(run, 3, {"17": "update: 'x' holds NaN or infinite values"}, "1 valid update(s), fewer than 2")
-    assert [(v.round, v.ok, v.clients) for v in audit_run(run)][-1] == (3, True, 0)
+    assert [(v.round, v.ok, v.clients) for v in _audit(run)][-1] == (3, True, 0)
     _nudge_first_lora_b(run / adapter_relpath(3), index=3, delta=1e-6)
     entries = read_ledger(run)
     entries[3]["adapter_sha256"] = file_sha256(run / adapter_relpath(3))  # a consistent-looking ledger
     (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     assert _failed_rounds(run) == [3]
-    assert "aggregated nothing but its global adapter differs" in "; ".join(audit_run(run)[3].problems)
+    assert "aggregated nothing but its global adapter differs" in "; ".join(_audit(run)[3].problems)
 
 
 def test_audit_cli_runs_standalone_and_fails_nonzero(run_dir: Path, tmp_path: Path) -> None:
     run = _tampered(run_dir, tmp_path)
     _nudge_first_lora_b(run / adapter_relpath(1), index=17, delta=1e-3)
-    proc = subprocess.run([sys.executable, "-m", "zk.cli", "audit", str(run)], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "zk.cli", "audit", str(run), "--keys", str(run / "keys")], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert "FAIL" in proc.stdout and "round-1/adapter_model.safetensors" in proc.stdout
 
@@ -366,7 +377,7 @@ def test_audit_names_the_round_of_a_changed_adapter_value_even_with_the_hash_upd
     entries = read_ledger(run)
     entries[2]["adapter_sha256"] = file_sha256(path)
     (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    verdicts = audit_run(run)
+    verdicts = _audit(run)
     assert _failed_rounds(run) == [2]
     assert "previous + aggregate" in "; ".join(verdicts[2].problems)
 
@@ -392,7 +403,7 @@ def test_audit_fails_when_an_accepted_client_is_dropped_from_the_aggregate(run_d
     dropped = _values(rng, total.shape[0])
     weight = entry["clients"][0]["num_examples"]
     _rewrite_round(run, 2, total - weight * dropped, blindings, entry["total_weight"] - weight)
-    verdicts = audit_run(run)
+    verdicts = _audit(run)
     assert _failed_rounds(run) == [2]
     assert "sum of weighted client commitments != commitment of the aggregate" in verdicts[2].problems
     assert any("total weight" in p for p in verdicts[2].problems)
@@ -406,7 +417,7 @@ def test_audit_fails_when_an_update_is_injected(run_dir: Path, tmp_path: Path) -
     injected = _values(rng, total.shape[0])
     blindings = unpack_blindings(base64.b64decode(entry["aggregate_blindings"]))
     _rewrite_round(run, 2, total + 5 * injected, blindings, entry["total_weight"])
-    verdicts = audit_run(run)
+    verdicts = _audit(run)
     assert _failed_rounds(run) == [2]
     assert "sum of weighted client commitments != commitment of the aggregate" in verdicts[2].problems
 
@@ -422,9 +433,65 @@ def test_audit_fails_on_a_forged_client_entry(run_dir: Path, tmp_path: Path, key
     client["signature"] = forged.signature.hex()
     entries[1]["clients"][0] = client
     (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    verdicts = audit_run(run)
+    verdicts = _audit(run)
     assert 1 in _failed_rounds(run)
     assert any("bad signature" in p for p in verdicts[1].problems)
+
+
+def test_a_server_made_round_under_server_made_keys_fails_the_audit(run_dir: Path, tmp_path: Path) -> None:
+    """Security finding 8: the server writes the ledger, so it could swap an institution's key in the header for
+    its own and sign a made-up update with it. The audit checks against the keys the institutions published."""
+    run = _tampered(run_dir, tmp_path)
+    entries = read_ledger(run)
+    server_key = signing.generate_key()
+    victim = entries[1]["clients"][0]
+    entries[0]["public_keys"][victim["node_id"]] = signing.public_key_raw(server_key.public_key()).hex()
+    commitments = unpack_commitments(base64.b64decode(victim["commitments"]))
+    victim["signature"] = _sign(server_key, victim["node_id"], commitments, victim["num_examples"], round_num=1).hex()
+    (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    trusting_the_ledger = {n: signing.public_key_from_raw(bytes.fromhex(raw))
+                           for n, raw in entries[0]["public_keys"].items()}
+    trusting = audit_run(run, trusting_the_ledger)  # what the audit used to do: header and made-up round pass
+    assert trusting[0].ok and trusting[1].ok, trusting
+    verdicts = _audit(run)
+    assert _failed_rounds(run)[:2] == [0, 1]
+    assert f"institution {victim['node_id']}: the ledger's key is not the one given with --keys" in verdicts[0].problems
+    assert f"node {victim['node_id']}: bad signature" in verdicts[1].problems
+    # a key missing from what the institutions published, or one they did not publish, fails the header too
+    assert any("in the ledger but not in --keys" in p
+               for p in audit_run(run, {k: v for k, v in _published(run).items() if k != "inst-2"})[0].problems)
+
+
+def test_the_audit_needs_keys_from_outside_the_ledger(run_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "zk.cli", "audit", str(run_dir)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "--keys" in proc.stderr, proc.stderr
+
+
+def test_equal_weighting_is_audited_from_the_header(keys: dict, tmp_path: Path) -> None:
+    """strategy.weighting = equal: every accepted client weighs 1 in the aggregate and in the audit's equation."""
+    run = tmp_path / RUN_ID
+    rng = np.random.default_rng(11)
+    clients = {f"inst-{i}": (keys[f"inst-{i}"], 1000 * (i + 1)) for i in range(2)}
+    global_ = _adapter0(rng)
+    append_entry(run, header_entry(RUN_ID, {n: k.public_key() for n, (k, _) in clients.items()},
+                                   file_sha256(_save_adapter(run, 0, global_)), BOUND, FRAC, BITS, weighting="equal"))
+    for name, (key, _) in clients.items():
+        signing.save_public_key(key.public_key(), run / "keys" / f"{name}{signing.PUBLIC_SUFFIX}")
+    delta = {k: rng.normal(0, 0.005, v.shape) for k, v in global_.items() if "lora_B" in k}
+    subs = []
+    for name, (key, n) in clients.items():
+        values, layout = quantize_update(delta, BOUND, FRAC, BITS, rng)
+        subs.append(make_submission(values, n, key, RUN_ID, 1, name))
+    total, blindings, weight = aggregate(subs, equal_weights=True)
+    assert weight == 2
+    _save_adapter(run, 1, apply_aggregate(global_, total, layout, weight, FRAC))
+    record_round(run, 1, layout, subs, {}, total, blindings, weight)
+    assert [v.ok for v in _audit(run)] == [True, True]
+    entries = read_ledger(run)
+    entries[0]["weighting"] = "examples"  # the same round read as example-weighted does not add up
+    (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    assert _failed_rounds(run) == [1]
 
 
 def test_random_blindings_are_reduced_and_distinct() -> None:

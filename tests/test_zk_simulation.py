@@ -19,7 +19,7 @@ def test_zk_run_is_auditable_and_tampering_is_caught(fedavg_run, tmp_path):
     ledger = read_jsonl_records(run_dir / "ledger.jsonl")
     assert ledger[0]["type"] == "header" and [e["round"] for e in ledger[1:]] == [1, 2]
     assert all(len(e["clients"]) == 3 and not e["rejected"] for e in ledger[1:])
-    audit = run_cli("zk", "audit", str(run_dir))
+    audit = run_cli("zk", "audit", str(run_dir), "--keys", str(run_dir / "keys"))
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
     tampered = tmp_path / "tampered"
@@ -30,7 +30,7 @@ def test_zk_run_is_auditable_and_tampering_is_caught(fedavg_run, tmp_path):
     tensors[key] = tensors[key].copy()
     tensors[key].flat[0] += np.float32(1e-3)
     save_file(tensors, str(adapter), metadata={"format": "pt"})
-    bad = run_cli("zk", "audit", str(tampered))
+    bad = run_cli("zk", "audit", str(tampered), "--keys", str(run_dir / "keys"))
     assert bad.returncode != 0
     assert any(line.split()[:1] == ["2"] and "FAIL" in line for line in bad.stdout.splitlines()), bad.stdout
     assert any(line.split()[:1] == ["1"] and "OK" in line for line in bad.stdout.splitlines()), bad.stdout
@@ -53,7 +53,7 @@ def test_update_signed_with_an_unregistered_key_is_rejected_and_the_round_goes_o
     assert "institution-2" in reason and "bad-signature" in reason
     entry = read_jsonl_records(tmp_path / "z" / "ledger.jsonl")[-1]
     assert sorted(c["node_id"] for c in entry["clients"]) == ["institution-0", "institution-1"]
-    audit = run_cli("zk", "audit", str(tmp_path / "z"))
+    audit = run_cli("zk", "audit", str(tmp_path / "z"), "--keys", str(keys))
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 

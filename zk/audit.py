@@ -1,6 +1,10 @@
 """Re-check a finished run from its ledger, aggregate files and global adapters alone.
 
-Per round: every signature against the pinned keys, sum_i n_i C_i == Com(A, R) row by row (batched), the
+The institutions' public keys come from outside the ledger (``finlora zk audit RUN --keys DIR``: the keys each
+institution published, or the operator's registry), because the server writes the ledger: a server that made up
+a round under keys of its own must not audit OK. The ledger header's keys must equal them.
+
+Per round: every signature against those keys, sum_i n_i C_i == Com(A, R) row by row (batched), the
 aggregate's norm, and global_k == apply_aggregate(global_{k-1}, A) bit for bit, plus the file hash chain.
 No individual update is needed.
 """
@@ -8,17 +12,22 @@ No individual update is needed.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from zk import signing
 from zk.commit import commitments_digest, decode_points, opening_terms, rows_of
 from zk.encoding import Layout, apply_aggregate
 from zk.generators import PINNED_DIGEST, ROW_SIZE
 from zk.ledger import file_sha256, load_aggregate, read_ledger
+from zk.verify import client_weights
+
+WEIGHTINGS = ("examples", "equal")
 from zk.wire import unpack_blindings, unpack_commitments
 
 
@@ -38,10 +47,13 @@ def _load_adapter(path: Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-def _check_header(run_dir: Path, header: dict[str, Any]) -> list[str]:
+def _check_header(run_dir: Path, header: dict[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> list[str]:
     problems = []
     if header.get("type") != "header":
         return ["first ledger line is not a header"]
+    problems += _key_problems(header.get("public_keys", {}), keys)
+    if header.get("weighting", "examples") not in WEIGHTINGS:
+        problems.append(f"unknown weighting {header.get('weighting')!r} (expected one of {', '.join(WEIGHTINGS)})")
     if header.get("generators_digest") != PINNED_DIGEST or header.get("row_size") != ROW_SIZE:
         problems.append("ledger was written with other Pedersen generators / row size")
     path = run_dir / header["adapter_file"]
@@ -52,19 +64,30 @@ def _check_header(run_dir: Path, header: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _check_signatures(header: dict[str, Any], entry: dict[str, Any]) -> tuple[list[str], list[list]]:
-    """Problems, and per client the decoded row commitments (empty list where they do not decode)."""
+def _key_problems(ledger_keys: Mapping[str, str], keys: Mapping[str, Ed25519PublicKey]) -> list[str]:
+    """How the ledger header's keys differ from the institutions' own (one problem per institution)."""
+    trusted = {name: signing.public_key_raw(key).hex() for name, key in keys.items()}
+    problems = [f"institution {name}: the ledger's key is not the one given with --keys"
+                for name in sorted(set(ledger_keys) & set(trusted)) if ledger_keys[name] != trusted[name]]
+    problems += [f"institution {name}: in the ledger but not in --keys" for name in sorted(set(ledger_keys) - set(trusted))]
+    problems += [f"institution {name}: in --keys but not in the ledger" for name in sorted(set(trusted) - set(ledger_keys))]
+    return problems
+
+
+def _check_signatures(header: dict[str, Any], entry: dict[str, Any],
+                      keys: Mapping[str, Ed25519PublicKey]) -> tuple[list[str], list[list]]:
+    """Problems, and per client the decoded row commitments (empty list where they do not decode). Signatures are
+    checked against the institutions' own keys, never the ledger's."""
     problems, points = [], []
     for client in entry["clients"]:
         node = client["node_id"]
         commitments = unpack_commitments(base64.b64decode(client["commitments"]))
-        raw = header["public_keys"].get(node)
+        key = keys.get(node)
         statement = signing.update_statement(header["run_id"], entry["round"], node,
                                              commitments_digest(commitments), client["num_examples"])
-        if raw is None:
-            problems.append(f"node {node}: no registered key")
-        elif not signing.verify(signing.public_key_from_raw(bytes.fromhex(raw)), statement,
-                                bytes.fromhex(client["signature"])):
+        if key is None:
+            problems.append(f"node {node}: no key given with --keys")
+        elif not signing.verify(key, statement, bytes.fromhex(client["signature"])):
             problems.append(f"node {node}: bad signature")
         try:
             points.append(decode_points(commitments))
@@ -103,14 +126,15 @@ def _check_kept_round(run_dir: Path, entry: dict[str, Any], prev_path: Path, pre
 
 
 def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], prev_path: Path,
-                 prev_sha: str) -> list[str]:
+                 prev_sha: str, keys: Mapping[str, Ed25519PublicKey]) -> list[str]:
     if "kept_previous" in entry:
         return _check_kept_round(run_dir, entry, prev_path, prev_sha)
-    problems, points = _check_signatures(header, entry)
+    problems, points = _check_signatures(header, entry, keys)
     layout = Layout.from_json(entry["layout"])
-    weights = [int(c["num_examples"]) for c in entry["clients"]]
+    weights = client_weights([int(c["num_examples"]) for c in entry["clients"]],
+                             header.get("weighting", "examples") == "equal")
     if sum(weights) != entry["total_weight"] or entry["total_weight"] <= 0:
-        problems.append("total weight is not the sum of the clients' example counts")
+        problems.append(f"total weight is not the sum of the clients' weights ({header.get('weighting', 'examples')})")
     agg_path = run_dir / entry["aggregate_file"]
     if not agg_path.exists() or file_sha256(agg_path) != entry["aggregate_sha256"]:
         return [*problems, f"{entry['aggregate_file']}: missing or sha256 differs from the ledger"]
@@ -144,14 +168,15 @@ def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], p
     return problems
 
 
-def audit_run(run_dir: Path) -> list[RoundVerdict]:
-    """A verdict for the header (round 0) and for every round line of ``run_dir/ledger.jsonl``."""
+def audit_run(run_dir: Path, keys: Mapping[str, Ed25519PublicKey]) -> list[RoundVerdict]:
+    """A verdict for the header (round 0) and for every round line of ``run_dir/ledger.jsonl``, against the
+    institutions' public ``keys`` (name -> key, from outside the ledger)."""
     run_dir = Path(run_dir)
     entries = read_ledger(run_dir)
     if not entries:
         return [RoundVerdict(0, False, 0, ("no ledger.jsonl or it is empty",))]
     header, rounds = entries[0], entries[1:]
-    problems = _check_header(run_dir, header)
+    problems = _check_header(run_dir, header, keys)
     verdicts = [RoundVerdict(0, not problems, 0, tuple(problems))]
     if header.get("type") != "header":
         return verdicts
@@ -159,7 +184,7 @@ def audit_run(run_dir: Path) -> list[RoundVerdict]:
     for expected_round, entry in enumerate(rounds, start=1):
         try:
             problems = [] if entry.get("round") == expected_round else [f"expected round {expected_round}"]
-            problems += _check_round(run_dir, header, entry, prev_path, prev_sha)
+            problems += _check_round(run_dir, header, entry, prev_path, prev_sha, keys)
         except (KeyError, ValueError, TypeError, OSError) as exc:
             problems = [f"unreadable round entry: {type(exc).__name__}: {exc}"]
         verdicts.append(RoundVerdict(int(entry.get("round", expected_round)), not problems,

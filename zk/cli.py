@@ -8,11 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zk.audit import audit_run, format_table
+from zk.ledger import read_ledger
+from zk.signing import load_key_registry
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
     audit = sub.add_parser("audit", help="re-check a run's ledger, commitments and global adapters")
     audit.add_argument("run_dir", type=Path, help="runs/<run-id>")
+    audit.add_argument("--keys", type=Path, required=True, metavar="DIR|JSON",
+                       help="the institutions' public signing keys, from outside the ledger: a directory of "
+                            "<name>.pub.pem (the operator's --nodes, or what each institution published) or a JSON "
+                            "object name -> key file; the ledger's own keys must equal them")
     audit.set_defaults(func=cmd_zk_audit)
 
 
@@ -24,7 +30,17 @@ def add_zk_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_zk_audit(args: argparse.Namespace) -> int:
     """Print the per-round OK/FAIL table; 0 when every round is OK, else 1."""
-    verdicts = audit_run(args.run_dir)
+    try:
+        keys = load_key_registry(args.keys)
+    except (OSError, ValueError) as exc:
+        print(f"finlora zk audit: --keys {args.keys}: {exc}", file=sys.stderr)
+        return 2
+    if not keys:
+        print(f"finlora zk audit: --keys {args.keys}: no public keys (<name>.pub.pem) found", file=sys.stderr)
+        return 2
+    verdicts = audit_run(args.run_dir, keys)
+    header = next(iter(read_ledger(args.run_dir)), {})
+    print(f"run id {header.get('run_id', '?')!r}; {len(keys)} institution keys from {args.keys}")
     print(format_table(verdicts))
     ok = all(v.ok for v in verdicts)
     print(f"audit {'OK' if ok else 'FAILED'}: {sum(v.ok for v in verdicts)}/{len(verdicts)} rows OK")

@@ -80,9 +80,10 @@ def load_aggregate(path: Path) -> np.ndarray:
 
 def header_entry(run_id: str, public_keys: Mapping[str, Ed25519PublicKey], round0_adapter_sha256: str,
                  norm_bound: float, frac_bits: int, bits: int, round0_adapter: str = adapter_relpath(0),
-                 ) -> dict[str, Any]:
-    """The first ledger line of a run (write it once, before round 1)."""
-    return {"type": "header", "version": VERSION, "run_id": run_id, "row_size": ROW_SIZE,
+                 weighting: str = "examples") -> dict[str, Any]:
+    """The first ledger line of a run (write it once, before round 1). ``weighting``: how the aggregate weighs
+    each accepted client (``examples``: its signed count; ``equal``: 1 each), which the audit re-derives."""
+    return {"type": "header", "version": VERSION, "run_id": run_id, "row_size": ROW_SIZE, "weighting": weighting,
             "generators_digest": PINNED_DIGEST, "norm_bound": float(norm_bound), "frac_bits": int(frac_bits),
             "bits": int(bits), "adapter_file": round0_adapter, "adapter_sha256": round0_adapter_sha256,
             "public_keys": {str(k): public_key_raw(v).hex() for k, v in sorted(public_keys.items())}}

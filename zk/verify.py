@@ -166,19 +166,30 @@ def verify_round(submissions: Sequence[Submission], run_id: str, round_num: int,
     return [s for s, _ in candidates if s.node_id not in rejected], rejected
 
 
-def aggregate(accepted: Sequence[Submission]) -> tuple[np.ndarray, list[int], int]:
-    """(A = sum_i n_i x_i as int64, R_row = sum_i n_i r_i,row mod r per row, N = sum_i n_i).
+def aggregate(accepted: Sequence[Submission], equal_weights: bool = False) -> tuple[np.ndarray, list[int], int]:
+    """(A = sum_i w_i x_i as int64, R_row = sum_i w_i r_i,row mod r per row, W = sum_i w_i).
 
-    Weights are the integer example counts, so Com(A_row, R_row) == sum_i n_i C_i,row exactly.
+    ``w_i`` is the signed integer example count ``n_i`` (``strategy.weighting = examples``) or 1 for every
+    client (``equal``), so Com(A_row, R_row) == sum_i w_i C_i,row exactly; :func:`client_weights` says which.
     """
     if not accepted:
         raise ValueError("nothing to aggregate")
     sizes = {s.values.shape for s in accepted}
     if len(sizes) != 1:
         raise ValueError(f"accepted updates differ in size: {sizes}")
+    weights = client_weights([s.num_examples for s in accepted], equal_weights)
     total = np.zeros(accepted[0].values.shape, dtype=np.int64)
-    for sub in accepted:
-        total += np.int64(sub.num_examples) * sub.values
-    blindings = [sum(s.num_examples * s.blindings[k] for s in accepted) % GROUP_ORDER
+    for sub, weight in zip(accepted, weights):
+        total += np.int64(weight) * sub.values
+    blindings = [sum(w * s.blindings[k] for s, w in zip(accepted, weights)) % GROUP_ORDER
                  for k in range(len(accepted[0].blindings))]
-    return total, blindings, sum(s.num_examples for s in accepted)
+    return total, blindings, sum(weights)
+
+
+def client_weights(num_examples: Sequence[int], equal_weights: bool) -> list[int]:
+    """The FedAvg weight of each accepted client: its signed example count, or 1 each (equal weighting).
+
+    The server and the audit both derive the weights from this rule and the signed counts; neither reads a
+    weight that anyone reported.
+    """
+    return [1 if equal_weights else int(n) for n in num_examples]
