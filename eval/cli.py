@@ -8,11 +8,13 @@ loaded), load the model, call :func:`eval.runner.evaluate_model`, print the tabl
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from common.config import load_config
+from common.preflight import check_model, hub_offline
 from eval.runner import MODES
 from eval.tasks import EvalError, resolve_task_names, resolve_test_dir
 
@@ -69,6 +71,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = load_config()
     model_name = args.model or cfg.model.name
+    if hub_offline():  # as in simulate: no hub round-trips (and retries) unless FINLORA_ONLINE=1
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    check_model(model_name, "--model")  # in a second, before torch and the model load
+    if args.adapter and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
+        raise EvalError(f"--adapter {args.adapter}: no adapter_config.json there (expected a PEFT adapter "
+                        f"directory such as runs/<run-id>/round-3)")
     mode = args.mode or cfg.eval.mode
     batch_size = args.batch_size or cfg.eval.batch_size
     if args.max_samples < 0 or batch_size < 1:

@@ -36,6 +36,7 @@ from common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_
                                      stop_leftover_process, stop_process_tree, toml_value, wait_gateway_ready,
                                      wait_superlink_healthy)
 from common.io import atomic_write_text
+from common.preflight import check_data, check_port_free
 
 CONNECTION = "finlora-server"
 REGISTRY_FILE = "institutions.json"
@@ -67,6 +68,49 @@ class ServerOptions:
     insecure: bool
     run_id: str
     app: Path | None = None
+    heldout_data: str | None = None
+    """The server's held-out loss set: ``sample``, a JSONL file, or ``none`` (default: config ``data.source``)."""
+    eval_data: Path | None = None
+    """Directory of FinLoRA test files for the benchmark eval (default: config ``eval.data-dir``, else the
+    FinLoRA data directory's ``test/``)."""
+
+
+def server_data_overrides(opts: ServerOptions, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The server's own data, as absolute paths: the ServerApp runs from Flower's copy of the app under
+    ``STATE/flwr-home``, where a relative path (or ``../shared/data``) means nothing."""
+    from common.data import default_data_dir
+
+    out = dict(overrides)
+    if opts.heldout_data == "none":
+        out["eval.heldout"] = False
+    elif opts.heldout_data:
+        out["data.source"] = (opts.heldout_data if opts.heldout_data == "sample"
+                              else str(Path(opts.heldout_data).expanduser().resolve()))
+    source = out.get("data.source")
+    if isinstance(source, str) and (source.endswith(".jsonl") or Path(source).expanduser().exists()):
+        out["data.source"] = str(Path(source).expanduser().resolve())
+    if opts.eval_data is not None:
+        out["eval.data-dir"] = str(opts.eval_data.expanduser().resolve())
+    elif out.get("eval.data-dir"):
+        out["eval.data-dir"] = str(Path(str(out["eval.data-dir"])).expanduser().resolve())
+    elif (default_data_dir() / "test").is_dir():
+        out["eval.data-dir"] = str((default_data_dir() / "test").resolve())
+    if out.get("data.dir"):
+        out["data.dir"] = str(Path(str(out["data.dir"])).expanduser().resolve())
+    return out
+
+
+def describe_server_data(cfg: Any) -> str:
+    """One line saying what the server scores each global adapter on."""
+    heldout = (f"held-out loss on {cfg.data.heldout_size} rows of {cfg.data.source}" if cfg.eval.heldout
+               else "no held-out loss")
+    if cfg.eval.every or cfg.eval.final:
+        when = f"every {cfg.eval.every} rounds" if cfg.eval.every else "after the last round"
+        bench = (f"benchmark eval ({cfg.eval.tasks}, {cfg.eval.max_samples or 'all'} rows per task) {when} from "
+                 f"{cfg.eval.data_dir or 'the hub'}")
+    else:
+        bench = "no benchmark eval (eval.every = 0, eval.final = false)"
+    return f"{heldout}; {bench}"
 
 
 def read_run_config(path: Path | None) -> dict[str, Any]:
@@ -85,6 +129,8 @@ def read_run_config(path: Path | None) -> dict[str, Any]:
 
 def run_server(opts: ServerOptions) -> int:
     state = opts.state.resolve()
+    if not (state / GATEWAY_PID_FILE).exists():  # else a crashed server's gateway may hold it: checked below
+        check_port_free(opts.host, opts.port)
     state.mkdir(parents=True, exist_ok=True)
     overrides = read_run_config(opts.config_file)
     run_dir = state / "runs" / opts.run_id
@@ -96,7 +142,14 @@ def run_server(opts: ServerOptions) -> int:
         overrides["zk.keys-dir"] = str(opts.nodes.resolve())
     if not overrides.get("zk.run-nonce"):
         overrides["zk.run-nonce"] = deployment_nonce(state)
-    cfg = load_config(overrides)
+    overrides = server_data_overrides(opts, overrides)
+    cfg = load_config(overrides).check_combinations()
+    if cfg.eval.heldout:
+        check_data(cfg.data, "--heldout-data" if opts.heldout_data else "data.source")
+    if (cfg.eval.every or cfg.eval.final) and cfg.eval.data_dir and not Path(cfg.eval.data_dir).is_dir():
+        raise ConfigError(f"{'--eval-data' if opts.eval_data else 'eval.data-dir'} {cfg.eval.data_dir}: no such "
+                          f"directory")
+    print(f"finlora server: {describe_server_data(cfg)}", flush=True)
     internal_port = free_port()  # the SuperLink's, on 127.0.0.1 only
     env = flower_env(state / "flwr-home", internal_port)
     fed_ca = None if opts.insecure else (opts.certs / "ca.crt").resolve()
@@ -136,6 +189,7 @@ def run_server(opts: ServerOptions) -> int:
     if stop_leftover_process(pid_file, must_contain=("flower-superlink", str(state / "superlink.db"))):
         print(f"finlora server: stopped a SuperLink left running on {state} by an earlier server process",
               flush=True)
+    check_port_free(opts.host, opts.port)  # after stopping our own leftovers, which may hold it
     superlink = subprocess.Popen(cmd, cwd=state, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
     atomic_write_text(pid_file, f"{superlink.pid}\n")

@@ -18,6 +18,7 @@ from typing import Any
 from common.certs import CertificateError
 from common.config import ConfigError, load_config, parse_override
 from common.data import DataError
+from common.preflight import check_data, check_gpu, check_model, check_positive, check_writable
 from eval.cli import add_eval_parser
 from zk.cli import add_zk_parser
 
@@ -80,6 +81,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulation.report import (print_eval, print_privacy, print_summary, round_problems, write_loss_plot,
                                    write_privacy_plot)
 
+    check_positive("--clients", args.clients, "simulated institutions")
+    check_positive("--rounds", args.rounds, "federated rounds in total")
     out_dir, run_id = _run_location(args)
     overrides = _absolute_paths(_overrides_from_args(args))
     if args.resume:  # continue the run as it was started; flags given now still win
@@ -88,7 +91,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         saved = RunDirectory(out_dir / run_id).saved_config()
         overrides = {**{k: v for k, v in saved.items() if k not in ("num-rounds", "resume")}, **overrides}
     overrides.update({"out-dir": str(out_dir), "run-id": run_id, "resume": bool(args.resume)})
-    cfg = load_config(overrides)  # fail here, with the key's name, not inside a Ray actor
+    cfg = load_config(overrides).check_combinations()  # fail here, with the key's name, not inside a Ray actor
+    check_model(cfg.model.name, "--model" if args.model else "model.name")
+    check_data(cfg.data, "--data" if args.data else "data.source", min_rows=args.clients)
+    check_writable(out_dir, "--out")
     run_dir = out_dir / run_id
     if cfg.zk.enabled and not cfg.zk.keys_dir:
         from simulation.keys import provision_simulation_keys
@@ -118,7 +124,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 1
     print(f"finlora simulate: {cfg.num_rounds} rounds completed; global adapters in {run_dir}/round-<k>/")
     if cfg.zk.enabled:
-        keys = Path(str(overrides["zk.keys-dir"]))
+        keys = Path(str(overrides.get("zk.keys-dir") or cfg.zk.keys_dir))
         print(f"audit it: finlora zk audit {run_dir} --keys {keys}")
     return 0
 
@@ -146,6 +152,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 
     if bool(args.task) == bool(args.data):
         raise ConfigError("give exactly one of --task TASK or --data PATH")
+    check_positive("--clients", args.clients, "one JSONL file per institution")
     cfg = load_config({"data.source": args.task or str(Path(args.data).resolve())}).data
     rows = load_rows(cfg)
     out = Path(args.out)
@@ -164,12 +171,14 @@ def cmd_server(args: argparse.Namespace) -> int:
                                     certs=Path(args.certs or Path(args.state) / "certs"),
                                     nodes=Path(args.nodes) if args.nodes else None, host=args.host, port=args.port,
                                     insecure=args.insecure, run_id=args.run_id,
-                                    app=Path(args.app) if args.app else None))
+                                    app=Path(args.app) if args.app else None, heldout_data=args.heldout_data,
+                                    eval_data=Path(args.eval_data) if args.eval_data else None))
 
 
 def cmd_client(args: argparse.Namespace) -> int:
     from client.deploy import ClientOptions, default_state_dir, run_client
 
+    check_gpu(args.gpu)
     name = args.name or Path(args.key or args.data).name.split(".")[0]
     return run_client(ClientOptions(superlink=args.superlink, ca=Path(args.ca) if args.ca else None,
                                     key=Path(args.key) if args.key else None, data=Path(args.data), name=name,
@@ -185,6 +194,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finlora", description="Federated LoRA fine-tuning of financial LLMs.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a local multi-process federated simulation",
                          description="Run N simulated institutions and a server on this machine (Flower "
@@ -253,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--run-id", default="federation")
     server.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
     server.add_argument("--app", help="Flower app directory to submit (default: this finlora installation)")
+    server.add_argument("--heldout-data", metavar="sample|JSONL|none",
+                        help="rows the server scores every global adapter on (default: config data.source, "
+                             "'sample' = the built-in sentiment set)")
+    server.add_argument("--eval-data", metavar="DIR",
+                        help="FinLoRA test files for the benchmark eval (default: config eval.data-dir, else the "
+                             "FinLoRA data directory's test/)")
     server.set_defaults(func=cmd_server)
 
     client = sub.add_parser("client", help="join a federation as an institution (Flower SuperNode)")
@@ -290,9 +306,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, CertificateError) as exc:
+    except (ConfigError, DataError, CertificateError) as exc:  # the user's input: one line names the cause
+        if args.debug:
+            raise
         print(f"finlora: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("finlora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - anything else: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"finlora: {type(exc).__name__}: {exc} (run 'finlora --debug ...' for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,6 +30,13 @@ def add_zk_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_zk_audit(args: argparse.Namespace) -> int:
     """Print the per-round OK/FAIL table; 0 when every round is OK, else 1."""
+    if not args.run_dir.is_dir():
+        print(f"finlora zk audit: {args.run_dir}: no such run directory", file=sys.stderr)
+        return 2
+    if not (args.run_dir / "ledger.jsonl").is_file():
+        print(f"finlora zk audit: {args.run_dir} holds no ledger.jsonl (was the run made with zk.enabled = true?)",
+              file=sys.stderr)
+        return 2
     try:
         keys = load_key_registry(args.keys)
     except (OSError, ValueError) as exc:

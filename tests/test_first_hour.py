@@ -1,0 +1,117 @@
+"""A newcomer's mistakes end before any Flower, Ray or model process starts, with one line on stderr that names
+the cause (flag, file and line, key), a non-zero exit and no traceback (issue: a newcomer's first hour)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from common.sample_data import sentiment_rows
+from tests.conftest import run_cli
+
+
+def _one_line_error(proc, *expected: str, code: int = 2) -> str:
+    """The process failed with ``code`` and said ``expected`` in one stderr line, without a traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line
+             and not line.startswith(("  ", "WARNING", "INFO"))]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    assert "SuperLink" not in proc.stdout and "Ray" not in proc.stdout, proc.stdout[-2000:]  # nothing started
+    return lines[0]
+
+
+@pytest.fixture
+def bad_jsonl(tmp_path: Path) -> Path:
+    rows = [json.dumps(r) for r in sentiment_rows(n=10, seed=1)]
+    rows[5] = '{"context": "a row cut in half'
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_simulate_input_mistakes_fail_fast_with_one_line(tmp_path, bad_jsonl):
+    out = ["--out", str(tmp_path / "runs")]
+    _one_line_error(run_cli("simulate", "--data", str(bad_jsonl), *out), f"{bad_jsonl}:6: not valid JSON")
+    _one_line_error(run_cli("simulate", "--model", str(tmp_path / "no-such-model"), *out), "--model",
+                    "no such file or directory")
+    (tmp_path / "empty-model").mkdir()
+    _one_line_error(run_cli("simulate", "--model", str(tmp_path / "empty-model"), *out), "holds no config.json")
+    _one_line_error(run_cli("simulate", "--model", "nobody/no-such-model-in-cache", *out), "not in the Hugging Face cache")
+    _one_line_error(run_cli("simulate", "--data", str(tmp_path / "missing.jsonl"), *out), "no such data file")
+    _one_line_error(run_cli("simulate", "--data", str(tmp_path), *out), "a directory; expected a JSONL file")
+    _one_line_error(run_cli("simulate", "--set", f"data.dir={tmp_path / 'nowhere'}", *out), "data.dir",
+                    "no such directory")
+    _one_line_error(run_cli("simulate", "--clients", "0", *out), "--clients 0: must be at least 1")
+    _one_line_error(run_cli("simulate", "--rounds", "-1", *out), "--rounds -1: must be at least 1")
+    _one_line_error(run_cli("simulate", "--set", "dp.level=samples", *out), "dp.level", "samples")
+    (tmp_path / "file").write_text("")
+    _one_line_error(run_cli("simulate", "--out", str(tmp_path / "file" / "runs")), "--out", "not writable")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_other_commands_refuse_impossible_counts_and_devices(tmp_path, bad_jsonl):
+    _one_line_error(run_cli("data", "split", "--data", str(bad_jsonl), "--clients", "0", "--out", str(tmp_path)),
+                    "--clients 0")
+    _one_line_error(run_cli("data", "split", "--data", str(bad_jsonl), "--clients", "2", "--out", str(tmp_path)),
+                    f"{bad_jsonl}:6")
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n=10, seed=2)))
+    import torch
+
+    if not torch.cuda.is_available():
+        _one_line_error(run_cli("client", "--superlink", "127.0.0.1:1", "--insecure", "--data", str(good),
+                                "--gpu", "0"), "--gpu 0: this machine has no CUDA device")
+    _one_line_error(run_cli("eval", "--model", str(tmp_path / "nonexistent"), "--tasks", "fpb"), "--model",
+                    "no such file or directory")
+    _one_line_error(run_cli("eval", "--model", "tiny", "--adapter", str(tmp_path), "--tasks", "fpb"), "--adapter",
+                    "no adapter_config.json")
+
+
+def test_server_names_a_port_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("server", "--state", str(tmp_path / "state"), "--insecure", "--host", "127.0.0.1", "--port",
+                       str(port), timeout=120)
+    _one_line_error(proc, f"port {port} on 127.0.0.1 is in use")
+
+
+def test_audit_tells_a_missing_run_from_one_without_a_ledger(tmp_path):
+    (tmp_path / "keys").mkdir()
+    missing = run_cli("zk", "audit", str(tmp_path / "nope"), "--keys", str(tmp_path / "keys"))
+    assert missing.returncode == 2 and "no such run directory" in missing.stderr, missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run_cli("zk", "audit", str(tmp_path / "empty"), "--keys", str(tmp_path / "keys"))
+    assert empty.returncode == 2 and "holds no ledger.jsonl" in empty.stderr, empty.stderr
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    """An error that is not the user's input (here: a run directory that is a file) ends in one line too."""
+    run = tmp_path / "run"
+    run.write_text("not a directory")
+    plain = run_cli("simulate", "--resume", str(run))
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr and "--resume" in plain.stderr, plain.stderr
+    debug = run_cli("--debug", "simulate", "--resume", str(run))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_server_checks_its_own_data_before_starting(tmp_path, bad_jsonl):
+    proc = run_cli("server", "--state", str(tmp_path / "state"), "--insecure", "--host", "127.0.0.1", "--port", "0",
+                   "--heldout-data", str(bad_jsonl), "--config", str(_run_toml(tmp_path)), timeout=120)
+    _one_line_error(proc, "--heldout-data", f"{bad_jsonl}:6: not valid JSON")
+    proc = run_cli("server", "--state", str(tmp_path / "state"), "--insecure", "--host", "127.0.0.1", "--port", "0",
+                   "--eval-data", str(tmp_path / "no-test-dir"), "--config", str(_run_toml(tmp_path)), timeout=120)
+    _one_line_error(proc, "--eval-data", "no such directory")
+
+
+def _run_toml(tmp_path: Path) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text('"eval.every" = 1\n"zk.enabled" = false\n')
+    return path
