@@ -14,6 +14,7 @@ from client.dp_setup import enforce_policy, ledger_store, open_ledger
 from client.dp_train import dp_train_round, sample_rate, steps_per_round
 from client.local_data import LocalData, local_data, node_data_key
 from client.mods import client_level_clipping_mod
+from client.progress import record_task
 from client.train import TrainStats, round_learning_rate, train_round
 from client.zk_update import institution_name, signing_key_file, zk_reply_records
 from common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, lora_state, load_lora_state,
@@ -104,8 +105,11 @@ def _run_task(kind: str, content: RecordDict, context: Context) -> RecordDict:
 
         reply, state = call_trainer(socket, kind, content, context)
         context.state = state  # what the task wrote into the node's state travels back to Flower
-        return reply
-    return TASKS[kind](content, context)
+    else:
+        reply = TASKS[kind](content, context)
+    record_task(context.node_config, context.run_config, context.run_id, kind,
+                content.config_records.get("config", ConfigRecord()))
+    return reply
 
 
 def train_content(content: RecordDict, context: Context) -> RecordDict:

@@ -28,14 +28,17 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.progress import NODE_KEY as PROGRESS_KEY
+from client.progress import read_progress
 from client.resident import ResidentTrainer, TrainerStartError
 from common.certs import check_ca_certificate, check_node_auth_key
 from common.config import PROJECT_ROOT, ConfigError
 from common.data import read_jsonl
-from common.flower_processes import app_fab_hash, flower_bin, flower_env, free_port, stop_process_tree, toml_value
+from common.flower_processes import app_fab_hash, die_with_parent, flower_bin, flower_env, free_port, stop_process_tree, toml_value
 
 
 REFUSED_MARK = "[code: 2004]"
@@ -44,6 +47,10 @@ TLS_FAILED_MARKS = ("SSL/TLS handshake error detected", "CERTIFICATE_VERIFY_FAIL
 """What ``flower-supernode`` prints when the server's certificate does not verify against ``--root-certificates``
 (Flower 1.42: ``ERROR: SSL/TLS handshake error detected.``, then ``[SSL: CERTIFICATE_VERIFY_FAILED] certificate
 verify failed: ...``, then it exits with code 1)."""
+SENT_MARK = "Sent successfully"
+"""What ``flower-supernode`` logs once a reply has reached the SuperLink (Flower 1.42, ``_push_messages``)."""
+PROGRESS_FILE = "progress.json"
+"""Under the client's state directory: the ClientApp's last finished task (``client/progress.py``)."""
 PIN_ENV = "FINLORA_PINNED_APP_HASH"
 """The pinned FAB hash, read by ``client/pinned_clientapp.py`` in every ``flwr-clientapp`` process."""
 PINNED_BIN = "pinned-bin"
@@ -72,6 +79,9 @@ class ClientOptions:
     dp_max_grad_norm: float | None = None
     dp_ledger_dir: Path | None = None
     allow_no_dp: bool = False
+    exit_after_idle: float | None = None
+    """Exit (0) after this many seconds without a task once at least one was done (default: only when the run
+    is finished, or the SuperLink gone for ``max_wait_time``)."""
 
 
 def resolve_app_pin(app_hash: str) -> str | None:
@@ -151,6 +161,11 @@ def run_client(opts: ClientOptions) -> int:
     refused = threading.Event()
     tls_failure: list[str] = []
     trainer_failed = False
+    progress_path = state / PROGRESS_FILE
+    progress_path.unlink(missing_ok=True)  # a finished earlier run must not end this one
+    node_config[PROGRESS_KEY] = str(progress_path)
+    sent_at: list[float] = []
+    finished = ""
     try:
         if opts.resident:
             # One long-lived process keeps the base model loaded; Flower's per-message ClientApp hands it the task.
@@ -169,7 +184,7 @@ def run_client(opts: ClientOptions) -> int:
             cmd += ["--root-certificates", str(opts.ca.resolve()),  # type: ignore[union-attr]
                     "--auth-supernode-private-key", str(opts.key.resolve())]  # type: ignore[union-attr]
         proc = subprocess.Popen(cmd, cwd=state, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=die_with_parent)
         supernode = proc
 
         def relay() -> None:
@@ -181,10 +196,22 @@ def run_client(opts: ClientOptions) -> int:
                     supernode.terminate()
                 if any(mark in line for mark in TLS_FAILED_MARKS):
                     tls_failure.append(line.strip())
+                if SENT_MARK in line:
+                    sent_at.append(time.time())
 
         reader = threading.Thread(target=relay, daemon=True)
         reader.start()
-        code = proc.wait()
+        while True:
+            try:
+                code = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            finished = _finished(read_progress(progress_path), sent_at, opts.exit_after_idle)
+            if finished:
+                stop_process_tree(proc)
+                code = 0
+                break
     except KeyboardInterrupt:
         code = 130
     except TrainerStartError as exc:
@@ -210,9 +237,26 @@ def run_client(opts: ClientOptions) -> int:
               f"{opts.key.with_suffix('.pub') if opts.key else ''} is not registered with the server, or the server "
               f"is not the one the CA {opts.ca} certifies", file=sys.stderr, flush=True)
         return 3
+    if finished:
+        print(f"finlora client {opts.name}: {finished}; SuperNode stopped, exiting", flush=True)
+        return 0
     if code not in (0, 130):
         print(f"finlora client {opts.name}: flower-supernode exited with code {code}", file=sys.stderr, flush=True)
     return code
+
+
+def _finished(progress: dict | None, sent_at: list[float], exit_after_idle: float | None) -> str:
+    """Why this institution is done (empty: it is not): the run's last message for it was answered and the reply
+    sent, or no task came for ``exit_after_idle`` seconds after the last one."""
+    if progress is None:
+        return ""
+    replied = bool(sent_at) and sent_at[-1] >= float(progress.get("at", 0))
+    if progress.get("final") and replied:
+        return (f"run {progress.get('run_id')} finished (round {progress.get('round')} of "
+                f"{progress.get('num_rounds')} answered)")
+    if exit_after_idle is not None and replied and time.time() - sent_at[-1] > exit_after_idle:
+        return f"no task for {exit_after_idle:g} s after round {progress.get('round')} (--exit-after-idle)"
+    return ""
 
 
 def default_state_dir(name: str) -> Path:

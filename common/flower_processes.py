@@ -236,3 +236,18 @@ def stop_leftover_process(pid_file: Path, must_contain: tuple[str, ...], grace_s
     procs = [proc, *_descendants(pid)]
     _terminate_then_kill(procs, grace_s)
     return True
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child that must not outlive the ``finlora`` process that started it, even when that
+    process is SIGKILLed (no ``finally`` runs then): Linux sends the child SIGTERM when its parent dies
+    (``prctl(PR_SET_PDEATHSIG)``; it fires when the *thread* that started the child ends, so start such children
+    from the main thread only). Elsewhere a no-op; the normal paths stop children explicitly."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -52,6 +52,26 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]], title: str = "") ->
 
 def write_bar_chart(results: Mapping[str, Mapping[str, Any]], path: Path, title: str = "") -> Path | None:
     """Accuracy and F1 per task with data as grouped bars (PNG, Agg backend); ``None`` if no task had data."""
+    import matplotlib.pyplot as plt
+
+    fig = bar_chart_figure(results, title)
+    if fig is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def bar_chart_figure(results: Mapping[str, Mapping[str, Any]], title: str = "") -> Any:
+    """The figure of :func:`write_bar_chart`, every bar labelled with its value (a zero bar is invisible)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,25 +84,17 @@ def write_bar_chart(results: Mapping[str, Mapping[str, Any]], path: Path, title:
     f1 = [results[n].get("f1") or 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(names) + 2), 4))
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], acc, width=0.4, label="accuracy")
-    ax.bar([i + 0.2 for i in x], f1, width=0.4, label="F1 (weighted / text F1)")
+    for offset, values, label in ((-0.2, acc, "accuracy"), (0.2, f1, "F1 (weighted / text F1)")):
+        bars = ax.bar([i + offset for i in x], values, width=0.4, label=label)
+        # every bar carries its value, so a zero (an invisible bar) still reads as 0.00
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2, fontsize=7)
     ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel("fraction")
     ax.set_title(title or "FinLoRA benchmark")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return fig
 
 
 def write_outputs(results: Mapping[str, Mapping[str, Any]], predictions: Mapping[str, list[dict[str, Any]]],

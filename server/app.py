@@ -54,7 +54,7 @@ def round_summary(server_round: int, rec: RoundRecord | None, heldout_loss: floa
         "privacy": {node: {k[3:]: v for k, v in c.items() if k.startswith("dp_")} | {"partition_id": c.get("partition_id")}
                     for node, c in clients.items() if "dp_epsilon" in c},
         "refused": sorted(node for node, reason in (rec.errors if rec else {}).items()
-                          if "PrivacyBudgetExhausted" in reason),
+                          if "PrivacyBudgetExhausted" in reason or "PrivacyPolicyViolation" in reason),
         "rejected": rec.rejected if rec else {},
         "eval_rejected": rec.eval_rejected if rec else {},
         "weighting": weighting,

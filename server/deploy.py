@@ -35,7 +35,7 @@ from common.config import PROJECT_ROOT, ConfigError, flatten_table, load_config
 from common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, last_run_status, list_runs,
                                      stop_leftover_process, stop_process_tree, toml_value, wait_gateway_ready,
                                      wait_superlink_healthy)
-from common.io import atomic_write_text
+from common.io import atomic_write_text, read_jsonl_records
 from common.preflight import check_data, check_port_free
 
 CONNECTION = "finlora-server"
@@ -225,8 +225,32 @@ def run_server(opts: ServerOptions) -> int:
         stop_process_tree(superlink)
         pid_file.unlink(missing_ok=True)
     ok = status.endswith("completed") and proc.returncode == 0
+    report_run(run_dir, state / REGISTRY_FILE)
     print(f"finlora server: Flower run {run_id or '?'} {status}; outputs in {run_dir}", flush=True)
     return 0 if ok else 1
+
+
+def report_run(run_dir: Path, registry: Path) -> None:
+    """What ``finlora simulate`` prints at the end (summary table, privacy table, plots), and one line per
+    institution that refused or failed in the last round, by name (``institutions.json``) rather than node id."""
+    from common.report import print_eval, print_privacy, print_summary, write_loss_plot, write_privacy_plot
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        return
+    print_summary(run_dir)
+    print_privacy(run_dir)
+    print_eval(run_dir)
+    for plot in (write_loss_plot(run_dir), write_privacy_plot(run_dir)):
+        if plot:
+            print(f"plot: {plot}")
+    names = {}
+    if registry.is_file():
+        names = {str(v.get("node_id")): name for name, v in json.loads(registry.read_text()).items()}
+    last = read_jsonl_records(run_dir / "metrics.jsonl")[-1]
+    for node, reason in sorted({**last.get("errors", {}), **last.get("rejected", {})}.items()):
+        who = f"institution {names[node]}" if node in names else f"node {node}"
+        what = "refused" if node in last.get("refused", []) else "was left out"
+        print(f"finlora server: round {last['round']}: {who} {what}: {reason[:300]}", flush=True)
 
 
 def deployment_nonce(state: Path) -> str:

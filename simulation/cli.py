@@ -78,7 +78,7 @@ def _run_location(args: argparse.Namespace) -> tuple[Path, str]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run a local multi-process simulation (Flower + Ray), then print and plot its summary."""
     from simulation.launcher import run_simulation
-    from simulation.report import (print_eval, print_privacy, print_summary, round_problems, write_loss_plot,
+    from common.report import (print_eval, print_privacy, print_summary, round_problems, write_loss_plot,
                                    write_privacy_plot)
 
     check_positive("--clients", args.clients, "simulated institutions")
@@ -189,7 +189,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                                     app_hash=args.app_hash, dp_delta=args.dp_delta,
                                     dp_max_grad_norm=args.dp_max_grad_norm,
                                     dp_ledger_dir=Path(args.dp_ledger_dir) if args.dp_ledger_dir else None,
-                                    allow_no_dp=args.allow_no_dp))
+                                    allow_no_dp=args.allow_no_dp, exit_after_idle=args.exit_after_idle))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "or the hash the server prints; 'any' = unpinned (not recommended)")
     client.add_argument("--max-wait-time", type=float, metavar="S",
                         help="give up after S seconds without the SuperLink (default: keep waiting for it)")
+    client.add_argument("--exit-after-idle", type=float, metavar="S",
+                        help="exit 0 after S seconds without a task (default: exit when the run is finished)")
     client.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
     client.add_argument("--no-resident", action="store_true",
                         help="no resident trainer: every Flower message loads the base model afresh (slow)")
@@ -303,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so the SuperLink/SuperNode/Ray processes we
     # started are stopped by our `finally` blocks instead of being orphaned.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal too
+        signal.signal(signum, lambda received, frame: sys.exit(128 + received))
     try:
         return int(args.func(args))
     except (ConfigError, DataError, CertificateError) as exc:  # the user's input: one line names the cause

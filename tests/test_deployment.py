@@ -218,7 +218,10 @@ def test_tls_federation_refuses_an_unregistered_node_a_wrong_ca_and_runs_only_pi
     assert processes.wait(intruder, 120) == 3
     assert processes.wait(wrong_ca, 120) == 3, processes.log("wrong-ca.log")
     assert processes.wait(server, 400) == 0, processes.tail()
-    assert all(c.poll() is None for c in [*clients, pinned_elsewhere])  # the run went on without the refused ones
+    # the run went on without the refused ones; the others leave once their last reply is sent
+    for name, client in zip(("bank-0", "bank-1"), clients):
+        assert processes.wait(client, 60) == 0, processes.log(f"{name}.log")[-2000:]
+        assert "finished (round 1 of 1 answered)" in processes.log(f"{name}.log")
     assert "the SuperLink refused this node" in processes.log("intruder.log")
     said = [line for line in processes.log("wrong-ca.log").splitlines() if line.startswith("finlora client wrong-ca:")]
     assert any("TLS" in line and str(federation / "other-ca" / "ca.crt") in line for line in said), said
@@ -257,7 +260,7 @@ def test_a_supernode_killed_in_round_2_leaves_the_others_to_finish(federation, t
     assert processes.wait(server, 600) == 0, processes.tail()
     print(f"killed after {killed - started:.0f}s; run finished {time.monotonic() - killed:.0f}s later")
     assert processes.wait(clients[2], 60) != 0  # its SuperNode is gone
-    assert all(c.poll() is None for c in clients[:2])
+    assert all(processes.wait(c, 60) == 0 for c in clients[:2])  # the run is over: they leave by themselves
 
     dead = _node_ids(processes.log("server.log"))["bank-2"]
     metrics = _metrics(run_dir)
@@ -313,7 +316,9 @@ def test_server_killed_after_round_1_resumes_at_round_2(federation, tmp_path, pr
     restarted = time.monotonic()
     assert processes.wait(again, 600) == 0, processes.tail()
     print(f"restart took {restarted - crash:.0f}s; resumed run finished {time.monotonic() - restarted:.0f}s later")
-    assert all(c.poll() is None for c in clients)  # they reconnected on their own
+    # they reconnected on their own, and left once the resumed run's last round was answered
+    assert all(processes.wait(c, 60) == 0 for c in clients), processes.tail()
+    assert "finished (round 2 of 2 answered)" in processes.log("bank-0.log")
 
     log = processes.log("server-again.log")
     assert "(resuming)" in log and "resuming" in log.split("ready,")[1]

@@ -97,21 +97,46 @@ def print_privacy(run_dir: Path) -> None:
 
 
 def write_privacy_plot(run_dir: Path) -> Path | None:
-    """``privacy.png``: epsilon spent per institution against the round."""
-    table = privacy_by_partition(read_jsonl_records(run_dir / "metrics.jsonl"))
+    """``privacy.png``: epsilon spent per institution against the round, with each budget as a dashed line.
+
+    Institutions on the same plan spend the same epsilon, so their lines coincide: each line gets its own marker
+    and a small horizontal offset, and the legend says which institutions share a curve.
+    """
+    fig = privacy_figure(run_dir.name, read_jsonl_records(run_dir / "metrics.jsonl"))
+    return None if fig is None else _save(fig, run_dir / "privacy.png")
+
+
+def privacy_figure(title: str, records: list[dict[str, Any]]) -> Any:
+    """The figure of :func:`write_privacy_plot` (``None`` without sample-level privacy records)."""
+    table = privacy_by_partition(records)
     if not table:
         return None
+    budgets = sorted({round(float(p["target_epsilon"]), 6) for r in records for p in (r.get("privacy") or {}).values()
+                      if p.get("target_epsilon") is not None})
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    markers = "osD^vP*X"
+    same: dict[tuple, list[int]] = {}
     for pid in sorted(table):
-        ax.plot(list(table[pid]), list(table[pid].values()), marker="o", label=f"institution {pid}")
+        same.setdefault(tuple(sorted(table[pid].items())), []).append(pid)
+    width = 0.08 * (len(table) - 1)
+    for i, pid in enumerate(sorted(table)):
+        shift = (i * 0.08 - width / 2) if len(table) > 1 else 0.0
+        curve = tuple(sorted(table[pid].items()))
+        twins = [q for q in same[curve] if q != pid]
+        label = f"institution {pid}" + (f" (same as {', '.join(map(str, twins))})" if twins else "")
+        ax.plot([x + shift for x in table[pid]], list(table[pid].values()), marker=markers[i % len(markers)],
+                alpha=0.85, label=label)
+    for budget in budgets:
+        ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget epsilon = {budget:g}")
     ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon spent")
-    ax.set_title(f"{run_dir.name}: privacy spent")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{title}: privacy spent")
     ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, run_dir / "privacy.png")
+    ax.legend(fontsize="small")
+    return fig
 
 
 def _integer_ticks() -> Any:
