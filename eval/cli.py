@@ -74,6 +74,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if hub_offline():  # as in simulate: no hub round-trips (and retries) unless FINLORA_ONLINE=1
         os.environ["HF_HUB_OFFLINE"] = "1"
     check_model(model_name, "--model")  # in a second, before torch and the model load
+    if args.adapter and not Path(args.adapter).expanduser().is_dir():
+        raise EvalError(f"--adapter {args.adapter}: no such adapter directory")
     if args.adapter and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
         raise EvalError(f"--adapter {args.adapter}: no adapter_config.json there (expected a PEFT adapter "
                         f"directory such as runs/<run-id>/round-3)")

@@ -150,16 +150,18 @@ def _prediction_records(task: EvalTask, rows: Sequence[Row], answers: Sequence[s
 
 
 def evaluate_task(model: Any, tokenizer: Any, task: EvalTask, rows: Sequence[Row], mode: str, batch_size: int,
-                  source: str = "", progress: bool = True) -> tuple[TaskResult, int]:
-    """Run and score one task on ``rows``; returns the result and the batch size that worked."""
+                  source: str = "", progress: bool = True,
+                  advance: Callable[[int], Any] | None = None) -> tuple[TaskResult, int]:
+    """Run and score one task on ``rows``; returns the result and the batch size that worked. ``advance`` (rows
+    done) drives a caller's progress bar; without it the task shows its own."""
     from tqdm import tqdm
 
     start = time.perf_counter()
     targets = [r["target"] for r in rows]
-    with tqdm(total=len(rows), desc=f"{task.name} ({mode})", unit="ex", disable=not progress,
+    with tqdm(total=len(rows), desc=f"{task.name} ({mode})", unit="ex", disable=not progress or advance is not None,
               dynamic_ncols=True) as bar:
         answers, label_scores, kind, size, cut = _infer(model, tokenizer, task, rows, mode, batch_size,
-                                                        bar.update)
+                                                        advance or bar.update)
     score, metric = score_task(task, answers, targets)
     seconds = time.perf_counter() - start
     extra = dict(score.extra)
@@ -195,7 +197,7 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: str | Sequence[str] = "all
         Directory of ``<task>.jsonl`` test files; ``None``/``""`` = ``default_data_dir()/test``. A directory
         given explicitly must exist; tasks whose file is absent report ``status = "no data"``.
     max_samples : int
-        First rows per task (0 = all).
+        Rows per task (0 = all): a seeded, label-stratified sample (``eval.tasks.sample_rows``).
     mode : str
         ``finlora`` (FinLoRA's protocol) or ``fast`` (label log-likelihood for closed tasks).
     batch_size : int
@@ -217,17 +219,26 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: str | Sequence[str] = "all
         raise EvalError(f"data directory {data_dir} does not exist")
     test_dir = resolve_test_dir(data_dir)
     log.info("evaluating %d task(s) in %s mode from %s: %s", len(names), mode, test_dir, ", ".join(names))
+    from tqdm import tqdm
+
+    loaded = {name: load_task_rows(TASKS[name], test_dir, max_samples) for name in names}
     results: dict[str, TaskResult] = {}
     size = batch_size
-    for name in names:
-        task = TASKS[name]
-        rows, source = load_task_rows(task, test_dir, max_samples)
-        if not rows:
-            results[name] = _no_data(task, mode, source)
-            log.info("task %s: %s", name, source)
-            continue
-        results[name], size = evaluate_task(model, tokenizer, task, rows, mode, size, source, progress)
-    if out_dir is not None:
-        write_outputs({k: r.to_json() for k, r in results.items()},
-                      {k: r.predictions for k, r in results.items() if r.status == "ok"}, Path(out_dir), title)
+    # one bar over every row of every task: its ETA is the whole evaluation's
+    with tqdm(total=sum(len(rows) for rows, _ in loaded.values()), desc="all tasks", unit="ex",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for name in names:
+            task = TASKS[name]
+            rows, source = loaded[name]
+            if not rows:
+                results[name] = _no_data(task, mode, source)
+                log.info("task %s: %s", name, source)
+            else:
+                bar.set_description(f"{name} ({mode})")
+                results[name], size = evaluate_task(model, tokenizer, task, rows, mode, size, source, progress,
+                                                    advance=bar.update)
+            if out_dir is not None:  # after every task: a killed evaluation keeps what it finished
+                write_outputs({k: r.to_json() for k, r in results.items()},
+                              {k: r.predictions for k, r in results.items() if r.status == "ok"}, Path(out_dir),
+                              title)
     return results

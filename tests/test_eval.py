@@ -166,7 +166,7 @@ def test_every_task_loads_when_present_and_reports_no_data_when_absent(tmp_path)
     present = _write_tasks(tmp_path / "all", TASKS)
     for name, task in TASKS.items():
         rows, source = load_task_rows(task, present, max_samples=4, allow_hub=False)
-        assert len(rows) == 4 and source.endswith(f"{name}.jsonl"), name
+        assert len(rows) == 4 and source.split(";")[0].endswith(f"{name}.jsonl"), name
         rows, reason = load_task_rows(task, tmp_path / "empty", allow_hub=False)
         assert rows == [] and reason.startswith("no data"), name
 
@@ -258,7 +258,9 @@ def test_cli_eval_with_adapter_writes_all_outputs(tiny, tmp_path):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the adapter was applied: the CLI's label scores equal ours with the same LoRA weights loaded
     preds = [json.loads(x) for x in (out / "predictions" / "fpb.jsonl").read_text().splitlines()]
-    prompts = [_row("fpb", i)["context"] for i in range(4)]
+    from eval.tasks import sample_rows
+
+    prompts = [r["context"] for r in sample_rows([_row("fpb", i) for i in range(6)], 4)[0]]  # the rows evaluated
     try:
         load_lora_state(tiny.model, arrays)
         with_adapter, _, _ = label_logprobs(tiny.model, tiny.tokenizer, prompts, list(SENT), 4)
@@ -286,3 +288,39 @@ def test_cli_malformed_jsonl_exits_2(tmp_path):
     proc = run_cli("eval", "--model", "tiny", "--data-dir", str(tmp_path), "--tasks", "fpb", "--out",
                    str(tmp_path / "out"))
     assert proc.returncode == 2 and "fpb.jsonl:2: not valid JSON" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_max_samples_is_a_seeded_label_stratified_sample():
+    """FinLoRA files are grouped by label: the first N rows of tfns hold no 'neutral'. The sample keeps the mix."""
+    from eval.tasks import sample_rows
+
+    rows = ([{"context": f"q{i}", "target": "negative"} for i in range(15)]
+            + [{"context": f"q{i}", "target": "positive"} for i in range(20)]
+            + [{"context": f"q{i}", "target": "neutral"} for i in range(65)])
+    sample, how = sample_rows(rows, 20)
+    labels = [r["target"] for r in sample]
+    assert len(sample) == 20 and (labels.count("neutral"), labels.count("positive"), labels.count("negative")) == (13, 4, 3)
+    assert sample == sample_rows(rows, 20)[0]  # seeded: the same rows every time
+    assert [rows.index(r) for r in sample] == sorted(rows.index(r) for r in sample)  # file order kept
+    assert "label-stratified sample of 20 of 100 rows" in how
+    assert {r["target"] for r in sample_rows(rows, 3)[0]} == {"negative", "positive", "neutral"}  # every label
+
+
+def test_results_are_written_after_each_task(tiny, tmp_path, monkeypatch):
+    """An evaluation stopped during its second task keeps the first task's results on disk."""
+    import eval.runner as runner
+
+    data = _write_tasks(tmp_path / "data", ["fpb", "xbrl_value"])
+    real = runner.evaluate_task
+
+    def stop_at_the_second(model, tokenizer, task, *args, **kwargs):
+        if task.name == "xbrl_value":
+            raise KeyboardInterrupt  # what Ctrl-C during the second task raises
+        return real(model, tokenizer, task, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate_task", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_model(tiny.model, tiny.tokenizer, "fpb,xbrl_value", data, max_samples=3, mode="fast", batch_size=4,
+                       progress=False, out_dir=tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "fpb" in json.dumps(saved) and "xbrl_value" not in json.dumps(saved)

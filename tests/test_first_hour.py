@@ -71,6 +71,8 @@ def test_other_commands_refuse_impossible_counts_and_devices(tmp_path, bad_jsonl
                     "no such file or directory")
     _one_line_error(run_cli("eval", "--model", "tiny", "--adapter", str(tmp_path), "--tasks", "fpb"), "--adapter",
                     "no adapter_config.json")
+    _one_line_error(run_cli("eval", "--model", "tiny", "--adapter", str(tmp_path / "round-9"), "--tasks", "fpb"),
+                    "--adapter", "no such adapter directory")
 
 
 def test_server_names_a_port_in_use(tmp_path):
