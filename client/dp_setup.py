@@ -106,15 +106,37 @@ def own_budget(dp: DpConfig, node_config: Mapping[str, Any]) -> float:
     return dp.epsilon
 
 
+def ledger_dir(configured: str | Path | None = None) -> Path:
+    """Where a deployed institution's ledgers live: its own setting (node config ``dp-state-dir``, ``finlora client
+    --dp-ledger-dir``), else ``$FINLORA_DP_STATE``, else ``$FINLORA_HOME/dp-state``."""
+    return Path(str(configured or "") or os.environ.get("FINLORA_DP_STATE", "") or cache_root() / "dp-state")
+
+
 def ledger_store(dp: DpConfig, node_config: Mapping[str, Any], state: Any) -> FileLedgerStore | ContextLedgerStore:
     """A deployed institution keeps its ledger in a file keyed by its data file, in the directory its own node
     config names (``dp-state-dir``), else ``$FINLORA_DP_STATE`` or ``$FINLORA_HOME/dp-state``: never where the run
     config says, so a server cannot point it at a fresh, unspent ledger. A simulated one uses ``context.state``."""
     if is_deployed(node_config):
-        state_dir = Path(str(node_config.get("dp-state-dir", "") or "") or os.environ.get("FINLORA_DP_STATE", "")
-                         or cache_root() / "dp-state")
-        return FileLedgerStore(state_dir, str(node_config["data-path"]))
+        return FileLedgerStore(ledger_dir(node_config.get("dp-state-dir")), str(node_config["data-path"]))
     return ContextLedgerStore(state)
+
+
+def start_new_period(data_path: str | Path, directory: Path) -> Path | None:
+    """Close the privacy-budget period of ``data_path``: its ledger is renamed (kept, never deleted) to
+    ``ledger-<key>.period-<UTC time>.json`` and the next run starts at zero spend. This is the institution's
+    deliberate decision (e.g. a new budget year, or new data); nothing else resets a ledger. Returns the archive,
+    or ``None`` when nothing was spent yet."""
+    import time
+
+    store = FileLedgerStore(directory, str(data_path))
+    if not store.path.exists():
+        return None
+    store.load()  # an unreadable ledger is reported, not archived blindly
+    archive = store.path.with_name(f"{store.path.stem}.period-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+    if archive.exists():
+        raise FileExistsError(f"{archive} exists already (one new period per second at most)")
+    store.path.rename(archive)
+    return archive
 
 
 def open_ledger(dp: DpConfig, node_config: Mapping[str, Any], store: Any, n_examples: int) -> PrivacyLedger:

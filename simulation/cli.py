@@ -157,10 +157,35 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     rows = load_rows(cfg)
     out = Path(args.out)
     partitioner = "dirichlet" if args.dirichlet is not None else "iid"
-    for i in range(args.clients):
+    names = [n.strip() for n in (args.names or "").split(",") if n.strip()] or [f"bank-{i}" for i in range(args.clients)]
+    if len(names) != args.clients or len(set(names)) != len(names):
+        raise ConfigError(f"--names {args.names}: expected {args.clients} distinct names (one per --clients)")
+    for i, name in enumerate(names):
         part = partition_rows(rows, args.clients, i, partitioner, args.dirichlet or 0.5, args.seed)
-        atomic_write_jsonl(out / f"bank-{i}.jsonl", part)
-        print(f"{out / f'bank-{i}.jsonl'}: {len(part)} rows")
+        atomic_write_jsonl(out / f"{name}.jsonl", part)
+        print(f"{out / f'{name}.jsonl'}: {len(part)} rows")
+    return 0
+
+
+def cmd_dp(args: argparse.Namespace) -> int:
+    """``dp ledger``: what an institution's data has spent; ``dp new-period``: start a new budget period."""
+    from client.dp_setup import ledger_dir, start_new_period
+    from client.privacy import FileLedgerStore
+
+    data = Path(args.data).expanduser().resolve()
+    directory = ledger_dir(args.ledger_dir)
+    store = FileLedgerStore(directory, str(data))
+    if args.dp_command == "ledger":
+        ledger = store.load()
+        if ledger is None:
+            print(f"{data}: nothing spent yet (no ledger at {store.path})")
+        else:
+            print(f"{data}: epsilon {ledger.epsilon():.4f} spent of a budget of {ledger.target_epsilon:g} (delta "
+                  f"{ledger.delta:.3g}, {ledger.steps} DP-SGD steps); ledger {store.path}")
+        return 0
+    archive = start_new_period(data, directory)
+    print(f"{data}: no ledger at {store.path}, nothing to close" if archive is None else
+          f"{data}: budget period closed, its ledger kept as {archive}; the next run starts at zero spend")
     return 0
 
 
@@ -249,8 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--clients", type=int, required=True)
     split.add_argument("--dirichlet", type=float, metavar="ALPHA", help="label skew Dirichlet(ALPHA) (default IID)")
     split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--names", help="file names, comma-separated, e.g. bank-a,bank-b,bank-c (default bank-0,...)")
     split.add_argument("--out", required=True)
     split.set_defaults(func=cmd_data_split)
+
+    dp = sub.add_parser("dp", help="an institution's privacy ledger")
+    dp_sub = dp.add_subparsers(dest="dp_command", required=True)
+    for name, text in (("ledger", "show what a data file has spent"),
+                       ("new-period", "close the budget period of a data file (its ledger is archived, not deleted)")):
+        cmd = dp_sub.add_parser(name, help=text)
+        cmd.add_argument("--data", required=True, help="the institution's private JSONL (the ledger's key)")
+        cmd.add_argument("--ledger-dir", help="as finlora client --dp-ledger-dir (default $FINLORA_HOME/dp-state)")
+    dp.set_defaults(func=cmd_dp)
 
     server = sub.add_parser("server", help="run the federation's server (Flower SuperLink + the finlora run)")
     server.add_argument("--state", required=True, help="state directory (runs, SuperLink database, logs)")

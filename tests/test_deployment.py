@@ -231,6 +231,11 @@ def test_tls_federation_refuses_an_unregistered_node_a_wrong_ca_and_runs_only_pi
     assert metrics[1]["heldout_loss"] < metrics[0]["heldout_loss"]
     _audit_ok(run_dir, federation / "nodes")
 
+    # the server ends like simulate: the summary table, the plot, and who was left out by name
+    server_log = processes.log("server.log")
+    assert "held-out loss" in server_log and "bytes sent/client" in server_log and "loss.png" in server_log
+    assert "round 1: institution bank-2 was left out: " in server_log, server_log[-3000:]
+
     # app pinning: the server's FAB is the honest institutions' 'auto' pin, and not bank-2's
     submitted = _app_hash(processes.log("server.log"), "finlora server: app hash")
     for name in ("bank-0", "bank-1"):

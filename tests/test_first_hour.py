@@ -117,3 +117,22 @@ def _run_toml(tmp_path: Path) -> Path:
     path = tmp_path / "run.toml"
     path.write_text('"eval.every" = 1\n"zk.enabled" = false\n')
     return path
+
+
+def test_an_institution_starts_a_new_budget_period_with_a_command_and_keeps_the_old_ledger(tmp_path):
+    from client.privacy import FileLedgerStore, PrivacyLedger
+
+    data = tmp_path / "bank-a.jsonl"
+    data.write_text(json.dumps(sentiment_rows(n=1, seed=3)[0]) + "\n")
+    ledgers = tmp_path / "ledgers"
+    spent = PrivacyLedger(target_epsilon=8.0, delta=1e-4, accountant="rdp", noise_multiplier=1.1,
+                          history=[(1.1, 0.05, 400)])
+    FileLedgerStore(ledgers, str(data)).save(spent)
+    shown = run_cli("dp", "ledger", "--data", str(data), "--ledger-dir", str(ledgers))
+    assert shown.returncode == 0 and f"spent of a budget of 8" in shown.stdout, shown.stdout + shown.stderr
+    closed = run_cli("dp", "new-period", "--data", str(data), "--ledger-dir", str(ledgers))
+    assert closed.returncode == 0 and "budget period closed" in closed.stdout, closed.stdout + closed.stderr
+    (archive,) = ledgers.glob("ledger-*.period-*.json")
+    assert json.loads(archive.read_text())["history"] == [[1.1, 0.05, 400]]  # nothing lost
+    assert FileLedgerStore(ledgers, str(data)).load() is None
+    assert "nothing spent yet" in run_cli("dp", "ledger", "--data", str(data), "--ledger-dir", str(ledgers)).stdout
