@@ -49,6 +49,8 @@ TLS_FAILED_MARKS = ("SSL/TLS handshake error detected", "CERTIFICATE_VERIFY_FAIL
 verify failed: ...``, then it exits with code 1)."""
 SENT_MARK = "Sent successfully"
 """What ``flower-supernode`` logs once a reply has reached the SuperLink (Flower 1.42, ``_push_messages``)."""
+LOST_MARK = "Connection attempt failed"
+"""What it logs when the SuperLink does not answer (Flower 1.42, ``flwr/supercore/retry/http_retry.py``)."""
 PROGRESS_FILE = "progress.json"
 """Under the client's state directory: the ClientApp's last finished task (``client/progress.py``)."""
 PIN_ENV = "FINLORA_PINNED_APP_HASH"
@@ -165,6 +167,7 @@ def run_client(opts: ClientOptions) -> int:
     progress_path.unlink(missing_ok=True)  # a finished earlier run must not end this one
     node_config[PROGRESS_KEY] = str(progress_path)
     sent_at: list[float] = []
+    lost_at: list[float] = []
     finished = ""
     try:
         if opts.resident:
@@ -198,6 +201,8 @@ def run_client(opts: ClientOptions) -> int:
                     tls_failure.append(line.strip())
                 if SENT_MARK in line:
                     sent_at.append(time.time())
+                if LOST_MARK in line:
+                    lost_at.append(time.time())
 
         reader = threading.Thread(target=relay, daemon=True)
         reader.start()
@@ -207,7 +212,7 @@ def run_client(opts: ClientOptions) -> int:
                 break
             except subprocess.TimeoutExpired:
                 pass
-            finished = _finished(read_progress(progress_path), sent_at, opts.exit_after_idle)
+            finished = _finished(read_progress(progress_path), sent_at, lost_at, opts.exit_after_idle)
             if finished:
                 stop_process_tree(proc)
                 code = 0
@@ -245,13 +250,15 @@ def run_client(opts: ClientOptions) -> int:
     return code
 
 
-def _finished(progress: dict | None, sent_at: list[float], exit_after_idle: float | None) -> str:
-    """Why this institution is done (empty: it is not): the run's last message for it was answered and the reply
-    sent, or no task came for ``exit_after_idle`` seconds after the last one."""
+def _finished(progress: dict | None, sent_at: list[float], lost_at: list[float], exit_after_idle: float | None) -> str:
+    """Why this institution is done (empty: it is not): the run's last message for it was answered, the reply
+    sent, and then the SuperLink went away (``finlora server`` stops it when the run ends; leaving as soon as the
+    reply is sent would let the SuperLink replace the reply by "node unavailable" before the server reads it);
+    or no task came for ``exit_after_idle`` seconds after the last reply."""
     if progress is None:
         return ""
     replied = bool(sent_at) and sent_at[-1] >= float(progress.get("at", 0))
-    if progress.get("final") and replied:
+    if progress.get("final") and replied and lost_at and lost_at[-1] >= sent_at[-1]:
         return (f"run {progress.get('run_id')} finished (round {progress.get('round')} of "
                 f"{progress.get('num_rounds')} answered)")
     if exit_after_idle is not None and replied and time.time() - sent_at[-1] > exit_after_idle:
