@@ -136,3 +136,23 @@ def test_an_institution_starts_a_new_budget_period_with_a_command_and_keeps_the_
     assert json.loads(archive.read_text())["history"] == [[1.1, 0.05, 400]]  # nothing lost
     assert FileLedgerStore(ledgers, str(data)).load() is None
     assert "nothing spent yet" in run_cli("dp", "ledger", "--data", str(data), "--ledger-dir", str(ledgers)).stdout
+
+
+def test_eval_does_not_try_the_hub_when_it_is_offline_by_default(tmp_path):
+    """Like simulate, eval treats the hub as offline unless FINLORA_ONLINE=1: a task without local data is 'no data'
+    at once, with no download attempts (it used to retry the hub 5 times per task)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "data").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "FINLORA_ONLINE")}
+    proc = subprocess.run([sys.executable, "-m", "simulation.cli", "eval", "--model", "tiny", "--tasks", "fpb,tfns",
+                           "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--no-progress"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all(r["status"] == "no data" and "not found" in r.get("source", json.dumps(r)) for r in results.values())
+    assert "huggingface.co" not in proc.stderr and "Retrying" not in proc.stderr, proc.stderr[-3000:]

@@ -186,7 +186,11 @@ def _check_adam_moments_survive_resume(run_dir):
 
 def test_failed_run_exits_nonzero_and_leaves_nothing_behind(tmp_path):
     before = flower_processes()
-    proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--data", str(tmp_path / "missing.jsonl"),
+    # a model directory that passes the checks made before Flower starts (it has a config.json) but cannot load
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--model", str(broken),
                    "--out", str(tmp_path), "--run-id", "bad")
     assert proc.returncode != 0
     assert "FAILED" in proc.stderr
