@@ -324,3 +324,12 @@ def test_results_are_written_after_each_task(tiny, tmp_path, monkeypatch):
                        progress=False, out_dir=tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "fpb" in json.dumps(saved) and "xbrl_value" not in json.dumps(saved)
+
+
+def test_one_progress_bar_counts_every_row_of_every_task(tiny, tmp_path, capsys):
+    """The bar's total is all rows of all tasks, so its remaining-time estimate is the whole evaluation's."""
+    data = _write_tasks(tmp_path / "data", ["fpb", "xbrl_value"])
+    evaluate_model(tiny.model, tiny.tokenizer, "fpb,xbrl_value", data, max_samples=3, mode="fast", batch_size=4,
+                   progress=True)
+    err = capsys.readouterr().err
+    assert "6/6" in err and "3/3" not in err, err[-2000:]  # one bar over 3 + 3 rows, no per-task bars
