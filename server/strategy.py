@@ -110,9 +110,12 @@ def short_reason(reason: str, limit: int = 400) -> str:
     """The gist of a client's error: Flower wraps the exception's message in a Ray traceback."""
     marker = "Message: "
     gist = reason[reason.rfind(marker) + len(marker):] if marker in reason else reason
+    wrapped = re.search(r"<class '[\w.]+'>:<'(.*)", gist, re.S)  # a deployed ClientApp: "<class 'X'>:<'message'>"
+    gist = wrapped.group(1) if wrapped else gist
     exc_type = re.search(r"<class '([\w.]+)'>", reason)
     text = " ".join(gist.replace("\\n", " ").split()).rstrip("'>")
-    return (f"{exc_type.group(1)}: " if exc_type and "ray.exceptions" not in exc_type.group(1) else "") + text[:limit]
+    name = exc_type.group(1) if exc_type and "ray.exceptions" not in exc_type.group(1) else ""
+    return (f"{name}: " if name and not text.startswith(name.rsplit(".", 1)[-1]) else "") + text[:limit]
 
 
 class NotEnoughNodesError(RuntimeError):

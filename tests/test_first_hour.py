@@ -156,3 +156,13 @@ def test_eval_does_not_try_the_hub_when_it_is_offline_by_default(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert all(r["status"] == "no data" and "not found" in r.get("source", json.dumps(r)) for r in results.values())
     assert "huggingface.co" not in proc.stderr and "Retrying" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_deployed_institutions_refusal_reads_as_one_sentence():
+    """What the server prints and records for an institution whose ClientApp refused (Flower wraps the exception
+    as "<class 'X'>:<'message'>"): the message, once, with the refusal's name."""
+    from server.strategy import short_reason
+
+    flower = ("<class 'client.privacy.PrivacyBudgetExhausted'>:<'PrivacyBudgetExhausted: privacy budget exhausted: "
+              "epsilon spent 7.9772 after 4 steps'>")
+    assert short_reason(flower) == "PrivacyBudgetExhausted: privacy budget exhausted: epsilon spent 7.9772 after 4 steps"
