@@ -166,3 +166,39 @@ def test_a_deployed_institutions_refusal_reads_as_one_sentence():
     flower = ("<class 'client.privacy.PrivacyBudgetExhausted'>:<'PrivacyBudgetExhausted: privacy budget exhausted: "
               "epsilon spent 7.9772 after 4 steps'>")
     assert short_reason(flower) == "PrivacyBudgetExhausted: privacy budget exhausted: epsilon spent 7.9772 after 4 steps"
+
+
+def test_a_killed_client_leaves_no_supernode_behind(tmp_path):
+    """SIGKILL gives finlora client no chance to clean up: its SuperNode must still not outlive it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from common.flower_processes import free_port
+    from tests.conftest import REPO
+
+    data = tmp_path / "bank-a.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n=10, seed=4)))
+    client = subprocess.Popen([sys.executable, "-m", "simulation.cli", "client", "--insecure", "--superlink",
+                               f"127.0.0.1:{free_port()}", "--data", str(data), "--name", "bank-a", "--state",
+                               str(tmp_path / "node"), "--no-resident", "--app-hash", "any"],
+                              cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        supernodes: list[psutil.Process] = []
+        while not supernodes and time.monotonic() < deadline:
+            supernodes = [p for p in psutil.Process(client.pid).children(recursive=True)
+                          if "flower-supernode" in " ".join(p.cmdline())]
+            time.sleep(0.5)
+        assert supernodes, "no SuperNode started"
+        client.send_signal(signal.SIGKILL)
+        client.wait(timeout=10)
+        gone, alive = psutil.wait_procs(supernodes, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if client.poll() is None:
+            client.kill()
