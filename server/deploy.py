@@ -226,6 +226,7 @@ def run_server(opts: ServerOptions) -> int:
         pid_file.unlink(missing_ok=True)
     ok = status.endswith("completed") and proc.returncode == 0
     report_run(run_dir, state / REGISTRY_FILE)
+    print(f"finlora server: scored on: {describe_server_data(cfg)}", flush=True)
     print(f"finlora server: Flower run {run_id or '?'} {status}; outputs in {run_dir}", flush=True)
     return 0 if ok else 1
 

@@ -235,6 +235,7 @@ def test_tls_federation_refuses_an_unregistered_node_a_wrong_ca_and_runs_only_pi
     server_log = processes.log("server.log")
     assert "held-out loss" in server_log and "bytes sent/client" in server_log and "loss.png" in server_log
     assert "round 1: institution bank-2 was left out: " in server_log, server_log[-3000:]
+    assert "finlora server: scored on: held-out loss on 48 rows of sample" in server_log, server_log[-3000:]
 
     # app pinning: the server's FAB is the honest institutions' 'auto' pin, and not bank-2's
     submitted = _app_hash(processes.log("server.log"), "finlora server: app hash")
