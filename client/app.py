@@ -22,7 +22,7 @@ from common.adapter import (Arrays, check_arrays, from_array_record, initial_ada
 from common.config import FinloraConfig
 from common.evaluation import answer_loss
 from common.transport import TRANSPORT_RECORD, encode_update
-from common.model import LOAD_COUNTS, ModelBundle, get_model_bundle
+from common.model import LOAD_COUNTS, QUANTIZATION_BITS, ModelBundle, get_model_bundle
 
 app = ClientApp(mods=[client_level_clipping_mod])
 
@@ -137,6 +137,7 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
         "load-seconds": load_seconds,
         "serialize-seconds": serialize_seconds,
         "base-model-loads": LOAD_COUNTS["base_model_loads"],
+        "base-quantization-bits": QUANTIZATION_BITS[bundle.quantized],  # what was really loaded, not asked for
         "process-id": os.getpid(),  # shows whether one process (a resident trainer) served several rounds
         "bytes-sent": record.count_bytes() + extra_bytes,
         "partition-id": node_data_key(context.node_config)[1],

@@ -43,14 +43,15 @@ class ModelConfig:
     name : str
         ``tiny`` (built in, offline), a Hugging Face hub id, or a local model directory.
     quantization : str
-        ``4`` (NF4, double quant, bf16 compute), ``8`` (LLM.int8) or ``none``. Only honoured where CUDA is
-        present: bitsandbytes kernels need a GPU, so on CPU the model loads unquantized (logged once).
+        ``4`` (NF4, double quant; bf16 compute on a GPU, float32 on a CPU), ``8`` (LLM.int8) or ``none``: an
+        explicit 4 or 8 is real bitsandbytes quantization everywhere (on a CPU ~3x slower per step). ``auto`` (the
+        default) is 4 on a GPU and none on a CPU.
     gradient_checkpointing : bool
         Trade compute for activation memory during local training.
     """
 
     name: str
-    quantization: Literal["4", "8", "none"]
+    quantization: Literal["auto", "4", "8", "none"]
     gradient_checkpointing: bool
 
 

@@ -6,7 +6,6 @@ and kept in :data:`MODEL_CACHE`; between rounds only the adapter's weights are s
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,9 @@ from common.tiny import TINY_NAME, tiny_model_dir
 
 log = get_logger(__name__)
 
-QUANTIZATIONS = ("4", "8", "none")
+QUANTIZATIONS = ("auto", "4", "8", "none")
+QUANTIZATION_BITS = {"4": 4, "8": 8, "none": 0}
+"""Bits per base-model weight as institutions report it (0: unquantized float weights)."""
 
 
 @dataclass
@@ -42,14 +43,29 @@ def resolve_model_path(name: str) -> str:
     return str(tiny_model_dir()) if name == TINY_NAME else name
 
 
-@functools.lru_cache(maxsize=None)
-def _say_unquantized_once(quantization: str) -> None:
-    log.warning("CUDA is not available: loading the base model unquantized in float32 "
-                "(model.quantization=%s needs bitsandbytes on a GPU)", quantization)
+def effective_quantization(requested: str, cuda: bool) -> str:
+    """What ``model.quantization`` loads: ``auto`` is 4-bit NF4 on a GPU and unquantized on a CPU (bitsandbytes runs
+    there, ~3x slower per step); an explicit ``4`` or ``8`` is always real bitsandbytes quantization."""
+    if requested == "auto":
+        return "4" if cuda else "none"
+    return requested
+
+
+def quantization_config(quantization: str, cuda: bool) -> Any:
+    """bitsandbytes settings for ``4`` (NF4, double quantization) or ``8`` (LLM.int8); ``None`` for ``none``."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
+    if quantization == "8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
 
 
 def load_base_model(cfg: ModelConfig) -> tuple[Any, Any, str]:
-    """Load tokenizer and causal LM; returns ``(model, tokenizer, effective_quantization)``."""
+    """Load tokenizer and causal LM; returns ``(model, tokenizer, quantization really used)``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,23 +75,13 @@ def load_base_model(cfg: ModelConfig) -> tuple[Any, Any, str]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs: dict[str, Any] = {}
-    effective = "none"
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    effective = effective_quantization(cfg.quantization, cuda)
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    if cuda:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-        kwargs["dtype"] = torch.bfloat16
-        if cfg.quantization != "none":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = (
-                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
-                if cfg.quantization == "4" else BitsAndBytesConfig(load_in_8bit=True))
-            effective = cfg.quantization
-    else:
-        kwargs["dtype"] = torch.float32
-        if cfg.quantization != "none":
-            _say_unquantized_once(cfg.quantization)
+    if effective != "none":
+        kwargs["quantization_config"] = quantization_config(effective, cuda)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     LOAD_COUNTS["base_model_loads"] += 1
     # Frozen base. Unlike PEFT's prepare_model_for_kbit_training, the embeddings, norms and LM head are *not*

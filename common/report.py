@@ -45,6 +45,11 @@ def print_summary(run_dir: Path) -> None:
         print(f"{r['round']:>5}  {_fmt(r['train_loss'], '.4f'):>10}  {_fmt(r['heldout_loss'], '.4f'):>13}  "
               f"{_fmt(r['federated_eval_loss'], '.4f'):>9}  {_fmt(r['seconds'], '.1f'):>7}  "
               f"{r['clients']:>7}  {_fmt(r['bytes_sent_per_client'], ',.0f'):>17}")
+    bits = sorted({int(c["base_quantization_bits"]) for r in read_jsonl_records(run_dir / "metrics.jsonl")
+                   for c in (r.get("clients") or {}).values() if "base_quantization_bits" in c})
+    if bits:
+        print("base model really loaded as: " + ", ".join(f"{b}-bit (bitsandbytes)" if b else "unquantized float"
+                                                          for b in bits))
     for r in rows:
         if r["rejected"] or r["errors"] or r["kept_previous"]:
             print(f"round {r['round']}: {r['rejected']} update(s) rejected, {r['errors']} institution(s) failed"

@@ -26,7 +26,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
                                    "writes results.json, results.md, results.png and predictions/<task>.jsonl.")
     p.add_argument("--model", default=None, help="tiny | hub id | local path (default: config model.name)")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory, e.g. runs/RUN/round-3 (default: none)")
-    p.add_argument("--quantization", choices=["4", "8", "none"], help="config model.quantization (GPU only)")
+    p.add_argument("--quantization", choices=["auto", "4", "8", "none"],
+                   help="config model.quantization: auto = 4-bit on a GPU, none on a CPU; 4 or 8 always quantize")
     p.add_argument("--data-dir", metavar="DIR", help="directory of <task>.jsonl test files "
                                                      "(default: config eval.data-dir or ../shared/data/test)")
     p.add_argument("--tasks", default="all", help="comma-separated task names or 'all' (default all)")

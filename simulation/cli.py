@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients", type=int, default=3, help="number of simulated institutions (default 3)")
     sim.add_argument("--rounds", type=int, default=3, help="federated rounds in total (default 3)")
     sim.add_argument("--model", help="tiny | hub id | local path (config model.name)")
-    sim.add_argument("--quantization", choices=["4", "8", "none"], help="config model.quantization")
+    sim.add_argument("--quantization", choices=["auto", "4", "8", "none"],
+                     help="config model.quantization: auto = 4-bit on a GPU, none on a CPU; 4 or 8 always quantize")
     sim.add_argument("--data", help="sample | FinLoRA task | JSONL path | hub dataset id (config data.source)")
     sim.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi"])
     sim.add_argument("--ffa", action="store_true", help="FFA-LoRA: freeze A at the shared seed, send only B")

@@ -38,6 +38,7 @@ def test_three_institutions_two_rounds_lower_heldout_loss(fedavg_run):
         assert {c["partition_id"] for c in metrics[k]["clients"].values()} == {0, 1, 2}
         assert (fedavg_run["run_dir"] / f"round-{k}" / "adapter_config.json").is_file()
     assert "held-out loss" in fedavg_run["proc"].stdout  # the final summary table
+    assert "base model really loaded as: unquantized float" in fedavg_run["proc"].stdout  # auto on a CPU
     assert (fedavg_run["run_dir"] / "loss.png").stat().st_size > 1000
     assert not fedavg_run["leftover"], "SuperLink/Ray processes were left behind"
 
