@@ -81,3 +81,16 @@ def test_auto_is_unquantized_on_cpu():
     assert cfg.model.quantization == "auto"
     assert get_model_bundle(dataclasses.replace(cfg.model), cfg.lora).quantized == (
         "4" if torch.cuda.is_available() else "none")
+
+
+def test_the_benchmark_eval_runs_on_the_quantized_model(quantized, tmp_path):
+    import json
+
+    from common.sample_data import sentiment_rows
+    from eval import evaluate_model
+
+    _, _, bundle, _ = quantized
+    (tmp_path / "fpb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n=6, seed=8)))
+    result = evaluate_model(bundle.model, bundle.tokenizer, "fpb", tmp_path, max_samples=6, mode="fast",
+                            batch_size=3, progress=False)["fpb"]
+    assert result.status == "ok" and result.n == 6 and 0 <= result.accuracy <= 1
