@@ -16,6 +16,7 @@ import datetime as dt
 import ipaddress
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +110,10 @@ def init_ca_and_server(out: Path, server_names: list[str]) -> ServerFiles:
     return files
 
 
-def init_node(out: Path, name: str) -> NodeFiles:
-    """An institution's SuperNode-auth key pair (OpenSSH) and its zk signing key pair (Ed25519)."""
-    from zk.signing import generate_key, save_private_key, save_public_key
-
+def init_node(out: Path, name: str, write_signing_pair: Callable[[Path, Path], None]) -> NodeFiles:
+    """An institution's SuperNode-auth key pair (OpenSSH) and its zk signing key pair, which
+    ``write_signing_pair(private_path, public_path)`` makes (``zk.signing.write_key_pair``: ``common`` does not
+    import the ``zk`` layer)."""
     if not name or "/" in name or name.startswith("."):
         raise CertificateError(f"--name '{name}' is not a usable institution name")
     files = NodeFiles(out / f"{name}.auth.key", out / f"{name}.auth.pub", out / f"{name}.key", out / f"{name}.pub.pem")
@@ -121,9 +122,7 @@ def init_node(out: Path, name: str) -> NodeFiles:
                                               serialization.NoEncryption()), private=True)
     _write(files.auth_pub, auth.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                           serialization.PublicFormat.OpenSSH) + b"\n", private=False)
-    signing = generate_key()
-    save_private_key(signing, files.sign_key)
-    save_public_key(signing, files.sign_pub)
+    write_signing_pair(files.sign_key, files.sign_pub)
     return files
 
 

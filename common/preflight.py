@@ -64,13 +64,6 @@ def check_model(name: str, flag: str = "--model", offline: bool | None = None) -
 def check_data(cfg: DataConfig, flag: str = "--data", min_rows: int = 1) -> int:
     """The number of rows of the configured source, after reading every line of a local file (a bad line fails
     with the flag, its file and line number). ``sample`` needs nothing; a hub dataset is checked only offline."""
-    try:
-        return _check_data(cfg, flag, min_rows)
-    except DataError as exc:
-        raise DataError(str(exc) if str(exc).startswith((flag, "data.dir")) else f"{flag}: {exc}") from exc
-
-
-def _check_data(cfg: DataConfig, flag: str, min_rows: int) -> int:
     if cfg.dir and not Path(cfg.dir).expanduser().is_dir():
         raise DataError(f"data.dir {cfg.dir}: no such directory")
     source = cfg.source
@@ -81,7 +74,7 @@ def _check_data(cfg: DataConfig, flag: str, min_rows: int) -> int:
     elif source in TRAIN_TASKS:
         local = default_data_dir(cfg.dir) / TRAIN_TASKS[source].file
         if local.is_file():
-            rows = len(read_jsonl(local))
+            rows = _count_rows(local, flag)
         elif hub_offline():
             raise DataError(f"{flag} {source}: {local} not found and the hub is offline (set data.dir to the "
                             f"FinLoRA data directory, or FINLORA_ONLINE=1 to download {TRAIN_TASKS[source].hf_id})")
@@ -92,16 +85,23 @@ def _check_data(cfg: DataConfig, flag: str, min_rows: int) -> int:
         if path.is_dir():
             raise DataError(f"{flag} {source}: a directory; expected a JSONL file, 'sample' or a task "
                             f"({', '.join(TRAIN_TASKS)})")
-        rows = len(read_jsonl(path))
+        rows = _count_rows(path, flag)
     elif hub_offline():
         raise DataError(f"{flag} {source}: not 'sample', a task ({', '.join(TRAIN_TASKS)}) or an existing JSONL "
                         f"file, and the hub is offline (FINLORA_ONLINE=1 to load a hub dataset)")
     else:
         return 0
     if rows < min_rows:
-        raise DataError(f"{flag} {source}: {rows} rows, fewer than the {min_rows} needed (one per institution plus "
-                        f"data.heldout-size)")
+        raise DataError(f"{flag} {source}: {rows} rows, fewer than the {min_rows} needed (one per institution)")
     return rows
+
+
+def _count_rows(path: Path, flag: str) -> int:
+    """Rows of a JSONL file after reading every line; a bad line fails naming the flag, the file and the line."""
+    try:
+        return len(read_jsonl(path))
+    except DataError as exc:
+        raise DataError(f"{flag}: {exc}") from exc
 
 
 def check_writable(directory: Path, flag: str) -> None:

@@ -189,3 +189,16 @@ def write_loss_plot(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, run_dir / "loss.png")
+
+
+def print_run_report(run_dir: Path) -> None:
+    """The end of a run, for ``finlora simulate`` and ``finlora server`` alike: the summary table, the privacy
+    and benchmark tables, and the plots (nothing when the run wrote no ``metrics.jsonl``)."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return
+    print_summary(run_dir)
+    print_privacy(run_dir)
+    print_eval(run_dir)
+    for plot in (write_loss_plot(run_dir), write_privacy_plot(run_dir)):
+        if plot:
+            print(f"plot: {plot}")

@@ -129,7 +129,8 @@ def read_run_config(path: Path | None) -> dict[str, Any]:
 
 def run_server(opts: ServerOptions) -> int:
     state = opts.state.resolve()
-    if not (state / GATEWAY_PID_FILE).exists():  # else a crashed server's gateway may hold it: checked below
+    gateway_left_running = (state / GATEWAY_PID_FILE).exists()  # a crashed server's gateway may hold the port
+    if not gateway_left_running:
         check_port_free(opts.host, opts.port)
     state.mkdir(parents=True, exist_ok=True)
     overrides = read_run_config(opts.config_file)
@@ -189,7 +190,8 @@ def run_server(opts: ServerOptions) -> int:
     if stop_leftover_process(pid_file, must_contain=("flower-superlink", str(state / "superlink.db"))):
         print(f"finlora server: stopped a SuperLink left running on {state} by an earlier server process",
               flush=True)
-    check_port_free(opts.host, opts.port)  # after stopping our own leftovers, which may hold it
+    if gateway_left_running:
+        check_port_free(opts.host, opts.port)  # now that our own leftover is stopped
     superlink = subprocess.Popen(cmd, cwd=state, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
     atomic_write_text(pid_file, f"{superlink.pid}\n")
@@ -234,16 +236,11 @@ def run_server(opts: ServerOptions) -> int:
 def report_run(run_dir: Path, registry: Path) -> None:
     """What ``finlora simulate`` prints at the end (summary table, privacy table, plots), and one line per
     institution that refused or failed in the last round, by name (``institutions.json``) rather than node id."""
-    from common.report import print_eval, print_privacy, print_summary, write_loss_plot, write_privacy_plot
+    from common.report import print_run_report
 
+    print_run_report(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         return
-    print_summary(run_dir)
-    print_privacy(run_dir)
-    print_eval(run_dir)
-    for plot in (write_loss_plot(run_dir), write_privacy_plot(run_dir)):
-        if plot:
-            print(f"plot: {plot}")
     names = {}
     if registry.is_file():
         names = {str(v.get("node_id")): name for name, v in json.loads(registry.read_text()).items()}

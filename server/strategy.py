@@ -23,11 +23,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
-from collections.abc import Iterable
-import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -51,22 +50,24 @@ MAX_METRIC_KEYS = 64
 """A reply with more metrics than this is rejected (they are kept in ``metrics.jsonl``)."""
 
 
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def checked_metrics(metrics: Mapping[str, Any], loss_key: str, max_examples: int) -> tuple[dict[str, Any], str | None]:
     """(the reply's metrics, why they are unusable or ``None``): ``num-examples`` a whole number from 1 to
-    ``max_examples``, ``loss_key`` finite, every value a finite number, at most :data:`MAX_METRIC_KEYS` keys."""
+    ``max_examples``, ``loss_key`` present, every value a finite number, at most :data:`MAX_METRIC_KEYS` keys."""
     values = dict(metrics)
     examples = values.get("num-examples")
-    if (isinstance(examples, bool) or not isinstance(examples, (int, float)) or not math.isfinite(examples)
-            or not float(examples).is_integer() or not 1 <= examples <= max_examples):
+    if not _finite_number(examples) or not float(examples).is_integer() or not 1 <= examples <= max_examples:
         return values, (f"metric 'num-examples' must be a whole number from 1 to {max_examples} "
                         f"(strategy.max-examples), got {examples!r}")
     if len(values) > MAX_METRIC_KEYS:
         return values, f"{len(values)} metrics, at most {MAX_METRIC_KEYS} are accepted"
-    loss = values.get(loss_key)
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
-        return values, f"metric '{loss_key}' must be a finite number, got {loss!r}"
+    if loss_key not in values:
+        return values, f"metric '{loss_key}' must be a finite number, got None"
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _finite_number(value):
             return values, f"metric {key[:80]!r} must be a finite number, got {str(value)[:80]}"
     return values, None
 
@@ -167,9 +168,7 @@ class LoraRoundMixin:
         self._sent_messages: list[Message] = []
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
-        if weighting not in ("examples", "equal"):
-            raise ValueError(f"weighting must be 'examples' or 'equal', got {weighting!r}")
-        self.weighting = weighting
+        self.weighting = weighting  # "examples" or "equal" (checked when the config loads)
 
     def weight_of(self, num_examples: int) -> float:
         """The FedAvg weight of an accepted reply (``strategy.weighting``), computed here, never reported."""

@@ -65,9 +65,8 @@ class ZkVerifier:
     equal_weights: bool = False
     """``strategy.weighting = equal``: every accepted update weighs 1 (else its signed example count)."""
     node_of: dict[str, str | None] = field(default_factory=dict)
-    """Institution -> the Flower node id it is bound to (from the registry, or bound on first valid signature)."""
-    registry_fixed: bool = False
-    """A registry was given: a node not in it, or an institution with no node, is never bound during the run."""
+    """Institution -> the Flower node id it is bound to (from ``zk.registry``, fixed before the run: an institution
+    not in it is never bound; without one, bound on the first valid signature)."""
 
     @classmethod
     def open(cls, cfg: ZkConfig, run_id: str, run_dir: Path, keys_dir: Path, equal_weights: bool = False
@@ -80,7 +79,7 @@ class ZkVerifier:
         registry = load_node_registry(Path(cfg.registry)) if cfg.registry else {}
         # on resume, commitments accepted before the restart still count as seen (no replay across restarts)
         return cls(cfg, run_id, run_dir, load_key_registry(keys_dir), set(seen_digests(run_dir)), equal_weights,
-                   registry, bool(cfg.registry))
+                   registry)
 
     def write_header(self) -> None:
         """First ledger line: keys, parameters and the round-0 adapter's hash (call after saving round 0)."""
@@ -94,31 +93,21 @@ class ZkVerifier:
     def _identity_problem(self, node_id: str, institution: str, sub: Any, server_round: int,
                           claims: dict[str, list[str]]) -> str | None:
         """Why ``node_id`` may not speak for ``institution`` this round (``None``: it may, pending its signature)."""
+        from zk.verify import signed_by
+
         bound_node = self.node_of.get(institution)
         bound_name = next((name for name, node in self.node_of.items() if node == node_id), None)
         if bound_name is not None and bound_name != institution:
             return f"{IMPERSONATION}: node {node_id} is {bound_name}, but its reply claims to be {institution}"
         if bound_node is not None and bound_node != node_id:
             return f"{IMPERSONATION}: {institution} is node {bound_node}, but node {node_id} claims to be it"
-        if self.registry_fixed and institution not in self.node_of:
+        if self.cfg.registry and institution not in self.node_of:
             return f"{IMPERSONATION}: {institution} is not in the run's registry ({self.cfg.registry})"
-        if bound_node is None and len(claims[institution]) > 1 and not self._signed_by(institution, sub, server_round):
+        key = self.public_keys.get(institution)
+        if bound_node is None and len(claims[institution]) > 1 and (
+                key is None or not signed_by(sub, key, self.run_id, server_round)):
             return f"{IMPERSONATION}: node {node_id} claims to be {institution} without its signature"
         return None
-
-    def _signed_by(self, institution: str, sub: Any, server_round: int) -> bool:
-        """Whether ``sub`` carries ``institution``'s valid signature for this run and round."""
-        key = self.public_keys.get(institution)
-        if key is None:
-            return False
-        from zk import signing
-
-        try:
-            digest = sub.digest
-        except ValueError:
-            return False
-        statement = signing.update_statement(self.run_id, server_round, institution, digest, sub.num_examples)
-        return signing.verify(key, statement, sub.signature)
 
     def verify_and_aggregate(self, server_round: int, replies: list[tuple[str, Any]],
                              global_arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None,

@@ -78,8 +78,7 @@ def _run_location(args: argparse.Namespace) -> tuple[Path, str]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run a local multi-process simulation (Flower + Ray), then print and plot its summary."""
     from simulation.launcher import run_simulation
-    from common.report import (print_eval, print_privacy, print_summary, round_problems, write_loss_plot,
-                                   write_privacy_plot)
+    from common.report import print_run_report, round_problems
 
     check_positive("--clients", args.clients, "simulated institutions")
     check_positive("--rounds", args.rounds, "federated rounds in total")
@@ -111,13 +110,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     result = run_simulation(args.clients, overrides, cpus_per_client=args.cpus_per_client,
                             gpus_per_client=args.gpus_per_client)
     problems = round_problems(run_dir, cfg.num_rounds)
-    if run_dir.exists():
-        print_summary(run_dir)
-        print_privacy(run_dir)
-        print_eval(run_dir)
-        for plot in (write_loss_plot(run_dir), write_privacy_plot(run_dir)):
-            if plot:
-                print(f"plot: {plot}")
+    print_run_report(run_dir)
     if not result.ok or problems:
         print(f"finlora simulate: FAILED (Flower run {result.run_id or '?'} status: {result.status}"
               f"{'; ' + '; '.join(problems) if problems else ''})", file=sys.stderr)
@@ -132,6 +125,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     """``certs init``: CA + server certificate; ``certs node``: an institution's auth and signing keys."""
     from common.certs import init_ca_and_server, init_node
+    from zk.signing import write_key_pair
 
     out = Path(args.out)
     if args.certs_command == "init":
@@ -139,7 +133,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
         print(f"CA {files.ca_cert} (give it to every institution), server certificate {files.server_cert}, "
               f"keys {files.ca_key} and {files.server_key} (0600)")
     else:
-        files = init_node(out, args.name)
+        files = init_node(out, args.name, write_key_pair)
         print(f"{args.name}: node-auth key {files.auth_key} (0600) and public key {files.auth_pub} (register it with "
               f"the server), zk signing key {files.sign_key} (0600) and public key {files.sign_pub} (register it too)")
     return 0

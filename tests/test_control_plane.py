@@ -18,11 +18,14 @@ import psutil
 from common.flower_processes import flower_bin
 from tests.test_deployment import FAST_RUN, Processes, _cmdline, _node_ids, federation, processes  # noqa: F401
 
-REFUSED_PATHS = ["/v1/control/list-runs", "/v1/control/register-node", "/v1/control/stop-run",
-                 "/v1/control/start-run", "/v1/control/list-nodes", "/v1/runtime/pull-task-input",
-                 "/v1/runtime/create-task", "/docs", "/openapi.json", "/health", "/v1/fleet", "/v1/fleet/",
-                 "/v1/fleet/get-run/../../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs",
-                 "//v1/control/list-runs", "/V1/CONTROL/LIST-RUNS"]
+REFUSED_PATHS = ["v1/control/list-runs", "v1/control/register-node", "v1/control/stop-run",
+                 "v1/control/start-run", "v1/control/list-nodes", "v1/runtime/pull-task-input",
+                 "v1/runtime/create-task", "docs", "openapi.json", "health", "v1/fleet", "v1/fleet/",
+                 "v1/fleet/get-run/../../control/list-runs", "v1/fleet/%2e%2e/control/list-runs",
+                 "/" + "v1/control/list-runs", "V1/CONTROL/LIST-RUNS"]
+"""URL paths below the server's root (each is requested as '/' + path; the leading '/' of one makes '//...')."""
+FLEET_PROBE = "v1/fleet/get-run"
+"""A Fleet API endpoint (POST only), reached through the gateway."""
 
 
 def _flwr(flwr_home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -55,12 +58,12 @@ def test_the_public_port_passes_only_the_fleet_api(federation, tmp_path, process
                       timeout=30) as http:
         for path in REFUSED_PATHS:
             for method in ("POST", "GET"):
-                reply = http.request(method, path, content=b"",
+                reply = http.request(method, "/" + path, content=b"",
                                      headers={"content-type": "application/protobuf"})
                 assert reply.status_code == 404, (method, path, reply.status_code, reply.text[:200])
-        fleet = http.post("/v1/fleet/get-run", content=b"", headers={"content-type": "application/protobuf"})
+        fleet = http.post("/" + FLEET_PROBE, content=b"", headers={"content-type": "application/protobuf"})
         assert fleet.status_code == 401, fleet.text  # the SuperLink's node authentication, reached through the gateway
-        assert http.get("/v1/fleet/get-run").status_code == 404  # Fleet is POST only
+        assert http.get("/" + FLEET_PROBE).status_code == 404  # Fleet is POST only
     gateway_log = (tmp_path / "state" / "fleet-gateway.log").read_text()
     assert "refused POST /v1/control/register-node from 127.0.0.1:" in gateway_log, gateway_log[-2000:]
 

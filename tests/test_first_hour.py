@@ -129,7 +129,7 @@ def test_an_institution_starts_a_new_budget_period_with_a_command_and_keeps_the_
                           history=[(1.1, 0.05, 400)])
     FileLedgerStore(ledgers, str(data)).save(spent)
     shown = run_cli("dp", "ledger", "--data", str(data), "--ledger-dir", str(ledgers))
-    assert shown.returncode == 0 and f"spent of a budget of 8" in shown.stdout, shown.stdout + shown.stderr
+    assert shown.returncode == 0 and "spent of a budget of 8" in shown.stdout, shown.stdout + shown.stderr
     closed = run_cli("dp", "new-period", "--data", str(data), "--ledger-dir", str(ledgers))
     assert closed.returncode == 0 and "budget period closed" in closed.stdout, closed.stdout + closed.stderr
     (archive,) = ledgers.glob("ledger-*.period-*.json")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
 from client.zk_update import zk_reply_records
 from common.adapter import from_array_record, initial_adapter, to_array_record

@@ -77,6 +77,13 @@ def save_public_key(key: Ed25519PublicKey | Ed25519PrivateKey, path: Path) -> No
     atomic_write_text(Path(path), pem.decode())
 
 
+def write_key_pair(private_path: Path, public_path: Path) -> None:
+    """A fresh Ed25519 signing pair: the private key (0600) and the public key an institution publishes."""
+    key = generate_key()
+    save_private_key(key, private_path)
+    save_public_key(key, public_path)
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):

@@ -79,6 +79,18 @@ def make_submission(values: np.ndarray, num_examples: int, key: Ed25519PrivateKe
                       tuple(commitments), signing.sign(key, statement))
 
 
+def signed_by(sub: Submission, key: Ed25519PublicKey, run_id: str, round_num: int, digest: bytes | None = None
+              ) -> bool:
+    """Whether ``sub`` carries ``key``'s signature over (run, round, its institution, commitments, count)."""
+    if digest is None:
+        try:
+            digest = sub.digest
+        except ValueError:
+            return False
+    statement = signing.update_statement(run_id, round_num, sub.node_id, digest, sub.num_examples)
+    return signing.verify(key, statement, sub.signature)
+
+
 def _cheap_checks(sub: Submission, run_id: str, round_num: int, key: Ed25519PublicKey | None, norm_bound: float,
                   frac_bits: int, bits: int, expected_size: int | None, seen: Collection[bytes]) -> str | None:
     """The reason ``sub`` fails a check that needs no curve arithmetic, or None."""
@@ -101,8 +113,7 @@ def _cheap_checks(sub: Submission, run_id: str, round_num: int, key: Ed25519Publ
         return f"{MALFORMED}: {exc}"
     if digest in seen:
         return f"{REPLAY}: commitments already seen in an earlier round"
-    statement = signing.update_statement(run_id, round_num, sub.node_id, digest, sub.num_examples)
-    if not signing.verify(key, statement, sub.signature):
+    if not signed_by(sub, key, run_id, round_num, digest):
         return f"{BAD_SIGNATURE}: not signed by {sub.node_id} for run {run_id!r} round {round_num}"
     if not in_range(sub.values, bits):
         return f"{OUT_OF_RANGE}: a value exceeds the {bits}-bit range"
