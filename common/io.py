@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_root() -> Path:
+    """``$FINLORA_HOME`` or ``~/.cache/finlora``: where built-in models and node state are kept between runs."""
+    return Path(os.environ.get("FINLORA_HOME", Path.home() / ".cache" / "finlora")).expanduser()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) atomically: see :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from common.logs import get_logger
 from common.config import LoraSettings, ModelConfig
+from common.gguf_model import SMOLLM2_NAME, gguf_model_dir, smollm2_model_dir
 from common.tiny import TINY_NAME, tiny_model_dir
 
 log = get_logger(__name__)
@@ -39,8 +41,18 @@ LOAD_COUNTS: dict[str, int] = {"base_model_loads": 0}
 
 
 def resolve_model_path(name: str) -> str:
-    """``tiny`` -> its cache directory (built on first use); anything else is passed to transformers."""
-    return str(tiny_model_dir()) if name == TINY_NAME else name
+    """The directory or hub id transformers loads for ``model.name``.
+
+    ``tiny`` -> its cache directory (built on first use); ``smollm2`` and a ``.gguf`` file -> their converted
+    cache directory (converted once, see :mod:`common.gguf_model`); anything else is passed to transformers.
+    """
+    if name == TINY_NAME:
+        return str(tiny_model_dir())
+    if name == SMOLLM2_NAME:
+        return str(smollm2_model_dir())
+    if name.endswith(".gguf") and Path(name).expanduser().is_file():
+        return str(gguf_model_dir(Path(name).expanduser()))
+    return name
 
 
 def effective_quantization(requested: str, cuda: bool) -> str:

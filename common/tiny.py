@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from common.io import cache_root
 from common.logs import get_logger
 
 log = get_logger(__name__)
@@ -28,11 +29,6 @@ TINY_VOCAB_SIZE = 640
 TINY_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=1024)
-
-
-def cache_root() -> Path:
-    """``$FINLORA_HOME`` or ``~/.cache/finlora``: where built-in artefacts are kept between runs."""
-    return Path(os.environ.get("FINLORA_HOME", Path.home() / ".cache" / "finlora")).expanduser()
 
 
 def tiny_model_dir() -> Path:

@@ -24,7 +24,7 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model (+ adapter) on the FinLoRA benchmark",
                        description="Score a base model plus a PEFT adapter (or none) on FinLoRA benchmark tasks; "
                                    "writes results.json, results.md, results.png and predictions/<task>.jsonl.")
-    p.add_argument("--model", default=None, help="tiny | hub id | local path (default: config model.name)")
+    p.add_argument("--model", default=None, help="tiny | smollm2 | hub id | local path or .gguf file (default: config model.name)")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory, e.g. runs/RUN/round-3 (default: none)")
     p.add_argument("--quantization", choices=["auto", "4", "8", "none"],
                    help="config model.quantization: auto = 4-bit on a GPU, none on a CPU; 4 or 8 always quantize")

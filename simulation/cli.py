@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "simulation engine), writing every round's global adapter.")
     sim.add_argument("--clients", type=int, default=3, help="number of simulated institutions (default 3)")
     sim.add_argument("--rounds", type=int, default=3, help="federated rounds in total (default 3)")
-    sim.add_argument("--model", help="tiny | hub id | local path (config model.name)")
+    sim.add_argument("--model", help="tiny | smollm2 | hub id | local path or .gguf file (config model.name)")
     sim.add_argument("--quantization", choices=["auto", "4", "8", "none"],
                      help="config model.quantization: auto = 4-bit on a GPU, none on a CPU; 4 or 8 always quantize")
     sim.add_argument("--data", help="sample | FinLoRA task | JSONL path | hub dataset id (config data.source)")

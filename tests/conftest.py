@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["FINLORA_HOME"] = str(tmp_path_factory.mktemp("finlora-home"))
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ[TEST_RUN_MARKER] = TEST_RUN_ID  # inherited by every process this test run starts
+
+
+TEST_RUN_MARKER = "FINLORA_TEST_RUN"
+TEST_RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -53,15 +59,24 @@ def stop_all(*procs: subprocess.Popen) -> None:
 
 
 def flower_processes() -> set[int]:
-    """PIDs of SuperLink / Ray / Flower worker processes alive now."""
+    """PIDs of SuperLink / Ray / Flower worker processes alive now that *this test run* started.
+
+    A process belongs to the run when it carries the run's marker in its environment (every child inherits
+    it, also after being re-parented), so someone else's SuperLink on the same machine is never counted.
+    """
     import psutil
 
     pids = set()
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if any(name in cmd for name in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet",
-                                        "gcs_server", "flwr-serverapp")):
-            pids.add(p.info["pid"])
+        if not any(name in cmd for name in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet",
+                                            "gcs_server", "flwr-serverapp")):
+            continue
+        try:
+            if p.environ().get(TEST_RUN_MARKER) == TEST_RUN_ID:
+                pids.add(p.info["pid"])
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
     return pids
 
 

@@ -1,6 +1,7 @@
 """The commitment layer (zk/): encoding, Pedersen/Hyrax commitments, verification, ledger and audit.
 
-Small vectors (4,800-5,000 values, so the last row of 2,048 is ragged); the whole file runs in seconds.
+Small vectors (2 rows of 4,096 values plus a ragged third row of 904: 9,096 values, ``N_VALUES``); the whole
+file runs in seconds.
 """
 
 from __future__ import annotations
