@@ -1,86 +1,17 @@
-"""The finlora ClientApp: train the global LoRA adapter on local data, send back only A/B (or B)."""
+"""The finlora ClientApp: Flower's entry point at an institution. It hands each task to :data:`client.tasks.TASKS`,
+in this process or in the institution's resident trainer, and records progress for ``finlora client``."""
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
-from typing import Any
-
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dp_setup import enforce_policy, ledger_store, open_ledger
-from client.dp_train import dp_train_round, sample_rate, steps_per_round
-from client.local_data import LocalData, local_data, node_data_key
 from client.mods import client_level_clipping_mod
 from client.progress import record_task
-from client.train import TrainStats, round_learning_rate, train_round
-from client.zk_update import institution_name, signing_key_file, zk_reply_records
-from common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, lora_state, load_lora_state,
-                            select_keys, shapes_of, to_array_record)
-from common.config import FinloraConfig
-from common.evaluation import answer_loss
-from common.transport import TRANSPORT_RECORD, encode_update
-from common.model import LOAD_COUNTS, QUANTIZATION_BITS, ModelBundle, get_model_bundle
+from client.resident import call_trainer
+from client.tasks import TASKS
 
 app = ClientApp(mods=[client_level_clipping_mod])
-
-
-def _prepare(content: RecordDict, context: Context) -> tuple[FinloraConfig, ModelBundle, LocalData, Arrays, float]:
-    """Config, cached model, local data, and the received global adapter loaded into the model."""
-    cfg = FinloraConfig.from_flat(context.run_config)
-    loads_before = LOAD_COUNTS["base_model_loads"]
-    bundle = get_model_bundle(cfg.model, cfg.lora)
-    load_seconds = bundle.load_seconds if LOAD_COUNTS["base_model_loads"] > loads_before else 0.0
-    data = local_data(cfg.data, node_data_key(context.node_config), bundle.tokenizer)
-    own = lora_state(bundle.model)
-    received = from_array_record(content["arrays"])
-    check_arrays(received, shapes_of(select_keys(own, cfg.lora.ffa)), "global adapter from the server")
-    if cfg.lora.ffa:
-        # A never travels in FFA-LoRA: every party derives the same frozen A from the shared seed.
-        received = {**initial_adapter(shapes_of(own), cfg.lora.seed), **received}
-    load_lora_state(bundle.model, received)
-    return cfg, bundle, data, received, load_seconds
-
-
-def _train_locally(cfg: FinloraConfig, bundle: ModelBundle, data: LocalData, context: Context, config: Any,
-                   received: Arrays, lr: float, seed: int) -> tuple[TrainStats, dict[str, float]]:
-    """Plain or DP-SGD training; with DP, the privacy ledger is checked first and saved after."""
-    mu = float(config.get("proximal-mu", 0.0))
-    pad = bundle.tokenizer.pad_token_id
-    if not (cfg.dp.enabled and cfg.dp.level == "sample"):
-        return train_round(bundle.model, data.train, cfg.train, lr, pad, seed=seed, proximal_mu=mu,
-                           global_arrays=received), {}
-    store = ledger_store(cfg.dp, context.node_config, context.state)
-    ledger = open_ledger(cfg.dp, context.node_config, store, len(data.train))
-    rate, steps = sample_rate(len(data.train), cfg.train), steps_per_round(len(data.train), cfg.train)
-    ledger.ensure_calibrated(cfg.dp.epsilon, rate, cfg.num_rounds * steps)
-    ledger.authorize(rate, steps)  # raises PrivacyBudgetExhausted: the server logs it and goes on
-    stats = dp_train_round(bundle.model, data.train, cfg.train, cfg.dp, ledger, lr, pad, seed, proximal_mu=mu,
-                           global_arrays=received)
-    store.save(ledger)
-    return stats, ledger.report()
-
-
-def _update_records(cfg: FinloraConfig, context: Context, local: Arrays, received: Arrays, server_round: int,
-                    num_examples: int, seed: int) -> tuple[Any, dict[str, Any], int, dict[str, Any]]:
-    """(array record, extra records, their bytes, update metrics): the float update clipped to
-    ``strategy.max-update-norm`` and encoded as ``transport.dtype``, or with zk the committed, signed quantized
-    update."""
-    if not cfg.zk.enabled:
-        encoded = encode_update(local, received, cfg.transport.dtype, cfg.strategy.max_update_norm)
-        extra = {TRANSPORT_RECORD: ConfigRecord(encoded.record)} if encoded.record else {}
-        return (to_array_record(encoded.arrays), extra, sum(r.count_bytes() for r in extra.values()),
-                {"update-norm": encoded.norm, "update-clipped": int(encoded.clipped)})
-    institution = institution_name(context.node_config)
-    run_name = cfg.run_name(context.run_id)
-    keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / run_name / "keys"
-    record, zk_record = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk,
-                                         signing_key_file(context.node_config, keys_dir, institution),
-                                         cfg.signed_run_id(context.run_id),
-                                         server_round, institution, num_examples, seed)
-    return record, {"zk": zk_record}, sum(len(v) for v in zk_record.values() if isinstance(v, bytes)), {}
 
 
 @app.train()
@@ -101,8 +32,6 @@ def _run_task(kind: str, content: RecordDict, context: Context) -> RecordDict:
     and tokenized data loaded between rounds. Otherwise (simulation, or no trainer) it runs in this process."""
     socket = str(context.node_config.get("trainer-socket", "") or "")
     if socket:
-        from client.resident import call_trainer
-
         reply, state = call_trainer(socket, kind, content, context)
         context.state = state  # what the task wrote into the node's state travels back to Flower
     else:
@@ -112,50 +41,3 @@ def _run_task(kind: str, content: RecordDict, context: Context) -> RecordDict:
     return reply
 
 
-def train_content(content: RecordDict, context: Context) -> RecordDict:
-    """One round of local training; replies with the adapter's trainable tensors and training metrics."""
-    cfg, bundle, data, received, load_seconds = _prepare(content, context)
-    enforce_policy(cfg.dp, context.node_config, len(data.train))  # before any training or ledger access
-    config = content["config"]
-    server_round = int(config["server-round"])
-    lr = round_learning_rate(cfg.train, server_round, cfg.num_rounds)
-    seed = cfg.train.seed + 1000 * server_round + node_data_key(context.node_config)[1]
-    stats, privacy = _train_locally(cfg, bundle, data, context, config, received, lr, seed)
-    start = time.perf_counter()
-    local = select_keys(lora_state(bundle.model), cfg.lora.ffa)
-    record, extra, extra_bytes, update_info = _update_records(cfg, context, local, received, server_round,
-                                                              len(data.train), seed)
-    serialize_seconds = time.perf_counter() - start
-    metrics = MetricRecord({
-        "num-examples": len(data.train),
-        "train-loss": stats.loss,
-        "train-steps": stats.steps,
-        "train-tokens": stats.tokens,
-        "answer-tokens": stats.answer_tokens,
-        "train-seconds": stats.seconds,
-        "lr": stats.lr,
-        "load-seconds": load_seconds,
-        "serialize-seconds": serialize_seconds,
-        "base-model-loads": LOAD_COUNTS["base_model_loads"],
-        "base-quantization-bits": QUANTIZATION_BITS[bundle.quantized],  # what was really loaded, not asked for
-        "process-id": os.getpid(),  # shows whether one process (a resident trainer) served several rounds
-        "bytes-sent": record.count_bytes() + extra_bytes,
-        "partition-id": node_data_key(context.node_config)[1],
-        **privacy,
-        **update_info,
-    })
-    return RecordDict({"arrays": record, "metrics": metrics, **extra})
-
-
-def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
-    """Loss of the global adapter on this institution's validation rows (never trained on)."""
-    cfg, bundle, data, _received, _ = _prepare(content, context)
-    loss, tokens = answer_loss(bundle.model, data.val, cfg.eval.batch_size, bundle.tokenizer.pad_token_id)
-    metrics = MetricRecord({"eval-loss": loss, "eval-tokens": tokens, "num-examples": len(data.val),
-                            "base-model-loads": LOAD_COUNTS["base_model_loads"],
-                            "process-id": os.getpid()})
-    return RecordDict({"metrics": metrics})
-
-
-TASKS = {"train": train_content, "evaluate": evaluate_content}
-"""What a task kind runs, given the message content and the node's context (also used by the resident trainer)."""

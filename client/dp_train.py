@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from client.fast_loss import answer_token_losses, per_row_mean, supports_answer_only_head
 from client.privacy import PrivacyLedger
-from client.train import TrainStats
+from client.train import TrainStats, proximal_anchors
 from common.config import DpConfig, TrainConfig
-from common.data import IGNORE_INDEX, Example, collate
+from common.data import Example, IGNORE_INDEX, collate
 
 
 def per_example_loss(logits: Any, labels: Any) -> Any:
@@ -54,7 +55,6 @@ def private_example_losses(gsm: Any, batch: dict[str, Any], answer_only_head: bo
     if not answer_only_head:
         logits = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return per_example_loss(logits, batch["labels"])
-    from client.fast_loss import answer_token_losses, per_row_mean
 
     token_losses, rows = answer_token_losses(gsm, batch["input_ids"], batch["labels"], batch["attention_mask"])
     return per_row_mean(token_losses, rows, batch["input_ids"].shape[0])
@@ -125,9 +125,6 @@ def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp
     production (a known noise seed voids the DP guarantee).
     """
     import torch
-
-    from client.fast_loss import supports_answer_only_head
-    from client.train import proximal_anchors
 
     torch.manual_seed(seed)  # LoRA dropout only: the noise has its own secret generator (noise_generator)
     device = next(model.parameters()).device

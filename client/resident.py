@@ -43,6 +43,13 @@ from multiprocessing.connection import (AuthenticationError, Client, Connection,
 from pathlib import Path
 from typing import Any
 
+from client.local_data import LOCAL_DATA_CACHE
+from common.config import FinloraConfig, PROJECT_ROOT
+from common.flower_processes import stop_process_tree
+from common.io import atomic_write_private
+from common.logs import get_logger
+from common.model import LOAD_COUNTS, MODEL_CACHE
+
 TASK_KINDS = ("train", "evaluate")
 AUTHKEY_BYTES = 32
 CONNECT_WAIT_S = 15.0
@@ -74,8 +81,6 @@ class RemoteTraceback(Exception):
 
 def write_authkey(path: Path) -> bytes:
     """A fresh random key, written atomically with mode 0600 (never readable by anyone else, even briefly)."""
-    from common.io import atomic_write_private
-
     key = secrets.token_hex(AUTHKEY_BYTES).encode()
     atomic_write_private(path, key)
     return key
@@ -164,7 +169,7 @@ def _connect(socket_path: str, authkey: bytes, wait_s: float) -> Connection:
 
 def call_trainer(socket: str | Path, kind: str, content: Any, context: Any,
                  wait_s: float = CONNECT_WAIT_S) -> tuple[Any, Any]:
-    """Run ``client.app.TASKS[kind](content, context)`` in the resident trainer; ``(reply content, context.state)``.
+    """Run ``client.tasks.TASKS[kind](content, context)`` in the resident trainer; ``(reply content, context.state)``.
 
     Re-raises the task's own exception (same class, same message). :class:`TrainerUnavailable` when the trainer
     cannot be reached within ``wait_s`` seconds, refuses the key, or dies during the task."""
@@ -212,8 +217,6 @@ class _Trainer:
         self.preload = preload
 
     def info(self) -> dict[str, Any]:
-        from common.model import LOAD_COUNTS
-
         return {"pid": os.getpid(), "tasks": self.tasks, "base-model-loads": LOAD_COUNTS["base_model_loads"]}
 
     def run(self, kind: str, content: Any, context: Any) -> tuple[Any, ...]:
@@ -224,7 +227,7 @@ class _Trainer:
         if self.preload is not None:  # never import the same heavy modules from two threads at once
             self.preload.join()
             self.preload = None
-        from client.app import TASKS
+        from client.tasks import TASKS  # after the preload thread: it imports flwr, torch and the model code
 
         self._keep_one_model(context)
         reply = TASKS[kind](content, context)
@@ -234,10 +237,6 @@ class _Trainer:
     def _keep_one_model(self, context: Any) -> None:
         """One base model resident at a time: a run with another model or LoRA setting replaces it (on a GPU two
         8B models would not fit, and the old one would never be used again)."""
-        from client.local_data import LOCAL_DATA_CACHE
-        from common.config import FinloraConfig
-        from common.model import MODEL_CACHE
-
         cfg = FinloraConfig.from_flat(context.run_config)
         key = (cfg.model, cfg.lora)
         if self.resident_key is not None and key != self.resident_key and MODEL_CACHE:
@@ -347,8 +346,6 @@ def serve(socket_path: Path, authkey_file: Path, *, max_requests: int | None = N
     ``preload``: a thread importing the heavy libraries, joined before the first task. A connection that fails
     authentication in any way (wrong key, garbage, a truncated frame, an absurd length prefix, silence for
     ``handshake_timeout_s``) is dropped with one log line; the trainer goes on serving."""
-    from common.logs import get_logger
-
     log = get_logger(__name__)
     socket_path = Path(socket_path)
     private_dir(socket_path.parent)
@@ -511,8 +508,6 @@ class ResidentTrainer:
 
     def stop(self) -> None:
         """Stop the trainer (and anything it started); no restart after this."""
-        from common.flower_processes import stop_process_tree
-
         self._stopping.set()
         with self._lock:
             proc = self._proc
@@ -529,8 +524,6 @@ class ResidentTrainer:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
 
     def _spawn(self) -> subprocess.Popen:
-        from common.config import PROJECT_ROOT
-
         cmd = [sys.executable, "-m", "client.resident", "--socket", str(self.socket_path),
                "--authkey-file", str(self.authkey_file), "--exit-with-parent"]
         # cwd = the project root: `-m` puts it first on sys.path, so `client` is finlora's own package

@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 
 from common.config import ZkConfig
-
-ZK_RECORD = "zk"
+from zk import codec
+from zk.encoding import quantize_update
+from zk.signing import load_private_key
+from zk.verify import make_submission
 
 
 def institution_name(node_config: Mapping[str, Any]) -> str:
@@ -34,21 +36,14 @@ def signing_key_file(node_config: Mapping[str, Any], keys_dir: Path, institution
 def zk_reply_records(local: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], zk: ZkConfig,
                      key_file: Path, run_id: str, server_round: int, institution: str, num_examples: int,
                      seed: int) -> tuple[Any, Any]:
-    """(ArrayRecord of int update tensors, ConfigRecord ``zk``) for the reply of a training round."""
+    """(ArrayRecord of int update tensors, ConfigRecord :data:`zk.codec.ZK_RECORD`) for the reply of a training
+    round, laid out by :func:`zk.codec.encode`."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
-
-    from zk.encoding import quantize_update
-    from zk.signing import load_private_key
-    from zk.verify import make_submission
 
     delta = {k: np.asarray(local[k], np.float64) - np.asarray(global_arrays[k], np.float64) for k in local}
     values, layout = quantize_update(delta, zk.norm_bound, zk.frac_bits, zk.bits, np.random.default_rng(seed))
     if not key_file.is_file():
         raise FileNotFoundError(f"zk signing key of {institution} not found: {key_file}")
     sub = make_submission(values, num_examples, load_private_key(key_file), run_id, server_round, institution)
-    wire = sub.to_wire(zk.bits)
-    ints = wire.pop("values")
-    arrays = ArrayRecord()
-    for key, shape, sl in layout.slices():
-        arrays[key] = Array(np.ascontiguousarray(ints[sl].reshape(shape)))
-    return arrays, ConfigRecord({"institution": institution, **wire})
+    tensors, fields = codec.encode(sub, layout, zk.bits, institution)
+    return ArrayRecord({key: Array(value) for key, value in tensors.items()}), ConfigRecord(fields)

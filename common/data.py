@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import DataConfig, PROJECT_ROOT
 from common.logs import get_logger
-from common.config import PROJECT_ROOT, DataConfig
+from common.sample_data import sentiment_rows
 
 log = get_logger(__name__)
 
@@ -124,8 +125,6 @@ def load_rows(cfg: DataConfig) -> list[Row]:
     """All rows of the configured source: ``sample``, a task name, a JSONL path, or a hub dataset id."""
     source = cfg.source
     if source == "sample":
-        from common.sample_data import sentiment_rows
-
         return sentiment_rows()
     if source in TRAIN_TASKS:
         task = TRAIN_TASKS[source]

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.logs import get_logger
+from common.adapter import is_lora_key
 from common.config import LoraSettings, ModelConfig
 from common.gguf_model import SMOLLM2_NAME, gguf_model_dir, smollm2_model_dir
+from common.logs import get_logger
 from common.tiny import TINY_NAME, tiny_model_dir
 
 log = get_logger(__name__)
@@ -152,8 +153,6 @@ def lora_shapes(model_cfg: ModelConfig, lora: LoraSettings) -> dict[str, tuple[i
     from accelerate import init_empty_weights
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from common.adapter import is_lora_key
 
     path = resolve_model_path(model_cfg.name)
     with init_empty_weights():

@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 
 from common.config import ConfigError, DataConfig
-from common.data import TRAIN_TASKS, DataError, default_data_dir, read_jsonl
+from common.data import DataError, TRAIN_TASKS, default_data_dir, read_jsonl
 from common.gguf_model import SMOLLM2_NAME, check_gguf_support, smollm2_gguf_path
+from common.sample_data import sentiment_rows
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 """What the Hugging Face hub accepts as a repo id: ``name`` or ``owner/name``."""
@@ -75,8 +76,6 @@ def check_data(cfg: DataConfig, flag: str = "--data", min_rows: int = 1) -> int:
         raise DataError(f"data.dir {cfg.dir}: no such directory")
     source = cfg.source
     if source == "sample":
-        from common.sample_data import sentiment_rows
-
         rows = len(sentiment_rows())
     elif source in TRAIN_TASKS:
         local = default_data_dir(cfg.dir) / TRAIN_TASKS[source].file

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from common.io import atomic_write_text, read_jsonl_records
+from eval.report import markdown_table
 
 
 def round_problems(run_dir: Path, num_rounds: int) -> list[str]:
@@ -59,8 +60,6 @@ def print_summary(run_dir: Path) -> None:
 
 def print_eval(run_dir: Path) -> None:
     """The benchmark table of the last evaluation in the run (the final one when there is one)."""
-    from eval.report import markdown_table
-
     evaluated = [(r["round"], name, results) for r in sorted(read_jsonl_records(run_dir / "metrics.jsonl"),
                                                              key=lambda r: r["round"])
                  for name, results in (r.get("eval") or {}).items()]

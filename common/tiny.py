@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common.io import cache_root
 from common.logs import get_logger
+from common.sample_data import sentiment_rows
 
 log = get_logger(__name__)
 
@@ -40,8 +41,6 @@ def tiny_model_dir() -> Path:
 
 
 def _tokenizer_corpus() -> list[str]:
-    from common.sample_data import sentiment_rows
-
     rows = sentiment_rows(n=1200, seed=12345)
     extra = ["Instruction: What is the entity type of the following? Answer: person organization location",
              "XBRL tag value formula revenue assets liabilities equity cash flow earnings per share",

@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.adapter import AdapterError, read_adapter_dir
 from common.config import load_config
+from common.model import load_base_model
 from common.preflight import check_model, hub_offline
-from eval.runner import MODES
+from eval.report import TABLE_FILE
+from eval.runner import MODES, evaluate_model
 from eval.tasks import EvalError, resolve_task_names, resolve_test_dir
 
 
@@ -42,9 +45,6 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
 
 def load_eval_model(model_name: str, quantization: str, adapter: str | None) -> tuple[Any, Any]:
     """Base model (+ adapter via ``PeftModel.from_pretrained``); any adapter rank or target modules work."""
-    from common.adapter import AdapterError, read_adapter_dir
-    from common.model import load_base_model
-
     if adapter:
         path = Path(adapter).expanduser()
         if not path.is_dir():
@@ -67,9 +67,6 @@ def load_eval_model(model_name: str, quantization: str, adapter: str | None) -> 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Check inputs, load the model, evaluate, write outputs, print the table; returns the exit code."""
-    from eval.report import TABLE_FILE
-    from eval.runner import evaluate_model
-
     cfg = load_config()
     model_name = args.model or cfg.model.name
     if hub_offline():  # as in simulate: no hub round-trips (and retries) unless FINLORA_ONLINE=1

@@ -17,8 +17,11 @@ from typing import Any
 from common.data import Row
 from common.logs import get_logger
 from eval import scoring
+from eval.fast import best_labels, label_logprobs, label_surface_forms
+from eval.generate import first_line, generate_texts
 from eval.report import clean_number, write_outputs
-from eval.tasks import TASKS, EvalError, EvalTask, load_task_rows, resolve_task_names, resolve_test_dir
+from eval.tasks import EvalError, EvalTask, TASKS, load_task_rows, resolve_task_names, resolve_test_dir
+from eval.textscore import BERTSCORE_NAME, FALLBACK_NAME, bertscore_f1
 
 log = get_logger(__name__)
 
@@ -96,9 +99,6 @@ def _infer(model: Any, tokenizer: Any, task: EvalTask, rows: Sequence[Row], mode
     end with ``Output US GAAP tags:`` and contain no ``Answer:``, so FinLoRA HEAD would keep the whole prompt,
     whose comma-separated tag list would then be split into "answers"; we keep only the continuation.
     """
-    from eval.fast import best_labels, label_logprobs, label_surface_forms
-    from eval.generate import first_line, generate_texts
-
     prompts = [r["context"] for r in rows]
     if mode == "fast" and task.closed:
         labels = label_surface_forms(task.labels or (), [r["target"] for r in rows])
@@ -121,8 +121,6 @@ def score_task(task: EvalTask, answers: Sequence[str], targets: Sequence[str]) -
     elif task.metric == "batched_label":
         score = scoring.batched_label_score(answers, targets)
     elif task.metric == "text":
-        from eval.textscore import BERTSCORE_NAME, FALLBACK_NAME, bertscore_f1
-
         bert = bertscore_f1(answers, targets)
         text_metric = BERTSCORE_NAME if bert is not None else FALLBACK_NAME
         score = scoring.text_similarity_score(answers, targets, bert)

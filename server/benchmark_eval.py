@@ -16,6 +16,7 @@ import numpy as np
 from common.adapter import load_lora_state
 from common.config import FinloraConfig
 from common.model import get_model_bundle
+from eval import evaluate_model
 
 
 def evaluations_due(cfg: FinloraConfig, server_round: int) -> list[tuple[str, str, int]]:
@@ -34,7 +35,6 @@ def run_benchmark_evals(cfg: FinloraConfig, server_round: int, arrays: Mapping[s
     due = evaluations_due(cfg, server_round)
     if not due:
         return {}
-    from eval import evaluate_model
 
     bundle = get_model_bundle(cfg.model, cfg.lora)
     load_lora_state(bundle.model, arrays)

@@ -31,12 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import PROJECT_ROOT, ConfigError, flatten_table, load_config
+from common.certs import init_ca_and_server
+from common.config import ConfigError, PROJECT_ROOT, flatten_table, load_config
+from common.data import default_data_dir
 from common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, last_run_status, list_runs,
                                      stop_leftover_process, stop_process_tree, toml_value, wait_gateway_ready,
                                      wait_superlink_healthy)
 from common.io import atomic_write_text, read_jsonl_records
 from common.preflight import check_data, check_port_free
+from common.report import print_run_report
 
 CONNECTION = "finlora-server"
 REGISTRY_FILE = "institutions.json"
@@ -78,8 +81,6 @@ class ServerOptions:
 def server_data_overrides(opts: ServerOptions, overrides: dict[str, Any]) -> dict[str, Any]:
     """The server's own data, as absolute paths: the ServerApp runs from Flower's copy of the app under
     ``STATE/flwr-home``, where a relative path (or ``../shared/data``) means nothing."""
-    from common.data import default_data_dir
-
     out = dict(overrides)
     if opts.heldout_data == "none":
         out["eval.heldout"] = False
@@ -236,8 +237,6 @@ def run_server(opts: ServerOptions) -> int:
 def report_run(run_dir: Path, registry: Path) -> None:
     """What ``finlora simulate`` prints at the end (summary table, privacy table, plots), and one line per
     institution that refused or failed in the last round, by name (``institutions.json``) rather than node id."""
-    from common.report import print_run_report
-
     print_run_report(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         return
@@ -270,8 +269,6 @@ def deployment_nonce(state: Path) -> str:
 
 def _loopback_certificates(directory: Path) -> Any:
     """A fresh CA and certificate for 127.0.0.1 / localhost in a 0700 directory (made at every start)."""
-    from common.certs import init_ca_and_server
-
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory.chmod(0o700)
     files = init_ca_and_server(directory, ["127.0.0.1", "localhost"])

@@ -42,7 +42,8 @@ from flwr.supercore import log
 from common.adapter import AdapterError, arrays_digest, check_arrays, from_array_record, to_array_record
 from common.config import StrategyConfig
 from common.transport import NORM_SLACK, TRANSPORT_RECORD, decode_update, delta_norm, wire_dtype
-from server.zk_round import ZK_RECORD, ZkVerifier
+from server.zk_round import ZkVerifier
+from zk import codec
 
 WEIGHT_KEY = "finlora-weight"
 """The only weight Flower aggregates by; the server sets it on every accepted reply and never reads it from one."""
@@ -282,7 +283,7 @@ class LoraRoundMixin:
             return problem
         received = from_array_record(content["arrays"])
         if self.zk is not None:
-            zk_record = content.config_records.get(ZK_RECORD)
+            zk_record = content.config_records.get(codec.ZK_RECORD)
             signed = zk_record.get("num_examples") if zk_record is not None else None
             if signed != metrics["num-examples"]:  # one weight: the signed count is what the aggregate uses
                 return (f"metric 'num-examples' = {metrics['num-examples']!r} differs from the signed zk count "

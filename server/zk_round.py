@@ -20,8 +20,13 @@ from typing import Any
 import numpy as np
 
 from common.config import ZkConfig
+from zk import codec
+from zk.encoding import Layout, apply_aggregate
+from zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, record_kept_round, record_round,
+                       seen_digests)
+from zk.signing import load_key_registry
+from zk.verify import aggregate, signed_by, verify_round
 
-ZK_RECORD = "zk"
 IMPERSONATION = "impersonation"
 """Rejection code of a reply that claims an institution its node is not bound to."""
 
@@ -71,9 +76,6 @@ class ZkVerifier:
     @classmethod
     def open(cls, cfg: ZkConfig, run_id: str, run_dir: Path, keys_dir: Path, equal_weights: bool = False
              ) -> ZkVerifier:
-        from zk.ledger import seen_digests
-        from zk.signing import load_key_registry
-
         if not keys_dir.exists():
             raise FileNotFoundError(f"zk: key registry {keys_dir} not found (institutions' public keys)")
         registry = load_node_registry(Path(cfg.registry)) if cfg.registry else {}
@@ -83,8 +85,6 @@ class ZkVerifier:
 
     def write_header(self) -> None:
         """First ledger line: keys, parameters and the round-0 adapter's hash (call after saving round 0)."""
-        from zk.ledger import adapter_relpath, append_entry, file_sha256, header_entry
-
         append_entry(self.run_dir, header_entry(self.run_id, self.public_keys,
                                                 file_sha256(self.run_dir / adapter_relpath(0)), self.cfg.norm_bound,
                                                 self.cfg.frac_bits, self.cfg.bits,
@@ -93,8 +93,6 @@ class ZkVerifier:
     def _identity_problem(self, node_id: str, institution: str, sub: Any, server_round: int,
                           claims: dict[str, list[str]]) -> str | None:
         """Why ``node_id`` may not speak for ``institution`` this round (``None``: it may, pending its signature)."""
-        from zk.verify import signed_by
-
         bound_node = self.node_of.get(institution)
         bound_name = next((name for name, node in self.node_of.items() if node == node_id), None)
         if bound_name is not None and bound_name != institution:
@@ -114,24 +112,15 @@ class ZkVerifier:
                                                                                ZkRoundResult]:
         """``replies``: (Flower node id, RecordDict) pairs. Returns the next global arrays (``None`` if no update
         survived) and the round's result; a malformed or failing update is rejected with its reason."""
-        from zk.encoding import Layout, apply_aggregate
-        from zk.verify import Submission, aggregate, verify_round
-
         layout = Layout.from_tensors({k: np.asarray(v) for k, v in global_arrays.items()})
         parsed: list[tuple[str, str, Any]] = []
         rejected: dict[str, str] = {}
         for node_id, content in replies:
             try:
-                zk_rec = content.config_records[ZK_RECORD]
                 arrays = next(iter(content.array_records.values()))
-                ints = {k: arrays[k].numpy() for k in arrays.keys()}
-                if set(ints) != set(layout.keys):
-                    raise ValueError(f"update keys differ from the global adapter's ({len(ints)} vs {layout.size})")
-                record = {"values": layout.flatten(ints), "num_examples": zk_rec["num_examples"],
-                          "commitments": zk_rec["commitments"], "blindings": zk_rec["blindings"],
-                          "signature": zk_rec["signature"]}
-                institution = str(zk_rec["institution"])
-                parsed.append((str(node_id), institution, Submission.from_wire(institution, record)))
+                institution, sub = codec.decode({k: arrays[k].numpy() for k in arrays.keys()},
+                                                dict(content.config_records[codec.ZK_RECORD]), layout)
+                parsed.append((str(node_id), institution, sub))
             except (KeyError, ValueError, TypeError) as exc:
                 rejected[node_id] = f"malformed zk submission: {exc}"
         # bind node <-> institution before verifying: an impostor is rejected alone, its victim goes on
@@ -163,14 +152,10 @@ class ZkVerifier:
 
     def record(self, server_round: int, result: ZkRoundResult) -> None:
         """Ledger line of a round (call after its adapter file is saved: the line holds the file's hash)."""
-        from zk.ledger import record_round
-
         record_round(self.run_dir, server_round, result.layout, result.accepted,
                      {str(k): v for k, v in result.rejected.items()}, result.aggregate, result.blindings,
                      result.total_weight)
 
     def record_kept(self, server_round: int, rejected: dict[str, str], reason: str) -> None:
         """Ledger line of a round that kept the previous global adapter (after its adapter file is saved)."""
-        from zk.ledger import record_kept_round
-
         record_kept_round(self.run_dir, server_round, rejected, reason)

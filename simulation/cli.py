@@ -15,12 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.certs import CertificateError
+from client.deploy import ClientOptions, default_state_dir, run_client
+from client.dp_setup import ledger_dir, start_new_period
+from client.privacy import FileLedgerStore
+from common.certs import CertificateError, init_ca_and_server, init_node
 from common.config import ConfigError, load_config, parse_override
-from common.data import DataError
+from common.data import DataError, default_data_dir, load_rows, partition_rows
+from common.io import atomic_write_jsonl
 from common.preflight import check_data, check_gpu, check_model, check_positive, check_writable
+from common.report import print_run_report, round_problems
 from eval.cli import add_eval_parser
+from server.checkpoint import RunDirectory
+from server.deploy import ServerOptions, run_server
+from simulation.keys import provision_simulation_keys
+from simulation.launcher import run_simulation
 from zk.cli import add_zk_parser
+from zk.signing import write_key_pair
 
 
 def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,8 +60,6 @@ def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
     Flower runs the apps from an extracted copy of the project under its own home, where relative paths
     and ``../shared/data`` beside the project mean nothing.
     """
-    from common.data import default_data_dir
-
     out = dict(overrides)
     source = out.get("data.source")
     if isinstance(source, str) and (source.endswith(".jsonl") or Path(source).expanduser().exists()):
@@ -77,16 +85,11 @@ def _run_location(args: argparse.Namespace) -> tuple[Path, str]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run a local multi-process simulation (Flower + Ray), then print and plot its summary."""
-    from simulation.launcher import run_simulation
-    from common.report import print_run_report, round_problems
-
     check_positive("--clients", args.clients, "simulated institutions")
     check_positive("--rounds", args.rounds, "federated rounds in total")
     out_dir, run_id = _run_location(args)
     overrides = _absolute_paths(_overrides_from_args(args))
     if args.resume:  # continue the run as it was started; flags given now still win
-        from server.checkpoint import RunDirectory
-
         saved = RunDirectory(out_dir / run_id).saved_config()
         overrides = {**{k: v for k, v in saved.items() if k not in ("num-rounds", "resume")}, **overrides}
     overrides.update({"out-dir": str(out_dir), "run-id": run_id, "resume": bool(args.resume)})
@@ -96,8 +99,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_writable(out_dir, "--out")
     run_dir = out_dir / run_id
     if cfg.zk.enabled and not cfg.zk.keys_dir:
-        from simulation.keys import provision_simulation_keys
-
         overrides["zk.keys-dir"] = str(provision_simulation_keys(run_dir / "keys", args.clients))
     if cfg.zk.enabled and not cfg.zk.run_nonce:  # a resumed run keeps the saved one (read from its config above)
         overrides["zk.run-nonce"] = secrets.token_hex(16)
@@ -124,9 +125,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """``certs init``: CA + server certificate; ``certs node``: an institution's auth and signing keys."""
-    from common.certs import init_ca_and_server, init_node
-    from zk.signing import write_key_pair
-
     out = Path(args.out)
     if args.certs_command == "init":
         files = init_ca_and_server(out, [n.strip() for n in args.server_name.split(",") if n.strip()])
@@ -141,9 +139,6 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     """One private JSONL per institution, with the simulation's partitioners (to rehearse a deployment)."""
-    from common.data import load_rows, partition_rows
-    from common.io import atomic_write_jsonl
-
     if bool(args.task) == bool(args.data):
         raise ConfigError("give exactly one of --task TASK or --data PATH")
     check_positive("--clients", args.clients, "one JSONL file per institution")
@@ -163,9 +158,6 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 
 def cmd_dp(args: argparse.Namespace) -> int:
     """``dp ledger``: what an institution's data has spent; ``dp new-period``: start a new budget period."""
-    from client.dp_setup import ledger_dir, start_new_period
-    from client.privacy import FileLedgerStore
-
     data = Path(args.data).expanduser().resolve()
     directory = ledger_dir(args.ledger_dir)
     store = FileLedgerStore(directory, str(data))
@@ -184,8 +176,6 @@ def cmd_dp(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from server.deploy import ServerOptions, run_server
-
     return run_server(ServerOptions(state=Path(args.state), config_file=Path(args.config) if args.config else None,
                                     certs=Path(args.certs or Path(args.state) / "certs"),
                                     nodes=Path(args.nodes) if args.nodes else None, host=args.host, port=args.port,
@@ -195,8 +185,6 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from client.deploy import ClientOptions, default_state_dir, run_client
-
     check_gpu(args.gpu)
     name = args.name or Path(args.key or args.data).name.split(".")[0]
     return run_client(ClientOptions(superlink=args.superlink, ca=Path(args.ca) if args.ca else None,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zk.signing import PUBLIC_SUFFIX, generate_key, save_private_key, save_public_key
+
 
 def provision_simulation_keys(keys_dir: Path, num_institutions: int) -> Path:
-    from zk.signing import PUBLIC_SUFFIX, generate_key, save_private_key, save_public_key
-
     keys_dir.mkdir(parents=True, exist_ok=True)
     for pid in range(num_institutions):
         name = f"institution-{pid}"

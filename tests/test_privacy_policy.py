@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from client.app import train_content
+from client.tasks import train_content
 from client.dp_setup import PrivacyPolicyViolation, ledger_store
 from common.adapter import initial_adapter, select_keys, to_array_record
 from common.config import ConfigError, load_config

@@ -84,7 +84,7 @@ def test_model_stays_resident_and_results_match_in_process(setup):
     assert metrics[0]["base-model-loads"] == metrics[1]["base-model-loads"] == 1  # loaded once, then resident
     assert metrics[0]["load-seconds"] > 0 and metrics[1]["load-seconds"] == 0
 
-    from client.app import TASKS
+    from client.tasks import TASKS
     from common.adapter import from_array_record
 
     local = TASKS["train"](setup["content"], _context(setup))  # the same task in this process
