@@ -1,14 +1,15 @@
-"""The finlora ServerApp: runs the rounds, checkpoints every global adapter, logs metrics, resumes."""
+"""The finlora ServerApp: sets up a run (fresh or resumed), then lets the strategy wrapper run the rounds and the
+recorder write each one (``server/strategy.py``, ``server/recorder.py``)."""
 
 from __future__ import annotations
 
-import time
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from common.adapter import complete_with_shared_a, from_array_record, initial_adapter, select_keys, to_array_record
@@ -16,51 +17,17 @@ from common.config import FinloraConfig
 from common.dp_accounting import epsilon_of
 from common.model import lora_config, lora_shapes, resolve_model_path
 from server.checkpoint import RunDirectory
-from server.benchmark_eval import run_benchmark_evals
 from server.heldout import HeldoutEvaluator
-from server.zk_round import ZkVerifier
-from server.strategy import (RoundRecord, make_strategy, optimizer_state, restore_optimizer_state,
-                             sampled_clients_per_round, with_client_level_dp)
+from server.recorder import RoundRecorder
+from server.strategy import (make_strategy, optimizer_state, restore_optimizer_state, sampled_clients_per_round,
+                             with_client_level_dp)
+from server.zk_round import ZkLedger, ZkVerifier
 
 app = ServerApp()
 
 
 class RoundFailedError(RuntimeError):
     """A round ended without an aggregated adapter: the run must not report success."""
-
-
-def round_summary(server_round: int, rec: RoundRecord | None, heldout_loss: float | None,
-                  weighting: str = "examples") -> dict[str, Any]:
-    """The ``metrics.jsonl`` line of a round (``weighting``: how the server weighed the accepted updates)."""
-    clients = rec.clients if rec else {}
-    examples = sum(c["num_examples"] for c in clients.values())  # every accepted reply has both (server/strategy)
-    train_loss = (sum(c["train_loss"] * c["num_examples"] for c in clients.values()) / examples
-                  if examples else None)
-    eval_clients = rec.client_eval if rec else {}
-    eval_examples = sum(c["num-examples"] for c in eval_clients.values())
-    return {
-        "round": server_round,
-        "train_loss": train_loss,
-        "heldout_loss": heldout_loss,
-        "federated_eval_loss": (sum(c["eval-loss"] * c["num-examples"] for c in eval_clients.values())
-                                / eval_examples if eval_examples else None),
-        "seconds": (time.perf_counter() - rec.started) if rec else 0.0,
-        "aggregate_seconds": rec.aggregate_seconds if rec else 0.0,
-        "num_clients": len(clients),
-        "bytes_sent_per_client": (sum(c.get("bytes_sent", 0) for c in clients.values()) / len(clients)) if clients else 0,
-        "bytes_received_per_client": (max((w["array_bytes"] for w in rec.wire if w["direction"] == "server->client"),
-                                          default=0) if rec else 0),
-        "clients": clients,
-        "privacy": {node: {k[3:]: v for k, v in c.items() if k.startswith("dp_")} | {"partition_id": c.get("partition_id")}
-                    for node, c in clients.items() if "dp_epsilon" in c},
-        "refused": sorted(node for node, reason in (rec.errors if rec else {}).items()
-                          if "PrivacyBudgetExhausted" in reason or "PrivacyPolicyViolation" in reason),
-        "rejected": rec.rejected if rec else {},
-        "eval_rejected": rec.eval_rejected if rec else {},
-        "weighting": weighting,
-        "kept_previous": rec.kept_previous if rec else "",
-        "errors": rec.errors if rec else {},
-    }
 
 
 @app.main()
@@ -73,7 +40,6 @@ def main(grid: Grid, context: Context) -> None:
     peft_config = lora_config(cfg.lora, base_path)
     shapes = lora_shapes(cfg.model, cfg.lora)
     wire_shapes = {k: s for k, s in shapes.items() if k in select_keys(dict.fromkeys(shapes), cfg.lora.ffa)}
-    evaluator = HeldoutEvaluator(cfg) if cfg.eval.heldout else None
 
     def full_adapter(arrays: ArrayRecord) -> dict[str, Any]:
         return complete_with_shared_a(from_array_record(arrays), shapes, cfg.lora.seed)
@@ -97,9 +63,10 @@ def main(grid: Grid, context: Context) -> None:
         return
 
     client_level = cfg.dp.enabled and cfg.dp.level == "client"
-    verifier = (ZkVerifier.open(cfg.zk, cfg.signed_run_id(context.run_id), run_dir.path,
-                                Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else run_dir.path / "keys",
-                                equal_weights=cfg.strategy.weighting == "equal") if cfg.zk.enabled else None)
+    keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else run_dir.path / "keys"
+    equal_weights = cfg.strategy.weighting == "equal"
+    verifier = (ZkVerifier.open(cfg.zk, cfg.signed_run_id(context.run_id), run_dir.path, keys_dir,
+                                equal_weights=equal_weights) if cfg.zk.enabled else None)
     strategy = make_strategy(cfg.strategy, wire_shapes, round_offset=offset, zk=verifier,
                              client_level_clip=cfg.dp.max_grad_norm if client_level else None)
     if saved_moments and cfg.strategy.name in ("fedadam", "fedyogi"):
@@ -107,52 +74,32 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "restored the %s moments saved with round %d", cfg.strategy.name, offset)
     elif offset > 0 and cfg.strategy.name in ("fedadam", "fedyogi"):
         log(WARNING, "no %s moments were saved with round %d: they restart from zero", cfg.strategy.name, offset)
-    runner: Any = strategy
+    runner: Strategy = strategy
     if client_level:
         runner = with_client_level_dp(strategy, cfg.dp.noise_multiplier, cfg.dp.max_grad_norm,
                                       sampled_clients_per_round(cfg.strategy))
+    recorder = RoundRecorder(
+        cfg, run_dir, peft_config, strategy.weighting, evaluator=HeldoutEvaluator(cfg) if cfg.eval.heldout else None,
+        ledger=(ZkLedger(cfg.zk, verifier.run_id, run_dir.path, verifier.public_keys, equal_weights)
+                if verifier is not None else None),
+        extra_summary=(lambda rounds: {"client_level_privacy": client_level_privacy(cfg, rounds)})
+        if client_level else None)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's evaluate_fn, called once a round (training and federated evaluation) has ended."""
         absolute = server_round + offset
         if server_round == 0 and offset > 0:
             return None  # the resumed round was evaluated and saved before the restart
-        rec = strategy.rounds.get(absolute)
-        if server_round > 0 and (rec is None or not rec.aggregated):
-            # Flower hands us the previous global arrays: the round is saved with them and says why
-            rec = rec or strategy.record(absolute)
-            rec.kept_previous = rec.kept_previous or _failure_reason(absolute, rec)
-            log(WARNING, "round %d kept the previous global adapter: %s", absolute, rec.kept_previous)
-        elif server_round > 0:
-            aggregated_rounds.append(absolute)
-        full = full_adapter(arrays)
-        heldout = evaluator.loss(full) if evaluator else None
-        summary = round_summary(absolute, rec, heldout, strategy.weighting)
-        if client_level:
-            summary["client_level_privacy"] = client_level_privacy(cfg, absolute)
-        evaluations = run_benchmark_evals(cfg, absolute, full, run_dir.path)
-        if evaluations:
-            summary["eval"] = evaluations
-        run_dir.save_round(absolute, full, peft_config, summary, optimizer_state=optimizer_state(strategy))
-        if verifier is not None:
-            if absolute == 0:
-                verifier.write_header()
-            elif rec is not None and rec.kept_previous:
-                verifier.record_kept(absolute, dict(rec.rejected), rec.kept_previous)
-            elif rec is not None and rec.zk is not None:
-                verifier.record(absolute, rec.zk)
-        if rec:
-            run_dir.append_wire(rec.wire)
-        log(INFO, "round %d saved to %s (held-out loss %s)", absolute, run_dir.round_dir(absolute),
-            f"{heldout:.4f}" if heldout is not None else "n/a")
+        outcome = strategy.outcome(absolute) if server_round > 0 else None
+        heldout = recorder.record(absolute, full_adapter(arrays), outcome, optimizer_state(strategy))
         return MetricRecord({"heldout-loss": heldout}) if heldout is not None else None
 
-    aggregated_rounds: list[int] = []
     runner.start(grid=grid, initial_arrays=to_array_record(select_keys(global_arrays, cfg.lora.ffa)),
-                   num_rounds=remaining, timeout=cfg.strategy.round_timeout,
-                   train_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
-                   evaluate_config=ConfigRecord({"num-rounds": cfg.num_rounds}), evaluate_fn=after_round)
+                 num_rounds=remaining, timeout=cfg.strategy.round_timeout,
+                 train_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
+                 evaluate_config=ConfigRecord({"num-rounds": cfg.num_rounds}), evaluate_fn=after_round)
     _log_summary_table(run_dir)
-    if not aggregated_rounds:  # every round of this run kept the adapter it started from: nothing was learned
+    if not recorder.aggregated_rounds:  # every round of this run kept the adapter it started from: nothing learned
         raise RoundFailedError(f"rounds {offset + 1}..{cfg.num_rounds}: no round aggregated an update (see "
                                f"'rejected' and 'errors' in {run_dir.metrics_path})")
 
@@ -180,13 +127,6 @@ def client_level_privacy(cfg: FinloraConfig, rounds: int) -> dict[str, float]:
     return {"epsilon": epsilon,
             "delta": delta, "sigma": cfg.dp.noise_multiplier, "clipping_norm": cfg.dp.max_grad_norm,
             "rounds": rounds}
-
-
-def _failure_reason(server_round: int, rec: RoundRecord | None) -> str:
-    if rec is None:
-        return f"round {server_round}: no training replies arrived"
-    return (f"round {server_round}: nothing was aggregated ({len(rec.clients)} accepted, "
-            f"{len(rec.rejected)} rejected: {rec.rejected}, {len(rec.errors)} errors: {rec.errors})")
 
 
 def _log_summary_table(run_dir: RunDirectory) -> None:

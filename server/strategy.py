@@ -1,6 +1,12 @@
-"""finlora's strategies: Flower's FedAvg / FedProx / FedAdam / FedYogi, made LoRA-aware.
+"""finlora's round on the server: any Flower strategy (FedAvg / FedProx / FedAdam / FedYogi), made LoRA-aware.
 
-:class:`LoraRoundMixin` sits in front of a Flower strategy and adds, without touching Flower's arithmetic:
+One round reads top to bottom as: :class:`LoraStrategy` (this wrapper) -> the wire codec (``common/transport.py``
+for float updates, ``zk/codec.py`` for committed ones) -> the verifier (``server/zk_round.py``, zk mode) -> the
+wrapped strategy's aggregation (Flower's own, or the exact integer aggregate in zk mode) -> the recorder
+(``server/recorder.py``), which receives the round's immutable :class:`RoundOutcome`.
+
+:class:`LoraStrategy` wraps a Flower strategy the way Flower's DP wrappers do and adds, without touching its
+arithmetic:
 
 * **validation** of every training reply before aggregation: exactly the adapter's A/B keys (or B only in
   FFA-LoRA mode), the right shapes and dtype, finite values, the delta's L2 norm under the bound, a positive
@@ -31,18 +37,19 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedProx,
-                                     FedYogi)
+                                     FedYogi, Strategy)
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from common.adapter import AdapterError, arrays_digest, check_arrays, from_array_record, to_array_record
+from common.adapter import AdapterError, Arrays, arrays_digest, check_arrays, from_array_record, to_array_record
 from common.config import StrategyConfig
 from common.transport import NORM_SLACK, TRANSPORT_RECORD, decode_update, delta_norm, wire_dtype
-from server.zk_round import ZkVerifier
+from server.zk_round import ZkRoundResult, ZkVerifier
 from zk import codec
 
 WEIGHT_KEY = "finlora-weight"
@@ -74,8 +81,8 @@ def checked_metrics(metrics: Mapping[str, Any], loss_key: str, max_examples: int
 
 
 @dataclass
-class RoundRecord:
-    """What the mixin saw during one (absolute) round."""
+class _RoundLog:
+    """What the wrapper gathers during one (absolute) round; frozen into a :class:`RoundOutcome` at its end."""
 
     started: float = field(default_factory=time.perf_counter)
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -86,9 +93,28 @@ class RoundRecord:
     aggregate_seconds: float = 0.0
     client_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_rejected: dict[str, str] = field(default_factory=dict)
-    zk: Any = None
+    zk: ZkRoundResult | None = None
     kept_previous: str = ""
-    """Why this round kept the previous global adapter (empty: it aggregated, or it has not ended)."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """Everything one round produced, for the recorder: accepted clients (their reported metrics), rejected ones
+    with reasons, errors, the federated evaluation, the wire log, the zk result, and why the previous global
+    adapter was kept (empty when the round aggregated)."""
+
+    round: int
+    started: float
+    clients: Mapping[str, Mapping[str, Any]]
+    rejected: Mapping[str, str]
+    errors: Mapping[str, str]
+    wire: tuple[dict[str, Any], ...]
+    aggregated: bool
+    aggregate_seconds: float
+    client_eval: Mapping[str, Mapping[str, Any]]
+    eval_rejected: Mapping[str, str]
+    zk: ZkRoundResult | None
+    kept_previous: str
 
 
 def describe_message(msg: Message, direction: str, server_round: int) -> dict[str, Any]:
@@ -145,48 +171,113 @@ class _NodeWaitDeadline:
         return getattr(self._grid, name)
 
 
-class LoraRoundMixin:
-    """Validation, wire log, per-client records and round offset for a Flower strategy (see module doc)."""
+def update_problem(content: RecordDict, expected_shapes: Mapping[str, tuple[int, ...]],
+                   current_global: Mapping[str, np.ndarray], max_update_norm: float, max_examples: int,
+                   zk: bool) -> tuple[str | None, Arrays | None]:
+    """(why a training reply cannot be aggregated or ``None``, its float32 decoding when it arrived as
+    float16/int8). Pure: reads the reply, changes nothing."""
+    if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
+        return (f"expected one array record 'arrays' and one metric record 'metrics', got "
+                f"{sorted(content.array_records)} and {sorted(content.metric_records)}"), None
+    metrics, problem = checked_metrics(content["metrics"], "train-loss", max_examples)
+    if problem:
+        return problem, None
+    received = from_array_record(content["arrays"])
+    if zk:
+        zk_record = content.config_records.get(codec.ZK_RECORD)
+        signed = zk_record.get(codec.NUM_EXAMPLES) if zk_record is not None else None
+        if signed != metrics["num-examples"]:  # one weight: the signed count is what the aggregate uses
+            return (f"metric 'num-examples' = {metrics['num-examples']!r} differs from the signed zk count "
+                    f"{signed!r}"), None
+        try:
+            check_arrays(received, expected_shapes, "update", integer=True)
+        except AdapterError as exc:
+            return str(exc), None
+        return None, None
+    transport = dict(content[TRANSPORT_RECORD]) if TRANSPORT_RECORD in content.config_records else None
+    try:
+        check_arrays(received, expected_shapes, "update", dtype=wire_dtype(transport, "update"))
+        decoded = decode_update(received, transport, current_global, "update")
+        check_arrays(decoded, expected_shapes, "decoded update")
+    except AdapterError as exc:
+        return str(exc), None
+    norm = delta_norm({k: decoded[k].astype("float64") - current_global[k] for k in decoded})
+    if max_update_norm > 0 and norm > max_update_norm * (1 + NORM_SLACK):
+        return f"update L2 norm {norm:.4g} exceeds strategy.max-update-norm = {max_update_norm:g}", None
+    return None, (decoded if transport is not None else None)
 
-    expected_shapes: dict[str, tuple[int, ...]]
-    round_offset: int
-    rounds: dict[int, RoundRecord]
-    zk: ZkVerifier | None
-    current_global: dict[str, Any]
-    max_update_norm: float
-    max_examples: int
-    weighting: str
 
-    def setup_lora(self, expected_shapes: dict[str, tuple[int, ...]], round_offset: int = 0,
-                   zk: ZkVerifier | None = None, max_update_norm: float = 0.0, max_examples: int = 10**7,
-                   node_wait_timeout: float = 3600.0, weighting: str = "examples") -> None:
+class LoraStrategy(Strategy):
+    """Wraps any Flower strategy, as Flower's DP wrappers do, with finlora's round (see the module doc).
+
+    The wrapped strategy keeps its own arithmetic (FedAvg's average, FedAdam's server step); this wrapper
+    validates and normalises the replies before they reach it, or, with zk, verifies and aggregates the committed
+    integers itself (:class:`server.zk_round.ZkVerifier`, owned here). What happened in a round is read back
+    as one immutable :class:`RoundOutcome` (:meth:`outcome`) by the recorder (``server/recorder.py``).
+    """
+
+    def __init__(self, strategy: FedAvg, expected_shapes: Mapping[str, tuple[int, ...]], *, round_offset: int = 0,
+                 verifier: ZkVerifier | None = None, max_update_norm: float = 0.0, max_examples: int = 10**7,
+                 node_wait_timeout: float = 3600.0, weighting: str = "examples") -> None:
+        super().__init__()
+        self.strategy = strategy
         self.expected_shapes = dict(expected_shapes)
         self.round_offset = round_offset
-        self.rounds = {}
-        self.zk = zk
-        self.current_global = {}
-        self.node_wait_timeout = node_wait_timeout
-        self._sent_messages: list[Message] = []
+        self.verifier = verifier
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
+        self.node_wait_timeout = node_wait_timeout
         self.weighting = weighting  # "examples" or "equal" (checked when the config loads)
+        self.current_global: dict[str, np.ndarray] = {}
+        """What updates are deltas from: zk aggregation, float16/int8 decoding and the norm bound need it."""
+        self._logs: dict[int, _RoundLog] = {}
+        self._sent_messages: list[Message] = []
+
+    def __repr__(self) -> str:
+        return f"finlora LoRA rounds around {self.strategy!r}"
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> finlora: %d LoRA tensors, update norm bound %g, weighting %s, zk %s",
+            len(self.expected_shapes), self.max_update_norm, self.weighting, self.verifier is not None)
+        self.strategy.summary()
+
+    @property
+    def weighted_by_key(self) -> str:
+        return self.strategy.weighted_by_key
+
+    @property
+    def min_valid(self) -> int:
+        """Fewest valid updates a round aggregates: Flower's ``min_train_nodes`` (at least one)."""
+        return max(1, int(self.strategy.min_train_nodes))
 
     def weight_of(self, num_examples: int) -> float:
         """The FedAvg weight of an accepted reply (``strategy.weighting``), computed here, never reported."""
         return 1.0 if self.weighting == "equal" else float(num_examples)
 
-    def record(self, absolute_round: int) -> RoundRecord:
-        return self.rounds.setdefault(absolute_round, RoundRecord())
+    def _log(self, absolute_round: int) -> _RoundLog:
+        return self._logs.setdefault(absolute_round, _RoundLog())
+
+    def outcome(self, absolute_round: int) -> RoundOutcome:
+        """What round ``absolute_round`` produced (call after it ended; a round that did not aggregate says why)."""
+        rec = self._logs.get(absolute_round)
+        if rec is None:
+            rec = _RoundLog(kept_previous=f"round {absolute_round}: no training replies arrived")
+        elif not rec.aggregated and not rec.kept_previous:
+            rec.kept_previous = (f"round {absolute_round}: nothing was aggregated ({len(rec.clients)} accepted, "
+                                 f"{len(rec.rejected)} rejected: {rec.rejected}, {len(rec.errors)} errors: "
+                                 f"{rec.errors})")
+        return RoundOutcome(absolute_round, rec.started, dict(rec.clients), dict(rec.rejected), dict(rec.errors),
+                            tuple(rec.wire), rec.aggregated, rec.aggregate_seconds, dict(rec.client_eval),
+                            dict(rec.eval_rejected), rec.zk, rec.kept_previous)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         absolute = server_round + self.round_offset
-        rec = self.record(absolute)
+        rec = self._log(absolute)
         rec.started = time.perf_counter()
-        # what updates are deltas from: zk aggregation, float16/int8 decoding and the norm bound need it
         self.current_global = from_array_record(arrays)
-        needed = max(self.min_available_nodes, self.min_train_nodes)  # type: ignore[attr-defined]
-        messages = list(super().configure_train(  # type: ignore[misc]
+        needed = max(self.strategy.min_available_nodes, self.strategy.min_train_nodes)
+        messages = list(self.strategy.configure_train(
             absolute, arrays, config, _NodeWaitDeadline(grid, self.node_wait_timeout, needed, f"round {absolute}")))
         rec.wire += [describe_message(m, "server->client", absolute) for m in messages]
         self._sent_messages = messages  # Flower sets their message ids in place when it pushes them
@@ -205,7 +296,7 @@ class LoraRoundMixin:
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         absolute = server_round + self.round_offset
-        rec = self.record(absolute)
+        rec = self._log(absolute)
         accepted = []
         replies = list(replies)
         answered = {msg.metadata.reply_to_message_id for msg in replies}
@@ -222,44 +313,44 @@ class LoraRoundMixin:
                 accepted.append(msg)  # Flower's own check logs and skips it
                 continue
             rec.wire.append(describe_message(msg, "client->server", absolute))
-            problem = self._problem_with(msg)
+            problem, decoded = update_problem(msg.content, self.expected_shapes, self.current_global,
+                                              self.max_update_norm, self.max_examples, self.verifier is not None)
             if problem:
                 log(WARNING, "round %d: rejected the update of node %s: %s", absolute, node, problem)
                 rec.rejected[node] = problem
                 continue
+            if decoded is not None:  # float16/int8 on the wire: the wrapped strategy averages float32 weights
+                msg.content["arrays"] = to_array_record(decoded)
+                del msg.content[TRANSPORT_RECORD]
             metrics = dict(msg.content["metrics"])
             rec.clients[node] = {k.replace("-", "_"): v for k, v in metrics.items()}
             msg.content["metrics"] = MetricRecord({WEIGHT_KEY: self.weight_of(int(metrics["num-examples"])),
                                                    "train-loss": float(metrics["train-loss"])})
             accepted.append(msg)
         start = time.perf_counter()
-        if self.zk is None:
+        if self.verifier is None:
             valid = sum(not m.has_error() for m in accepted)
-            arrays, metrics = (self._keep_previous(absolute, rec, valid) if valid < self.min_valid
-                               else super().aggregate_train(absolute, accepted))  # type: ignore[misc]
+            arrays, metrics_out = (self._keep_previous(absolute, rec, valid) if valid < self.min_valid
+                                   else self.strategy.aggregate_train(absolute, accepted))
         else:
-            arrays, metrics = self._aggregate_committed(absolute, rec, accepted)
+            arrays, metrics_out = self._aggregate_committed(absolute, rec, accepted)
         rec.aggregate_seconds = time.perf_counter() - start
         rec.aggregated = arrays is not None
-        return arrays, metrics
+        return arrays, metrics_out
 
-    @property
-    def min_valid(self) -> int:
-        """Fewest valid updates a round aggregates: Flower's ``min_train_nodes`` (at least one)."""
-        return max(1, int(self.min_train_nodes))  # type: ignore[attr-defined]
-
-    def _keep_previous(self, server_round: int, rec: RoundRecord, valid: int) -> tuple[None, None]:
+    def _keep_previous(self, server_round: int, rec: _RoundLog, valid: int) -> tuple[None, None]:
         rec.kept_previous = (f"{valid} valid update(s), fewer than strategy.min-train-nodes = {self.min_valid}: "
                              f"the previous global adapter is kept")
         log(WARNING, "round %d: %s", server_round, rec.kept_previous)
         return None, None
 
-    def _aggregate_committed(self, server_round: int, rec: RoundRecord,
+    def _aggregate_committed(self, server_round: int, rec: _RoundLog,
                              replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """zk mode: verify every update's signature, commitments and bound, then aggregate the committed integers
         exactly (FedAvg weighted by integer example counts); failing updates are excluded with their reason."""
+        assert self.verifier is not None
         valid = [m for m in replies if not m.has_error()]
-        new_global, result = self.zk.verify_and_aggregate(  # type: ignore[union-attr]
+        new_global, result = self.verifier.verify_and_aggregate(
             server_round, [(str(m.metadata.src_node_id), m.content) for m in valid], self.current_global)
         rec.zk = result
         for node, reason in result.rejected.items():
@@ -269,60 +360,23 @@ class LoraRoundMixin:
         kept = [m.content for m in valid if str(m.metadata.src_node_id) not in result.rejected]
         if new_global is None or len(kept) < self.min_valid:
             return self._keep_previous(server_round, rec, len(kept))
-        return to_array_record(new_global), aggregate_metricrecords(kept, self.weighted_by_key)  # type: ignore[attr-defined]
-
-    def _problem_with(self, msg: Message) -> str | None:
-        """Why a training reply cannot be aggregated (``None``: it can). A float16/int8 reply that passes is
-        replaced in place by its float32 decoding, so Flower's strategy averages float32 weights."""
-        content = msg.content
-        if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
-            return (f"expected one array record 'arrays' and one metric record 'metrics', got "
-                    f"{sorted(content.array_records)} and {sorted(content.metric_records)}")
-        metrics, problem = checked_metrics(content["metrics"], "train-loss", self.max_examples)
-        if problem:
-            return problem
-        received = from_array_record(content["arrays"])
-        if self.zk is not None:
-            zk_record = content.config_records.get(codec.ZK_RECORD)
-            signed = zk_record.get("num_examples") if zk_record is not None else None
-            if signed != metrics["num-examples"]:  # one weight: the signed count is what the aggregate uses
-                return (f"metric 'num-examples' = {metrics['num-examples']!r} differs from the signed zk count "
-                        f"{signed!r}")
-            try:
-                check_arrays(received, self.expected_shapes, "update", integer=True)
-            except AdapterError as exc:
-                return str(exc)
-            return None
-        transport = dict(content[TRANSPORT_RECORD]) if TRANSPORT_RECORD in content.config_records else None
-        try:
-            check_arrays(received, self.expected_shapes, "update", dtype=wire_dtype(transport, "update"))
-            decoded = decode_update(received, transport, self.current_global, "update")
-            check_arrays(decoded, self.expected_shapes, "decoded update")
-        except AdapterError as exc:
-            return str(exc)
-        norm = delta_norm({k: decoded[k].astype("float64") - self.current_global[k] for k in decoded})
-        if self.max_update_norm > 0 and norm > self.max_update_norm * (1 + NORM_SLACK):
-            return f"update L2 norm {norm:.4g} exceeds strategy.max-update-norm = {self.max_update_norm:g}"
-        if transport is not None:
-            content["arrays"] = to_array_record(decoded)
-            del content[TRANSPORT_RECORD]
-        return None
+        return to_array_record(new_global), aggregate_metricrecords(kept, self.weighted_by_key)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         absolute = server_round + self.round_offset
-        needed = max(self.min_available_nodes, self.min_evaluate_nodes)  # type: ignore[attr-defined]
-        messages = list(super().configure_evaluate(  # type: ignore[misc]
+        needed = max(self.strategy.min_available_nodes, self.strategy.min_evaluate_nodes)
+        messages = list(self.strategy.configure_evaluate(
             absolute, arrays, config, _NodeWaitDeadline(grid, self.node_wait_timeout, needed,
                                                         f"round {absolute} (evaluation)")))
-        self.record(absolute).wire += [describe_message(m, "server->client", absolute) for m in messages]
+        self._log(absolute).wire += [describe_message(m, "server->client", absolute) for m in messages]
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Flower's aggregation over the evaluation replies that pass :func:`checked_metrics` (normalised to the
         server's weight, the loss and the count); a bad one is recorded in ``eval_rejected`` and left out."""
         absolute = server_round + self.round_offset
-        rec = self.record(absolute)
+        rec = self._log(absolute)
         usable = []
         for msg in replies:
             if msg.has_error():
@@ -342,33 +396,17 @@ class LoraRoundMixin:
             msg.content["metrics"] = MetricRecord({WEIGHT_KEY: self.weight_of(int(metrics["num-examples"])),
                                                    "eval-loss": float(metrics["eval-loss"])})
             usable.append(msg)
-        return super().aggregate_evaluate(absolute, usable)  # type: ignore[misc]
+        return self.strategy.aggregate_evaluate(absolute, usable)
 
 
-class LoraFedAvg(LoraRoundMixin, FedAvg):
-    """FedAvg (weighted by ``num-examples``) over LoRA A/B, with finlora's checks and records."""
-
-
-class LoraFedProx(LoraRoundMixin, FedProx):
-    """FedProx: FedAvg plus the ``proximal-mu`` the clients add as ``mu/2 ||w - w_global||^2``."""
-
-
-class LoraFedAdam(LoraRoundMixin, FedAdam):
-    """FedAdam: Adam on the server over the averaged LoRA delta."""
-
-
-class LoraFedYogi(LoraRoundMixin, FedYogi):
-    """FedYogi: Yogi on the server over the averaged LoRA delta."""
-
-
-STRATEGIES: dict[str, type[LoraRoundMixin]] = {
-    "fedavg": LoraFedAvg, "fedprox": LoraFedProx, "fedadam": LoraFedAdam, "fedyogi": LoraFedYogi,
-}
+STRATEGIES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
+"""Flower's strategies, used as they are: FedProx's ``proximal-mu`` is the clients' ``mu/2 ||w - w_global||^2``;
+FedAdam/FedYogi run Adam/Yogi on the server over the averaged LoRA delta."""
 
 
 def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...]],
                   round_offset: int = 0, zk: ZkVerifier | None = None, client_level_clip: float | None = None,
-                  ) -> LoraRoundMixin:
+                  ) -> LoraStrategy:
     """Build the configured strategy, aggregating by the server-set :data:`WEIGHT_KEY`.
 
     ``client_level_clip``: client-level DP's clipping norm. Its sensitivity analysis assumes every institution
@@ -384,32 +422,35 @@ def make_strategy(cfg: StrategyConfig, expected_shapes: dict[str, tuple[int, ...
         common["proximal_mu"] = cfg.proximal_mu
     elif cfg.name in ("fedadam", "fedyogi"):
         common.update(eta=cfg.server_lr, tau=cfg.server_tau)
-    strategy = STRATEGIES[cfg.name](**common)
     bound, weighting = cfg.max_update_norm, cfg.weighting
     if client_level_clip is not None:
         bound = min(bound, client_level_clip) if bound > 0 else client_level_clip
         weighting = "equal"
-    strategy.setup_lora(expected_shapes, round_offset, zk, bound, cfg.max_examples, cfg.round_timeout, weighting)
     log(INFO, "finlora strategy %s over %d LoRA tensors", cfg.name, len(expected_shapes))
-    return strategy
+    return LoraStrategy(STRATEGIES[cfg.name](**common), expected_shapes, round_offset=round_offset, verifier=zk,
+                        max_update_norm=bound, max_examples=cfg.max_examples, node_wait_timeout=cfg.round_timeout,
+                        weighting=weighting)
 
 
-def optimizer_state(strategy: LoraRoundMixin) -> dict[str, Any] | None:
+def optimizer_state(strategy: LoraStrategy) -> dict[str, Any] | None:
     """FedAdam/FedYogi moments (``m.<key>``, ``v.<key>``) to save with a round; ``None`` for other strategies.
 
     Flower keeps them in ``m_t``/``v_t``; a resumed run that started them from zero would take a different
     (too large, bias-corrected) first step than the uninterrupted run.
     """
-    m_t, v_t = getattr(strategy, "m_t", None), getattr(strategy, "v_t", None)
-    if not isinstance(strategy, (FedAdam, FedYogi)) or not m_t or not v_t:
+    inner = strategy.strategy
+    m_t, v_t = getattr(inner, "m_t", None), getattr(inner, "v_t", None)
+    if not isinstance(inner, (FedAdam, FedYogi)) or not m_t or not v_t:
         return None
     return {**{f"m.{k}": v for k, v in m_t.items()}, **{f"v.{k}": v for k, v in v_t.items()}}
 
 
-def restore_optimizer_state(strategy: LoraRoundMixin, state: dict[str, Any]) -> None:
+def restore_optimizer_state(strategy: LoraStrategy, state: dict[str, Any]) -> None:
     """Inverse of :func:`optimizer_state`."""
-    strategy.m_t = {k[2:]: v for k, v in state.items() if k.startswith("m.")}  # type: ignore[attr-defined]
-    strategy.v_t = {k[2:]: v for k, v in state.items() if k.startswith("v.")}  # type: ignore[attr-defined]
+    inner = strategy.strategy
+    if isinstance(inner, (FedAdam, FedYogi)):
+        inner.m_t = {k[2:]: v for k, v in state.items() if k.startswith("m.")}
+        inner.v_t = {k[2:]: v for k, v in state.items() if k.startswith("v.")}
 
 
 def sampled_clients_per_round(cfg: StrategyConfig) -> int:
@@ -417,7 +458,7 @@ def sampled_clients_per_round(cfg: StrategyConfig) -> int:
     return max(int(cfg.min_available_nodes * cfg.fraction_train), cfg.min_train_nodes)
 
 
-def with_client_level_dp(strategy: LoraRoundMixin, noise_multiplier: float, clipping_norm: float,
+def with_client_level_dp(strategy: LoraStrategy, noise_multiplier: float, clipping_norm: float,
                          num_sampled_clients: int) -> DifferentialPrivacyClientSideFixedClipping:
     """Flower's client-side fixed clipping wrapper: institutions clip their update (``client/mods.py``), the
     server adds Gaussian noise of std ``noise_multiplier * clipping_norm / num_sampled_clients`` to the mean."""

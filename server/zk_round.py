@@ -59,7 +59,9 @@ class ZkRoundResult:
 
 @dataclass
 class ZkVerifier:
-    """Verifies and aggregates one round of zk submissions; owns the run's ledger."""
+    """Verifies and aggregates each round's zk submissions: keeps which institution is which node and which
+    commitments were already accepted (no replay). Owned by the strategy wrapper; the ledger is the recorder's
+    (:class:`ZkLedger`)."""
 
     cfg: ZkConfig
     run_id: str
@@ -82,13 +84,6 @@ class ZkVerifier:
         # on resume, commitments accepted before the restart still count as seen (no replay across restarts)
         return cls(cfg, run_id, run_dir, load_key_registry(keys_dir), set(seen_digests(run_dir)), equal_weights,
                    registry)
-
-    def write_header(self) -> None:
-        """First ledger line: keys, parameters and the round-0 adapter's hash (call after saving round 0)."""
-        append_entry(self.run_dir, header_entry(self.run_id, self.public_keys,
-                                                file_sha256(self.run_dir / adapter_relpath(0)), self.cfg.norm_bound,
-                                                self.cfg.frac_bits, self.cfg.bits,
-                                                weighting="equal" if self.equal_weights else "examples"))
 
     def _identity_problem(self, node_id: str, institution: str, sub: Any, server_round: int,
                           claims: dict[str, list[str]]) -> str | None:
@@ -150,12 +145,32 @@ class ZkVerifier:
                                      self.cfg.frac_bits)
         return new_global, ZkRoundResult(layout, accepted, rejected, total, blindings, weight)
 
+
+@dataclass(frozen=True)
+class ZkLedger:
+    """Writes the run's ledger (``ledger.jsonl``) for ``finlora zk audit``: a header, then one line per round,
+    each written after that round's adapter file is saved (the line holds the file's hash). Owned by the
+    recorder (``server/recorder.py``)."""
+
+    cfg: ZkConfig
+    run_id: str
+    run_dir: Path
+    public_keys: Mapping[str, Any]
+    equal_weights: bool = False
+
+    def write_header(self) -> None:
+        """First ledger line: keys, parameters and the round-0 adapter's hash (call after saving round 0)."""
+        append_entry(self.run_dir, header_entry(self.run_id, dict(self.public_keys),
+                                                file_sha256(self.run_dir / adapter_relpath(0)), self.cfg.norm_bound,
+                                                self.cfg.frac_bits, self.cfg.bits,
+                                                weighting="equal" if self.equal_weights else "examples"))
+
     def record(self, server_round: int, result: ZkRoundResult) -> None:
         """Ledger line of a round (call after its adapter file is saved: the line holds the file's hash)."""
         record_round(self.run_dir, server_round, result.layout, result.accepted,
                      {str(k): v for k, v in result.rejected.items()}, result.aggregate, result.blindings,
                      result.total_weight)
 
-    def record_kept(self, server_round: int, rejected: dict[str, str], reason: str) -> None:
+    def record_kept(self, server_round: int, rejected: Mapping[str, str], reason: str) -> None:
         """Ledger line of a round that kept the previous global adapter (after its adapter file is saved)."""
         record_kept_round(self.run_dir, server_round, rejected, reason)

@@ -73,7 +73,7 @@ def test_extra_missing_or_odd_metrics_reject_that_client_not_the_run():
                _float_reply(5, _update(global_, rng, 0.5), {**honest, "train-seconds": [1.0, 2.0]})]
     arrays, metrics = strategy.aggregate_train(1, replies)  # Flower used to raise InconsistentMessageReplies
     assert arrays is not None and metrics is not None
-    rec = strategy.record(1)
+    rec = strategy.outcome(1)
     assert sorted(rec.clients) == ["1", "2"] and rec.clients["2"]["bonus_metric"] == 7.0
     assert "metric 'train-loss' must be a finite number, got None" in rec.rejected["3"]
     assert "metric 'train-loss' must be a finite number, got nan" in rec.rejected["4"]
@@ -91,7 +91,7 @@ def test_a_malformed_evaluation_reply_is_left_out_of_the_federated_loss():
                _reply(4, RecordDict({"metrics": MetricRecord({**good, "eval-loss": float("inf")})}))]
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics["eval-loss"] == pytest.approx(3.0)
-    rec = strategy.record(1)
+    rec = strategy.outcome(1)
     assert sorted(rec.client_eval) == ["1", "2"] and sorted(rec.eval_rejected) == ["3", "4"]
 
 
@@ -113,11 +113,11 @@ def test_client_level_dp_ignores_a_self_reported_weight_and_bounds_each_update_b
     arrays, _ = runner.aggregate_train(1, replies)
     moved = delta_norm({k: v - global_[k] for k, v in from_array_record(arrays).items()})
     assert moved <= clip * (1 + 1e-6), moved  # the attack moved it by 101 with per-update bound 8
-    assert set(strategy.record(1).clients) == {"1", "2", "3"}
+    assert set(strategy.outcome(1).clients) == {"1", "2", "3"}
     # an update above the clipping norm is rejected, whatever strategy.max-update-norm says
     big = _float_reply(4, _update(global_, rng, 5.0), honest)
     strategy.aggregate_train(2, [big, *replies[:2]])
-    assert "exceeds strategy.max-update-norm = 1" in strategy.record(2).rejected["4"]
+    assert "exceeds strategy.max-update-norm = 1" in strategy.outcome(2).rejected["4"]
 
 
 def test_equal_weighting_gives_every_institution_the_same_say():
@@ -216,7 +216,7 @@ def test_the_signed_count_and_the_metric_count_are_one_weight_under_one_cap(zk_s
                # both counts huge and equal: above strategy.max-examples
                _reply(12, _zk_content(zk_setup, "bank-b", "bank-b", 1, global_, rng, examples=2**31))]
     arrays, _ = strategy.aggregate_train(1, replies)
-    rec = strategy.record(1)
+    rec = strategy.outcome(1)
     assert "differs from the signed zk count 2147483648" in rec.rejected["13"]
     assert "from 1 to 10000000 (strategy.max-examples)" in rec.rejected["12"]
     assert [s.node_id for s in rec.zk.accepted] == ["bank-a"] and rec.zk.total_weight == 100
@@ -228,7 +228,7 @@ def test_zk_equal_weighting_counts_each_institution_once(zk_setup):
     replies = [_reply(11, _zk_content(zk_setup, "bank-a", "bank-a", 1, global_, rng, examples=10)),
                _reply(12, _zk_content(zk_setup, "bank-b", "bank-b", 1, global_, rng, examples=9_000_000))]
     strategy.aggregate_train(1, replies)
-    assert strategy.record(1).zk.total_weight == 2
+    assert strategy.outcome(1).zk.total_weight == 2
 
 
 def test_a_signature_from_another_deployment_does_not_verify(zk_setup):

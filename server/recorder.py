@@ -1,0 +1,104 @@
+"""The last step of a server round: write down what it produced.
+
+Given the global adapter after a round and that round's immutable :class:`server.strategy.RoundOutcome`, the
+recorder measures the held-out loss, runs the benchmark evaluation when one is due, saves the adapter and the
+``metrics.jsonl`` line (adapter first: a round appears in ``metrics.jsonl`` only once its adapter is on disk),
+then the zk ledger line (it holds the adapter file's hash) and the wire log. It reads nothing back from the
+strategy and changes nothing in it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.supercore import log
+
+from common.config import FinloraConfig
+from server.benchmark_eval import run_benchmark_evals
+from server.checkpoint import RunDirectory
+from server.heldout import HeldoutEvaluator
+from server.strategy import RoundOutcome
+from server.zk_round import ZkLedger
+
+
+def round_summary(server_round: int, outcome: RoundOutcome | None, heldout_loss: float | None,
+                  weighting: str = "examples") -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of a round (``weighting``: how the server weighed the accepted updates)."""
+    clients = outcome.clients if outcome else {}
+    examples = sum(c["num_examples"] for c in clients.values())  # every accepted reply has both (server/strategy)
+    train_loss = (sum(c["train_loss"] * c["num_examples"] for c in clients.values()) / examples
+                  if examples else None)
+    eval_clients = outcome.client_eval if outcome else {}
+    eval_examples = sum(c["num-examples"] for c in eval_clients.values())
+    errors = dict(outcome.errors) if outcome else {}
+    return {
+        "round": server_round,
+        "train_loss": train_loss,
+        "heldout_loss": heldout_loss,
+        "federated_eval_loss": (sum(c["eval-loss"] * c["num-examples"] for c in eval_clients.values())
+                                / eval_examples if eval_examples else None),
+        "seconds": (time.perf_counter() - outcome.started) if outcome else 0.0,
+        "aggregate_seconds": outcome.aggregate_seconds if outcome else 0.0,
+        "num_clients": len(clients),
+        "bytes_sent_per_client": (sum(c.get("bytes_sent", 0) for c in clients.values()) / len(clients)) if clients else 0,
+        "bytes_received_per_client": (max((w["array_bytes"] for w in outcome.wire
+                                           if w["direction"] == "server->client"), default=0) if outcome else 0),
+        "clients": {node: dict(c) for node, c in clients.items()},
+        "privacy": {node: {k[3:]: v for k, v in c.items() if k.startswith("dp_")} | {"partition_id": c.get("partition_id")}
+                    for node, c in clients.items() if "dp_epsilon" in c},
+        "refused": sorted(node for node, reason in errors.items()
+                          if "PrivacyBudgetExhausted" in reason or "PrivacyPolicyViolation" in reason),
+        "rejected": dict(outcome.rejected) if outcome else {},
+        "eval_rejected": dict(outcome.eval_rejected) if outcome else {},
+        "weighting": weighting,
+        "kept_previous": outcome.kept_previous if outcome else "",
+        "errors": errors,
+    }
+
+
+@dataclass
+class RoundRecorder:
+    """Writes every round of a run (see the module doc); :attr:`aggregated_rounds` says which rounds learned."""
+
+    cfg: FinloraConfig
+    run_dir: RunDirectory
+    peft_config: Any
+    weighting: str
+    evaluator: HeldoutEvaluator | None = None
+    ledger: ZkLedger | None = None
+    extra_summary: Callable[[int], Mapping[str, Any]] | None = None
+    """Extra keys of a round's metrics line (client-level DP's privacy spent after that many rounds)."""
+    aggregated_rounds: list[int] = field(default_factory=list)
+
+    def record(self, server_round: int, adapter: Mapping[str, Any], outcome: RoundOutcome | None,
+               optimizer_state: Mapping[str, Any] | None = None) -> float | None:
+        """Write round ``server_round`` (``outcome`` None: round 0, the initial adapter); returns its held-out loss."""
+        if outcome is not None and outcome.aggregated:
+            self.aggregated_rounds.append(server_round)
+        elif outcome is not None:
+            log(WARNING, "round %d kept the previous global adapter: %s", server_round, outcome.kept_previous)
+        heldout = self.evaluator.loss(dict(adapter)) if self.evaluator else None
+        summary = round_summary(server_round, outcome, heldout, self.weighting)
+        if self.extra_summary is not None:
+            summary.update(self.extra_summary(server_round))
+        evaluations = run_benchmark_evals(self.cfg, server_round, dict(adapter), self.run_dir.path)
+        if evaluations:
+            summary["eval"] = evaluations
+        self.run_dir.save_round(server_round, dict(adapter), self.peft_config, summary,
+                                optimizer_state=dict(optimizer_state) if optimizer_state else None)
+        if self.ledger is not None:
+            if server_round == 0:
+                self.ledger.write_header()
+            elif outcome is not None and outcome.kept_previous:
+                self.ledger.record_kept(server_round, outcome.rejected, outcome.kept_previous)
+            elif outcome is not None and outcome.zk is not None:
+                self.ledger.record(server_round, outcome.zk)
+        if outcome is not None:
+            self.run_dir.append_wire(list(outcome.wire))
+        log(INFO, "round %d saved to %s (held-out loss %s)", server_round, self.run_dir.round_dir(server_round),
+            f"{heldout:.4f}" if heldout is not None else "n/a")
+        return heldout
