@@ -15,7 +15,7 @@ another hash before installing or importing anything of it, and the server recei
 The institution's own privacy policy travels in the node config (``dp-required``, ``dp-epsilon``, ``dp-delta``,
 ``dp-max-grad-norm``, ``dp-state-dir``); the ClientApp enforces it.
 
-Unless ``--no-resident``, a resident trainer (``client/resident.py``) is started first and named in the node config
+Unless ``--no-resident``, a resident trainer (``client/resident/``) is started first and named in the node config
 (``trainer-socket``): it keeps the base model and the tokenized data loaded across messages, which Flower's
 one-process-per-message ClientApp cannot. It is restarted if it dies while the SuperNode runs, and stopped with it.
 """

@@ -1,4 +1,4 @@
-"""The resident trainer (client/resident.py): real processes on a real Unix socket, real tasks, no mocks."""
+"""The resident trainer (client/resident/): real processes on a real Unix socket, real tasks, no mocks."""
 
 from __future__ import annotations
 
