@@ -16,9 +16,9 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
-from client.dp_setup import enforce_policy, ledger_store, open_ledger
-from client.dp_train import dp_train_round, sample_rate, steps_per_round
+from client.dp_setup import enforce_policy
 from client.local_data import LocalData, local_data, node_data_key
+from client.privacy_engine import InstitutionPrivacyEngine
 from client.train import TrainStats, round_learning_rate, train_round
 from client.zk_update import institution_name, signing_key_file, zk_reply_records
 from common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, load_lora_state, lora_state,
@@ -78,15 +78,10 @@ def train_locally(cfg: FinloraConfig, bundle: ModelBundle, data: LocalData, cont
     if not (cfg.dp.enabled and cfg.dp.level == "sample"):
         return train_round(bundle.model, data.train, cfg.train, lr, pad, seed=seed, proximal_mu=mu,
                            global_arrays=received), {}
-    store = ledger_store(cfg.dp, context.node_config, context.state)
-    ledger = open_ledger(cfg.dp, context.node_config, store, len(data.train))
-    rate, steps = sample_rate(len(data.train), cfg.train), steps_per_round(len(data.train), cfg.train)
-    ledger.ensure_calibrated(cfg.dp.epsilon, rate, cfg.num_rounds * steps)
-    ledger.authorize(rate, steps)  # raises PrivacyBudgetExhausted: the server logs it and goes on
-    stats = dp_train_round(bundle.model, data.train, cfg.train, cfg.dp, ledger, lr, pad, seed, proximal_mu=mu,
-                           global_arrays=received)
-    store.save(ledger)
-    return stats, ledger.report()
+    engine = InstitutionPrivacyEngine(cfg, context.node_config, context.state, len(data.train))
+    # raises PrivacyBudgetExhausted before training: the server logs it and goes on
+    stats = engine.train_round(bundle.model, data.train, lr, pad, seed, proximal_mu=mu, global_arrays=received)
+    return stats, engine.report()
 
 
 def update_records(cfg: FinloraConfig, context: Context, local: Arrays, received: Arrays, server_round: int,

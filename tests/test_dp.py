@@ -11,6 +11,7 @@ from opacus.accountants import RDPAccountant
 
 from client.dp_setup import ledger_store, open_ledger, own_budget
 from client.dp_train import make_private, per_example_loss, poisson_batches
+from client.privacy_engine import InstitutionPrivacyEngine
 from client.local_data import local_data
 from client.privacy import (ContextLedgerStore, FileLedgerStore, PrivacyBudgetExhausted, PrivacyLedger,
                             calibrate_noise)
@@ -221,3 +222,28 @@ def test_fedprox_term_under_dp_pulls_towards_global(tiny):
         return sum(float(np.sum((after[k] - arrays[k]) ** 2)) for k in arrays)
 
     assert drift(50.0) < 0.7 * drift(0.0)
+
+
+def test_the_privacy_engine_authorizes_trains_records_and_saves_in_one_call(tiny, tmp_path):
+    """client/privacy_engine.py: the whole sequence from one entry point; an exhausted budget refuses *before*
+    the model moves, and what was spent is on disk (a new process sees it)."""
+    cfg, bundle, data, _batch, arrays = tiny
+    cfg = load_config({"dp.enabled": True, "lora.dropout": 0.0, "num-rounds": 2, "train.local-steps": 2})
+    data_file = tmp_path / "bank-a.jsonl"
+    data_file.write_text("")
+    node = {"data-path": str(data_file), "dp-state-dir": str(tmp_path / "ledger")}
+    pad = bundle.tokenizer.pad_token_id
+    load_lora_state(bundle.model, arrays)
+    for round_ in (1, 2):
+        engine = InstitutionPrivacyEngine(cfg, node, None, len(data.train))  # a fresh process each round
+        engine.train_round(bundle.model, data.train, 0.01, pad, seed=round_)
+        saved = ledger_store(cfg.dp, node, None).load()
+        assert saved.steps == 2 * round_ and saved.epsilon() == pytest.approx(engine.report()["dp-epsilon"])
+    assert engine.report()["dp-epsilon"] <= cfg.dp.epsilon * (1 + 1e-9)
+    before = lora_state(bundle.model)
+    with pytest.raises(PrivacyBudgetExhausted):  # the run's planned steps are spent: a third round is refused
+        InstitutionPrivacyEngine(cfg, node, None, len(data.train)).train_round(bundle.model, data.train, 0.01, pad,
+                                                                               seed=3)
+    after = lora_state(bundle.model)
+    assert all(np.array_equal(before[k], after[k]) for k in before), "refused before training"
+    assert ledger_store(cfg.dp, node, None).load().steps == 4, "a refused round spends nothing"
