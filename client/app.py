@@ -7,6 +7,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.mods import client_level_clipping_mod
+from client.node_settings import NodeSettings
 from client.progress import record_task
 from client.resident import call_trainer
 from client.tasks import TASKS
@@ -30,13 +31,13 @@ def _run_task(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """Flower starts a fresh ClientApp process per message in a deployment; when the node config names a
     resident trainer (``trainer-socket``), the work goes to that long-lived process, which keeps the base model
     and tokenized data loaded between rounds. Otherwise (simulation, or no trainer) it runs in this process."""
-    socket = str(context.node_config.get("trainer-socket", "") or "")
-    if socket:
-        reply, state = call_trainer(socket, kind, content, context)
+    node = NodeSettings.parse(context.node_config)
+    if node.trainer_socket:
+        reply, state = call_trainer(node.trainer_socket, kind, content, context)
         context.state = state  # what the task wrote into the node's state travels back to Flower
     else:
         reply = TASKS[kind](content, context)
-    record_task(context.node_config, context.run_config, context.run_id, kind,
+    record_task(node.progress_file, context.run_config, context.run_id, kind,
                 content.config_records.get("config", ConfigRecord()))
     return reply
 

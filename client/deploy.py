@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.progress import NODE_KEY as PROGRESS_KEY
+from client.node_settings import PROGRESS_KEY
 from client.progress import read_progress
 from client.resident import ResidentTrainer, TrainerStartError
 from common.certs import check_ca_certificate, check_node_auth_key

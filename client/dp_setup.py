@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from client.node_settings import NodeSettings
 from client.privacy import ContextLedgerStore, FileLedgerStore, PrivacyConfigError, PrivacyLedger
 from common.config import DpConfig, pyproject_defaults
 from common.io import cache_root
@@ -31,38 +32,13 @@ class PrivacyPolicyViolation(RuntimeError):
         return f"{type(self).__name__}: {super().__str__()}"
 
 
-def is_deployed(node_config: Mapping[str, Any]) -> bool:
-    """A deployed institution names its private data file in its node config; a simulated one has a partition id."""
-    return bool(str(node_config.get("data-path", "") or ""))
-
-
-def _node_float(node_config: Mapping[str, Any], key: str) -> float | None:
-    if key not in node_config or node_config[key] in ("", None):
-        return None
-    try:
-        value = float(node_config[key])
-    except (TypeError, ValueError) as exc:
-        raise PrivacyConfigError(f"node config {key} = {node_config[key]!r}: expected a number") from exc
-    if not value > 0:
-        raise PrivacyConfigError(f"node config {key} = {value!r}: expected a positive number")
-    return value
-
-
-def _node_bool(node_config: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = node_config.get(key, default)
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise PrivacyConfigError(f"node config {key} = {value!r}: expected true or false")
-
-
-def enforce_policy(dp: DpConfig, node_config: Mapping[str, Any], n_examples: int) -> None:
+def enforce_policy(dp: DpConfig, node_config: Mapping[str, Any] | NodeSettings, n_examples: int) -> None:
     """Refuse (raise :class:`PrivacyPolicyViolation`) a run config that asks a deployed institution for less privacy
     than its node config allows. Simulated institutions follow the run config (one user plays every party)."""
-    if not is_deployed(node_config):
+    node = NodeSettings.parse(node_config)
+    if not node.deployed:
         return
-    required = _node_bool(node_config, "dp-required", True)
+    required = node.dp_required
     if required and not dp.enabled:
         raise PrivacyPolicyViolation("run config dp.enabled = false, but this institution requires DP-SGD on its "
                                      "data (node config dp-required; start the client with --allow-no-dp to allow)")
@@ -72,31 +48,32 @@ def enforce_policy(dp: DpConfig, node_config: Mapping[str, Any], n_examples: int
         raise PrivacyPolicyViolation(f"run config dp.level = {dp.level}: server-added noise protects nothing from "
                                      f"the server; this institution requires dp.level = sample (node config "
                                      f"dp-required)")
-    max_epsilon = _node_float(node_config, "dp-epsilon") or float(pyproject_defaults()["dp.epsilon"])
+    max_epsilon = node.dp_epsilon or float(pyproject_defaults()["dp.epsilon"])
     if dp.epsilon > max_epsilon * (1 + 1e-9):
         raise PrivacyPolicyViolation(f"run config dp.epsilon = {dp.epsilon:g} exceeds this institution's maximum "
                                      f"{max_epsilon:g} (node config dp-epsilon)")
-    max_delta = _node_float(node_config, "dp-delta")
+    max_delta = node.dp_delta
     delta = dp.delta if dp.delta > 0 else 1.0 / (10 * n_examples)
     if max_delta is not None and delta > max_delta * (1 + 1e-9):
         raise PrivacyPolicyViolation(f"run config dp.delta = {delta:.3g} exceeds this institution's maximum "
                                      f"{max_delta:.3g} (node config dp-delta)")
-    max_clip = _node_float(node_config, "dp-max-grad-norm")
+    max_clip = node.dp_max_grad_norm
     if max_clip is not None and dp.max_grad_norm > max_clip * (1 + 1e-9):
         raise PrivacyPolicyViolation(f"run config dp.max-grad-norm = {dp.max_grad_norm:g} exceeds this "
                                      f"institution's maximum {max_clip:g} (node config dp-max-grad-norm)")
 
 
-def own_budget(dp: DpConfig, node_config: Mapping[str, Any]) -> float:
+def own_budget(dp: DpConfig, node_config: Mapping[str, Any] | NodeSettings) -> float:
     """The institution's target epsilon: its node config's ``dp-epsilon``, its entry in
     ``dp.client-epsilons`` (simulation, by partition id), else the federation's ``dp.epsilon``."""
-    if "dp-epsilon" in node_config:
-        return float(node_config["dp-epsilon"])
-    if is_deployed(node_config):
+    node = NodeSettings.parse(node_config)
+    if node.dp_epsilon is not None:
+        return node.dp_epsilon
+    if node.deployed:
         return min(dp.epsilon, float(pyproject_defaults()["dp.epsilon"]))
     if dp.client_epsilons.strip():
         values = [v.strip() for v in dp.client_epsilons.split(",")]
-        pid = int(node_config.get("partition-id", 0))
+        pid = node.partition_id
         if pid < len(values) and values[pid]:
             try:
                 return float(values[pid])
@@ -112,12 +89,14 @@ def ledger_dir(configured: str | Path | None = None) -> Path:
     return Path(str(configured or "") or os.environ.get("FINLORA_DP_STATE", "") or cache_root() / "dp-state")
 
 
-def ledger_store(dp: DpConfig, node_config: Mapping[str, Any], state: Any) -> FileLedgerStore | ContextLedgerStore:
+def ledger_store(dp: DpConfig, node_config: Mapping[str, Any] | NodeSettings,
+                 state: Any) -> FileLedgerStore | ContextLedgerStore:
     """A deployed institution keeps its ledger in a file keyed by its data file, in the directory its own node
     config names (``dp-state-dir``), else ``$FINLORA_DP_STATE`` or ``$FINLORA_HOME/dp-state``: never where the run
     config says, so a server cannot point it at a fresh, unspent ledger. A simulated one uses ``context.state``."""
-    if is_deployed(node_config):
-        return FileLedgerStore(ledger_dir(node_config.get("dp-state-dir")), str(node_config["data-path"]))
+    node = NodeSettings.parse(node_config)
+    if node.deployed:
+        return FileLedgerStore(ledger_dir(node.dp_state_dir), node.data_path)
     return ContextLedgerStore(state)
 
 
@@ -139,7 +118,8 @@ def start_new_period(data_path: str | Path, directory: Path) -> Path | None:
     return archive
 
 
-def open_ledger(dp: DpConfig, node_config: Mapping[str, Any], store: Any, n_examples: int) -> PrivacyLedger:
+def open_ledger(dp: DpConfig, node_config: Mapping[str, Any] | NodeSettings, store: Any,
+                n_examples: int) -> PrivacyLedger:
     """The stored ledger (its history and sigma kept), with the current budget; or a new one."""
     ledger = store.load()
     delta = dp.delta if dp.delta > 0 else 1.0 / (10 * n_examples)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from client.node_settings import NodeSettings
 from common.config import DataConfig
 from common.data import Example, encode_rows, load_rows, partition_rows, read_jsonl, split_heldout
 
@@ -22,10 +23,9 @@ class LocalData:
     source: str
 
 
-def node_data_key(node_config: Mapping[str, Any]) -> tuple[str, int, int]:
+def node_data_key(node_config: Mapping[str, Any] | NodeSettings) -> tuple[str, int, int]:
     """(data-path, partition-id, num-partitions) from Flower's node config; a data-path wins."""
-    path = str(node_config.get("data-path", "") or "")
-    return path, int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1))
+    return NodeSettings.parse(node_config).data_key
 
 
 LOCAL_DATA_CACHE: dict[tuple[Any, ...], LocalData] = {}

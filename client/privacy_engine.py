@@ -16,6 +16,7 @@ import numpy as np
 
 from client.dp_setup import ledger_store, open_ledger
 from client.dp_train import dp_train_round, sample_rate, steps_per_round
+from client.node_settings import NodeSettings
 from client.privacy import PrivacyLedger
 from client.train import TrainStats
 from common.config import FinloraConfig
@@ -36,7 +37,8 @@ class InstitutionPrivacyEngine:
         Local training examples (the Poisson sampling rate and the default delta depend on it).
     """
 
-    def __init__(self, cfg: FinloraConfig, node_config: Mapping[str, Any], state: Any, n_examples: int) -> None:
+    def __init__(self, cfg: FinloraConfig, node_config: Mapping[str, Any] | NodeSettings, state: Any,
+                 n_examples: int) -> None:
         self.cfg = cfg
         self.store = ledger_store(cfg.dp, node_config, state)
         self.ledger: PrivacyLedger = open_ledger(cfg.dp, node_config, self.store, n_examples)

@@ -17,14 +17,9 @@ from typing import Any
 
 from common.io import atomic_write_text
 
-NODE_KEY = "progress-file"
-"""Node-config key of the progress file (set by ``finlora client``; absent in simulation)."""
-
-
-def record_task(node_config: Mapping[str, Any], run_config: Mapping[str, Any], run_id: int, kind: str,
-                config: Mapping[str, Any]) -> None:
-    """Record a finished ``train`` / ``evaluate`` task (no-op without ``progress-file`` in the node config)."""
-    path = str(node_config.get(NODE_KEY, "") or "")
+def record_task(path: str, run_config: Mapping[str, Any], run_id: int, kind: str, config: Mapping[str, Any]) -> None:
+    """Record a finished ``train`` / ``evaluate`` task in ``path`` (the node config's ``progress-file``, set by
+    ``finlora client``; no-op when empty, as in simulation)."""
     if not path or "server-round" not in config:
         return
     server_round, num_rounds = int(config["server-round"]), int(config.get("num-rounds", 0) or 0)

@@ -17,10 +17,11 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from client.dp_setup import enforce_policy
-from client.local_data import LocalData, local_data, node_data_key
+from client.local_data import LocalData, local_data
+from client.node_settings import NodeSettings
 from client.privacy_engine import InstitutionPrivacyEngine
 from client.train import TrainStats, round_learning_rate, train_round
-from client.zk_update import institution_name, signing_key_file, zk_reply_records
+from client.zk_update import signing_key_file, zk_reply_records
 from common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, load_lora_state, lora_state,
                             select_keys, shapes_of, to_array_record)
 from common.config import FinloraConfig
@@ -37,6 +38,7 @@ class Prepared:
     in this task (0 when the model was already resident)."""
 
     cfg: FinloraConfig
+    node: NodeSettings
     bundle: ModelBundle
     data: LocalData
     received: Arrays
@@ -56,10 +58,11 @@ class UpdateRecords:
 def prepare(content: RecordDict, context: Context) -> Prepared:
     """Config, cached model, local data, and the received global adapter loaded into the model."""
     cfg = FinloraConfig.from_flat(context.run_config)
+    node = NodeSettings.parse(context.node_config)
     loads_before = LOAD_COUNTS["base_model_loads"]
     bundle = get_model_bundle(cfg.model, cfg.lora)
     load_seconds = bundle.load_seconds if LOAD_COUNTS["base_model_loads"] > loads_before else 0.0
-    data = local_data(cfg.data, node_data_key(context.node_config), bundle.tokenizer)
+    data = local_data(cfg.data, node.data_key, bundle.tokenizer)
     own = lora_state(bundle.model)
     received = from_array_record(content["arrays"])
     check_arrays(received, shapes_of(select_keys(own, cfg.lora.ffa)), "global adapter from the server")
@@ -67,25 +70,25 @@ def prepare(content: RecordDict, context: Context) -> Prepared:
         # A never travels in FFA-LoRA: every party derives the same frozen A from the shared seed.
         received = {**initial_adapter(shapes_of(own), cfg.lora.seed), **received}
     load_lora_state(bundle.model, received)
-    return Prepared(cfg, bundle, data, received, load_seconds)
+    return Prepared(cfg, node, bundle, data, received, load_seconds)
 
 
-def train_locally(cfg: FinloraConfig, bundle: ModelBundle, data: LocalData, context: Context, config: Any,
-                   received: Arrays, lr: float, seed: int) -> tuple[TrainStats, dict[str, float]]:
+def train_locally(cfg: FinloraConfig, node: NodeSettings, bundle: ModelBundle, data: LocalData, state: Any,
+                  config: Any, received: Arrays, lr: float, seed: int) -> tuple[TrainStats, dict[str, float]]:
     """Plain or DP-SGD training; with DP, the privacy ledger is checked first and saved after."""
     mu = float(config.get("proximal-mu", 0.0))
     pad = bundle.tokenizer.pad_token_id
     if not (cfg.dp.enabled and cfg.dp.level == "sample"):
         return train_round(bundle.model, data.train, cfg.train, lr, pad, seed=seed, proximal_mu=mu,
                            global_arrays=received), {}
-    engine = InstitutionPrivacyEngine(cfg, context.node_config, context.state, len(data.train))
+    engine = InstitutionPrivacyEngine(cfg, node, state, len(data.train))
     # raises PrivacyBudgetExhausted before training: the server logs it and goes on
     stats = engine.train_round(bundle.model, data.train, lr, pad, seed, proximal_mu=mu, global_arrays=received)
     return stats, engine.report()
 
 
-def update_records(cfg: FinloraConfig, context: Context, local: Arrays, received: Arrays, server_round: int,
-                   num_examples: int, seed: int) -> UpdateRecords:
+def update_records(cfg: FinloraConfig, node: NodeSettings, run_id: int, local: Arrays, received: Arrays,
+                   server_round: int, num_examples: int, seed: int) -> UpdateRecords:
     """The float update clipped to ``strategy.max-update-norm`` and encoded as ``transport.dtype``, or with zk
     the committed, signed quantized update."""
     if not cfg.zk.enabled:
@@ -93,13 +96,11 @@ def update_records(cfg: FinloraConfig, context: Context, local: Arrays, received
         extra = {TRANSPORT_RECORD: ConfigRecord(encoded.record)} if encoded.record else {}
         return UpdateRecords(to_array_record(encoded.arrays), extra, sum(r.count_bytes() for r in extra.values()),
                              {"update-norm": encoded.norm, "update-clipped": int(encoded.clipped)})
-    institution = institution_name(context.node_config)
-    run_name = cfg.run_name(context.run_id)
+    run_name = cfg.run_name(run_id)
     keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / run_name / "keys"
     record, zk_record = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk,
-                                         signing_key_file(context.node_config, keys_dir, institution),
-                                         cfg.signed_run_id(context.run_id),
-                                         server_round, institution, num_examples, seed)
+                                         signing_key_file(node, keys_dir), cfg.signed_run_id(run_id),
+                                         server_round, node.institution_name, num_examples, seed)
     return UpdateRecords(record, {ZK_RECORD: zk_record},
                          sum(len(v) for v in zk_record.values() if isinstance(v, bytes)), {})
 
@@ -107,16 +108,16 @@ def update_records(cfg: FinloraConfig, context: Context, local: Arrays, received
 def train_content(content: RecordDict, context: Context) -> RecordDict:
     """One round of local training; replies with the adapter's trainable tensors and training metrics."""
     prepared = prepare(content, context)
-    cfg, bundle, data, received = prepared.cfg, prepared.bundle, prepared.data, prepared.received
-    enforce_policy(cfg.dp, context.node_config, len(data.train))  # before any training or ledger access
+    cfg, node, bundle, data, received = prepared.cfg, prepared.node, prepared.bundle, prepared.data, prepared.received
+    enforce_policy(cfg.dp, node, len(data.train))  # before any training or ledger access
     config = content["config"]
     server_round = int(config["server-round"])
     lr = round_learning_rate(cfg.train, server_round, cfg.num_rounds)
-    seed = cfg.train.seed + 1000 * server_round + node_data_key(context.node_config)[1]
-    stats, privacy = train_locally(cfg, bundle, data, context, config, received, lr, seed)
+    seed = cfg.train.seed + 1000 * server_round + node.partition_id
+    stats, privacy = train_locally(cfg, node, bundle, data, context.state, config, received, lr, seed)
     start = time.perf_counter()
     local = select_keys(lora_state(bundle.model), cfg.lora.ffa)
-    update = update_records(cfg, context, local, received, server_round, len(data.train), seed)
+    update = update_records(cfg, node, context.run_id, local, received, server_round, len(data.train), seed)
     serialize_seconds = time.perf_counter() - start
     metrics = MetricRecord({
         "num-examples": len(data.train),
@@ -132,7 +133,7 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
         "base-quantization-bits": QUANTIZATION_BITS[bundle.quantized],  # what was really loaded, not asked for
         "process-id": os.getpid(),  # shows whether one process (a resident trainer) served several rounds
         "bytes-sent": update.arrays.count_bytes() + update.extra_bytes,
-        "partition-id": node_data_key(context.node_config)[1],
+        "partition-id": node.partition_id,
         **privacy,
         **update.metrics,
     })

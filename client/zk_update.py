@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from client.node_settings import NodeSettings
 from common.config import ZkConfig
 from zk import codec
 from zk.encoding import quantize_update
@@ -21,16 +22,15 @@ from zk.signing import load_private_key
 from zk.verify import make_submission
 
 
-def institution_name(node_config: Mapping[str, Any]) -> str:
+def institution_name(node_config: Mapping[str, Any] | NodeSettings) -> str:
     """The name an institution signs with: ``institution`` in its node config, else ``institution-<partition>``."""
-    name = node_config.get("institution")
-    return str(name) if name else f"institution-{int(node_config.get('partition-id', 0))}"
+    return NodeSettings.parse(node_config).institution_name
 
 
-def signing_key_file(node_config: Mapping[str, Any], keys_dir: Path, institution: str) -> Path:
+def signing_key_file(node: NodeSettings, keys_dir: Path) -> Path:
     """A deployed institution names its key in its node config (``zk-key``); a simulated one has it in the run's
     key directory."""
-    return Path(str(node_config["zk-key"])) if node_config.get("zk-key") else keys_dir / f"{institution}.key"
+    return Path(node.zk_key) if node.zk_key else keys_dir / f"{node.institution_name}.key"
 
 
 def zk_reply_records(local: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], zk: ZkConfig,
