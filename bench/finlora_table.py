@@ -185,6 +185,8 @@ def train(row: str, budget: Budget, work: Path, mixture: Path) -> tuple[Path, fl
               "--set", "eval.heldout=false", "--set", "eval.every=0", "--set", f"train.lr={budget.lr}",
               "--set", f"train.batch-size={budget.batch_size}", "--set", f"data.max-length={budget.max_length}",
               "--set", "train.lr-schedule=constant", "--set", "strategy.max-update-norm=1000",
+              # no federated evaluation rounds: every adapter is scored by `finlora eval` below instead
+              "--set", "strategy.fraction-evaluate=0",
               "--set", f"lora.target-modules={budget.target_modules}"]
     federated = ["--clients", "3", "--dirichlet", "0.5", "--local-steps", str(budget.local_steps)]
     per_row = {
@@ -260,8 +262,10 @@ def markdown(results: dict[str, RowResult], budget: Budget, agree: dict[str, dic
              f"{budget.batch_size} examples = {budget.examples_seen} examples (central: 1 node x "
              f"{3 * budget.local_steps} steps per round), lr {budget.lr} (AdamW, constant), LoRA r 8 alpha 32 on "
              f"{budget.target_modules}, "
-             f"max {budget.max_length} tokens per example; training set {budget.train_rows} rows of "
-             f"each of {', '.join(TASKS)} train{' (label-balanced)' if balanced else ''}. Scored on seeded label-stratified samples of the test files: "
+             f"max {budget.max_length} tokens per example, zk off, no federated evaluation rounds; training set "
+             f"{budget.train_rows} rows of "
+             f"each of {', '.join(TASKS)} train{' (label-balanced)' if balanced else ''}. Scored on seeded "
+             f"label-stratified samples of the test files: "
              f"{budget.eval_samples} rows of each sentiment task, {budget.ner_eval_samples} of NER.", "", head, sep]
     for name in ROWS:
         r = results.get(name)

@@ -110,7 +110,7 @@ def run_trainer(model: Any, examples: list[Example], batches: list[list[int]], p
     """``transformers.Trainer`` on the same examples in the same order; timed from step ``warmup`` on."""
     import torch
     from torch.utils.data import SequentialSampler
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     cuda = torch.cuda.is_available()
     ordered = [examples[i] for batch in batches for i in batch]
@@ -144,6 +144,7 @@ def run_trainer(model: Any, examples: list[Example], batches: list[list[int]], p
     trainer = InOrder(model=model, args=targs, train_dataset=dataset, callbacks=[Clock()],
                       data_collator=lambda rows: collate([Example(r["input_ids"], r["labels"]) for r in rows],
                                                          pad_id))
+    trainer.remove_callback(PrinterCallback)  # its per-step log lines would drown the table
     trainer.train()
     seconds = clock["end"] - clock["start"]
     tokens = sum(len(examples[i].input_ids) for batch in batches[warmup:] for i in batch)
