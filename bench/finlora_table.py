@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -198,10 +199,7 @@ def train(row: str, budget: Budget, work: Path, mixture: Path) -> tuple[Path, fl
         "federated-4bit": federated + ["--no-dp", "--quantization", "4"],
     }[row]
     run_dir = work / "runs" / row
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
     seconds = run(finlora_cmd() + common + per_row, work / "logs" / f"train-{row}.log")
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
     clients = last.get("clients", {}).values()

@@ -17,6 +17,7 @@ from typing import Any
 
 from flwr.supercore import log
 
+from common.adapter import Arrays
 from common.config import FinloraConfig
 from server.benchmark_eval import run_benchmark_evals
 from server.checkpoint import RunDirectory
@@ -74,22 +75,21 @@ class RoundRecorder:
     """Extra keys of a round's metrics line (client-level DP's privacy spent after that many rounds)."""
     aggregated_rounds: list[int] = field(default_factory=list)
 
-    def record(self, server_round: int, adapter: Mapping[str, Any], outcome: RoundOutcome | None,
-               optimizer_state: Mapping[str, Any] | None = None) -> float | None:
+    def record(self, server_round: int, adapter: Arrays, outcome: RoundOutcome | None,
+               optimizer_state: Arrays | None = None) -> float | None:
         """Write round ``server_round`` (``outcome`` None: round 0, the initial adapter); returns its held-out loss."""
         if outcome is not None and outcome.aggregated:
             self.aggregated_rounds.append(server_round)
         elif outcome is not None:
             log(WARNING, "round %d kept the previous global adapter: %s", server_round, outcome.kept_previous)
-        heldout = self.evaluator.loss(dict(adapter)) if self.evaluator else None
+        heldout = self.evaluator.loss(adapter) if self.evaluator else None
         summary = round_summary(server_round, outcome, heldout, self.weighting)
         if self.extra_summary is not None:
             summary.update(self.extra_summary(server_round))
-        evaluations = run_benchmark_evals(self.cfg, server_round, dict(adapter), self.run_dir.path)
+        evaluations = run_benchmark_evals(self.cfg, server_round, adapter, self.run_dir.path)
         if evaluations:
             summary["eval"] = evaluations
-        self.run_dir.save_round(server_round, dict(adapter), self.peft_config, summary,
-                                optimizer_state=dict(optimizer_state) if optimizer_state else None)
+        self.run_dir.save_round(server_round, adapter, self.peft_config, summary, optimizer_state=optimizer_state)
         if self.ledger is not None:
             if server_round == 0:
                 self.ledger.write_header()

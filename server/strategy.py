@@ -262,13 +262,13 @@ class LoraStrategy(Strategy):
         rec = self._logs.get(absolute_round)
         if rec is None:
             rec = _RoundLog(kept_previous=f"round {absolute_round}: no training replies arrived")
-        elif not rec.aggregated and not rec.kept_previous:
-            rec.kept_previous = (f"round {absolute_round}: nothing was aggregated ({len(rec.clients)} accepted, "
-                                 f"{len(rec.rejected)} rejected: {rec.rejected}, {len(rec.errors)} errors: "
-                                 f"{rec.errors})")
+        kept_previous = rec.kept_previous
+        if not rec.aggregated and not kept_previous:
+            kept_previous = (f"round {absolute_round}: nothing was aggregated ({len(rec.clients)} accepted, "
+                             f"{len(rec.rejected)} rejected: {rec.rejected}, {len(rec.errors)} errors: {rec.errors})")
         return RoundOutcome(absolute_round, rec.started, dict(rec.clients), dict(rec.rejected), dict(rec.errors),
                             tuple(rec.wire), rec.aggregated, rec.aggregate_seconds, dict(rec.client_eval),
-                            dict(rec.eval_rejected), rec.zk, rec.kept_previous)
+                            dict(rec.eval_rejected), rec.zk, kept_previous)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
