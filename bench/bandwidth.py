@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.io import atomic_write_text, read_jsonl_records  # noqa: E402
-from simulation.keys import provision_simulation_keys  # noqa: E402
-from simulation.launcher import run_simulation  # noqa: E402
+from finlora.common.io import atomic_write_text, read_jsonl_records
+from finlora.simulation.keys import provision_simulation_keys
+from finlora.simulation.launcher import run_simulation
 
 BYTES_PER_VALUE = {"float32": 4, "float16": 2, "int8": 1, "zk int16 (default)": 2}
 VARIANTS = {
@@ -40,8 +39,8 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    from common.config import load_config
-    from common.model import lora_shapes
+    from finlora.common.config import load_config
+    from finlora.common.model import lora_shapes
 
     cfg = load_config()
     values = sum(int(np.prod(shape)) for shape in lora_shapes(cfg.model, cfg.lora).values())

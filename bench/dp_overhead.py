@@ -12,18 +12,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.dp_train import dp_train_round, sample_rate  # noqa: E402
-from client.privacy import PrivacyLedger  # noqa: E402
-from client.train import train_round  # noqa: E402
-from common.adapter import initial_adapter, load_lora_state, lora_state, shapes_of  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.data import encode_rows  # noqa: E402
-from common.sample_data import sentiment_rows  # noqa: E402
-from common.model import get_model_bundle  # noqa: E402
+from finlora.client.dp_train import dp_train_round, sample_rate
+from finlora.client.privacy import PrivacyLedger
+from finlora.client.train import train_round
+from finlora.common.adapter import initial_adapter, load_lora_state, lora_state, shapes_of
+from finlora.common.config import load_config
+from finlora.common.data import encode_rows
+from finlora.common.sample_data import sentiment_rows
+from finlora.common.model import get_model_bundle
 
 
 def main() -> int:

@@ -20,18 +20,16 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common.data import read_jsonl  # noqa: E402
-from common.sample_data import sentiment_rows  # noqa: E402
-from eval.cli import load_eval_model  # noqa: E402
-from eval.reference import FINLORA_BATCH, finlora_reference_answers  # noqa: E402
-from eval.runner import evaluate_task  # noqa: E402
-from eval.scoring import finlora_label_score  # noqa: E402
-from eval.tasks import TASKS, resolve_test_dir  # noqa: E402
+from finlora.common.data import read_jsonl
+from finlora.common.sample_data import sentiment_rows
+from finlora.eval.cli import load_eval_model
+from finlora.eval.reference import FINLORA_BATCH, finlora_reference_answers
+from finlora.eval.runner import evaluate_task
+from finlora.eval.scoring import finlora_label_score
+from finlora.eval.tasks import TASKS, resolve_test_dir
 
 FINLORA_MAX_NEW = TASKS["fpb"].max_new_tokens
 

@@ -49,10 +49,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from common.io import atomic_write_bytes, atomic_write_text  # noqa: E402
-from eval.scoring import weighted_f1  # noqa: E402
+from finlora.common.io import atomic_write_bytes, atomic_write_text
+from finlora.eval.scoring import weighted_f1
 
 TASKS = ("fpb", "tfns", "fiqa", "ner")
 SENTIMENT = ("fpb", "tfns", "fiqa")
@@ -98,7 +97,7 @@ def log(msg: str, start: float) -> None:
 
 def finlora_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "finlora"
-    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from simulation.cli import main; main()"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from finlora.simulation.cli import main; main()"]
 
 
 def run(cmd: list[str], logfile: Path) -> float:
@@ -349,7 +348,7 @@ def main() -> int:
                 parser.error(f"--data-dir {data_dir}: {split}/{task}.jsonl is missing (FinLoRA data, see "
                              f"../shared/data/MANIFEST.md)")
     start = time.perf_counter()
-    from common.gguf_model import smollm2_model_dir
+    from finlora.common.gguf_model import smollm2_model_dir
 
     log(f"SmolLM2 model: {smollm2_model_dir()}", start)
     mixture = work / "data" / "train-mixture.jsonl"

@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.flower_processes import flower_bin, flower_env, free_port, stop_process_tree, toml_value  # noqa: E402
-from common.io import atomic_write_text, read_jsonl_records  # noqa: E402
-from common.sample_data import sentiment_rows  # noqa: E402
+from finlora.common.flower_processes import flower_bin, flower_env, free_port, stop_process_tree, toml_value
+from finlora.common.io import atomic_write_text, read_jsonl_records
+from finlora.common.sample_data import sentiment_rows
 
 
 def main() -> int:
@@ -40,7 +39,7 @@ def main() -> int:
         '"dp.enabled" = false\n"eval.every" = 0\n"eval.heldout" = false\n"train.local-steps" = 4\n')
     port, runtime_port = free_port(), free_port()
     state = out / "state"
-    server = subprocess.Popen([sys.executable, "-m", "simulation.cli", "server", "--state", str(state), "--insecure",
+    server = subprocess.Popen([sys.executable, "-m", "finlora.simulation.cli", "server", "--state", str(state), "--insecure",
                                "--host", "127.0.0.1", "--port", str(port), "--config", str(out / "run.toml"),
                                "--run-id", "isolation"], cwd=Path(__file__).resolve().parent.parent,
                               stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -24,17 +24,16 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from common.flower_processes import free_port  # noqa: E402
-from common.io import atomic_write_text, read_jsonl_records  # noqa: E402
-from common.sample_data import sentiment_rows  # noqa: E402
+from finlora.common.flower_processes import free_port
+from finlora.common.io import atomic_write_text, read_jsonl_records
+from finlora.common.sample_data import sentiment_rows
 
 MODES = ("no-resident", "resident")
 
 
 def cli(*args: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "simulation.cli", *args], cwd=REPO, env=dict(os.environ),
+    return subprocess.Popen([sys.executable, "-m", "finlora.simulation.cli", *args], cwd=REPO, env=dict(os.environ),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -126,7 +125,7 @@ def main() -> int:
     os.environ.setdefault("FINLORA_HOME", str(out / "finlora-home"))
     all_rows = out / "data" / "all.jsonl"
     atomic_write_text(all_rows, "".join(json.dumps(r) + "\n" for r in sentiment_rows(n=args.rows, seed=5)))
-    split = subprocess.run([sys.executable, "-m", "simulation.cli", "data", "split", "--data", str(all_rows),
+    split = subprocess.run([sys.executable, "-m", "finlora.simulation.cli", "data", "split", "--data", str(all_rows),
                             "--clients", str(args.clients), "--out", str(out / "data")], cwd=REPO,
                            capture_output=True, text=True, check=False)
     if split.returncode != 0:

@@ -17,11 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.io import read_jsonl_records  # noqa: E402
-from simulation.keys import provision_simulation_keys  # noqa: E402
-from simulation.launcher import run_simulation  # noqa: E402
+from finlora.common.io import read_jsonl_records
+from finlora.simulation.keys import provision_simulation_keys
+from finlora.simulation.launcher import run_simulation
 
 
 def main() -> int:

@@ -37,19 +37,17 @@ import gc
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from client.train import StepPlan, train_step  # noqa: E402
-from common.data import Example, IGNORE_INDEX, collate, encode_rows, length_grouped_batches  # noqa: E402
-from client.packing import token_budget_batches  # noqa: E402
-from common.model import quantization_config, resolve_model_path  # noqa: E402
+from finlora.client.train import StepPlan, train_step
+from finlora.common.data import Example, IGNORE_INDEX, collate, encode_rows, length_grouped_batches
+from finlora.client.packing import token_budget_batches
+from finlora.common.model import quantization_config, resolve_model_path
 
 LLAMA_8B_SHAPE = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -256,14 +254,14 @@ def main() -> int:
     if args.data == "sample":
         from transformers import AutoTokenizer
 
-        from common.sample_data import sentiment_rows
+        from finlora.common.sample_data import sentiment_rows
 
         examples = encode_rows(sentiment_rows(n=2048, seed=args.seed), AutoTokenizer.from_pretrained(path),
                                args.seq_len)
     elif args.data == "finlora":
         from transformers import AutoTokenizer
 
-        from common.data import read_jsonl
+        from finlora.common.data import read_jsonl
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

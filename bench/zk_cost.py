@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zk.audit import audit_run  # noqa: E402
-from zk.encoding import apply_aggregate, quantize_update  # noqa: E402
-from zk.generators import generators  # noqa: E402
-from zk.ledger import adapter_relpath, append_entry, file_sha256, header_entry, record_round  # noqa: E402
-from zk.signing import generate_key  # noqa: E402
-from zk.verify import aggregate, make_submission, verify_round  # noqa: E402
+from finlora.zk.audit import audit_run
+from finlora.zk.encoding import apply_aggregate, quantize_update
+from finlora.zk.generators import generators
+from finlora.zk.ledger import adapter_relpath, append_entry, file_sha256, header_entry, record_round
+from finlora.zk.signing import generate_key
+from finlora.zk.verify import aggregate, make_submission, verify_round
 
 LLAMA_8B_R8_QKV = 4_718_592
 RUN_ID = "bench"

@@ -6,11 +6,11 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.mods import client_level_clipping_mod
-from client.node_settings import NodeSettings
-from client.progress import record_task
-from client.resident import call_trainer
-from client.tasks import TASKS
+from finlora.client.mods import client_level_clipping_mod
+from finlora.client.node_settings import NodeSettings
+from finlora.client.progress import record_task
+from finlora.client.resident import call_trainer
+from finlora.client.tasks import TASKS
 
 app = ClientApp(mods=[client_level_clipping_mod])
 

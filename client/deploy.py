@@ -32,14 +32,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.node_settings import PROGRESS_KEY
-from client.progress import read_progress
-from client.resident import ResidentTrainer, TrainerStartError
-from common.certs import check_ca_certificate, check_node_auth_key
-from common.config import PROJECT_ROOT, ConfigError
-from common.data import read_jsonl
-from common.io import cache_root
-from common.flower_processes import app_fab_hash, die_with_parent, flower_bin, flower_env, free_port, stop_process_tree, toml_value
+from finlora.client.node_settings import PROGRESS_KEY
+from finlora.client.progress import read_progress
+from finlora.client.resident import ResidentTrainer, TrainerStartError
+from finlora.common.certs import check_ca_certificate, check_node_auth_key
+from finlora.common.config import PROJECT_ROOT, ConfigError
+from finlora.common.data import read_jsonl
+from finlora.common.io import cache_root
+from finlora.common.flower_processes import app_fab_hash, die_with_parent, flower_bin, flower_env, free_port, stop_process_tree, toml_value
 
 
 REFUSED_MARK = "[code: 2004]"

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from client.node_settings import NodeSettings
-from client.privacy import ContextLedgerStore, FileLedgerStore, PrivacyConfigError, PrivacyLedger
-from common.config import DpConfig, pyproject_defaults
-from common.io import cache_root
+from finlora.client.node_settings import NodeSettings
+from finlora.client.privacy import ContextLedgerStore, FileLedgerStore, PrivacyConfigError, PrivacyLedger
+from finlora.common.config import DpConfig, pyproject_defaults
+from finlora.common.io import cache_root
 
 
 class PrivacyPolicyViolation(RuntimeError):

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from client.fast_loss import answer_token_losses, per_row_mean, supports_answer_only_head
-from client.privacy import PrivacyLedger
-from client.train import TrainStats, proximal_anchors
-from common.config import DpConfig, TrainConfig
-from common.data import Example, IGNORE_INDEX, collate
+from finlora.client.fast_loss import answer_token_losses, per_row_mean, supports_answer_only_head
+from finlora.client.privacy import PrivacyLedger
+from finlora.client.train import TrainStats, proximal_anchors
+from finlora.common.config import DpConfig, TrainConfig
+from finlora.common.data import Example, IGNORE_INDEX, collate
 
 
 def per_example_loss(logits: Any, labels: Any) -> Any:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.data import IGNORE_INDEX
+from finlora.common.data import IGNORE_INDEX
 
 HEAD_CHUNK = 4096
 """Answer positions per LM-head chunk; above it each chunk's logits are recomputed in backward, not stored."""

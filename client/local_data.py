@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from client.node_settings import NodeSettings
-from common.config import DataConfig
-from common.data import Example, encode_rows, load_rows, partition_rows, read_jsonl, split_heldout
+from finlora.client.node_settings import NodeSettings
+from finlora.common.config import DataConfig
+from finlora.common.data import Example, encode_rows, load_rows, partition_rows, read_jsonl, split_heldout
 
 LOCAL_VAL_SIZE = 16
 """Rows of each institution kept back for federated evaluation of the global adapter."""

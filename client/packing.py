@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from common.data import IGNORE_INDEX, Example
+from finlora.common.data import IGNORE_INDEX, Example
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

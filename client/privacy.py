@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.dp_accounting import ACCOUNTANTS, epsilon_of
-from common.io import atomic_write_text
+from finlora.common.dp_accounting import ACCOUNTANTS, epsilon_of
+from finlora.common.io import atomic_write_text
 
 LEDGER_RECORD = "dp-ledger"
 """Key of the ledger's ConfigRecord in Flower's ``context.state``."""

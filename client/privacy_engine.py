@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from client.dp_setup import ledger_store, open_ledger
-from client.dp_train import dp_train_round, sample_rate, steps_per_round
-from client.node_settings import NodeSettings
-from client.privacy import PrivacyLedger
-from client.train import TrainStats
-from common.config import FinloraConfig
-from common.data import Example
+from finlora.client.dp_setup import ledger_store, open_ledger
+from finlora.client.dp_train import dp_train_round, sample_rate, steps_per_round
+from finlora.client.node_settings import NodeSettings
+from finlora.client.privacy import PrivacyLedger
+from finlora.client.train import TrainStats
+from finlora.common.config import FinloraConfig
+from finlora.common.data import Example
 
 
 class InstitutionPrivacyEngine:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_text
+from finlora.common.io import atomic_write_text
 
 def record_task(path: str, run_config: Mapping[str, Any], run_id: int, kind: str, config: Mapping[str, Any]) -> None:
     """Record a finished ``train`` / ``evaluate`` task in ``path`` (the node config's ``progress-file``, set by

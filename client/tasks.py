@@ -16,19 +16,19 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
-from client.dp_setup import enforce_policy
-from client.local_data import LocalData, local_data
-from client.node_settings import NodeSettings
-from client.privacy_engine import InstitutionPrivacyEngine
-from client.train import TrainStats, round_learning_rate, train_round
-from client.zk_update import signing_key_file, zk_reply_records
-from common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, load_lora_state, lora_state,
+from finlora.client.dp_setup import enforce_policy
+from finlora.client.local_data import LocalData, local_data
+from finlora.client.node_settings import NodeSettings
+from finlora.client.privacy_engine import InstitutionPrivacyEngine
+from finlora.client.train import TrainStats, round_learning_rate, train_round
+from finlora.client.zk_update import signing_key_file, zk_reply_records
+from finlora.common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, load_lora_state, lora_state,
                             select_keys, shapes_of, to_array_record)
-from common.config import FinloraConfig
-from common.evaluation import answer_loss
-from common.model import LOAD_COUNTS, ModelBundle, QUANTIZATION_BITS, get_model_bundle
-from common.transport import TRANSPORT_RECORD, encode_update
-from zk.codec import ZK_RECORD
+from finlora.common.config import FinloraConfig
+from finlora.common.evaluation import answer_loss
+from finlora.common.model import LOAD_COUNTS, ModelBundle, QUANTIZATION_BITS, get_model_bundle
+from finlora.common.transport import TRANSPORT_RECORD, encode_update
+from finlora.zk.codec import ZK_RECORD
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from client.fast_loss import answer_token_losses, supports_answer_only_head
-from client.packing import collate_packed, forward_groups, token_budget_batches
-from common.config import TrainConfig
-from common.data import IGNORE_INDEX, Example, collate, length_grouped_batches
+from finlora.client.fast_loss import answer_token_losses, supports_answer_only_head
+from finlora.client.packing import collate_packed, forward_groups, token_budget_batches
+from finlora.common.config import TrainConfig
+from finlora.common.data import IGNORE_INDEX, Example, collate, length_grouped_batches
 
 
 @dataclass(frozen=True)

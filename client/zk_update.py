@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from client.node_settings import NodeSettings
-from common.config import ZkConfig
-from zk import codec
-from zk.encoding import quantize_update
-from zk.signing import load_private_key
-from zk.verify import make_submission
+from finlora.client.node_settings import NodeSettings
+from finlora.common.config import ZkConfig
+from finlora.zk import codec
+from finlora.zk.encoding import quantize_update
+from finlora.zk.signing import load_private_key
+from finlora.zk.verify import make_submission
 
 
 def institution_name(node_config: Mapping[str, Any] | NodeSettings) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from common.io import atomic_write_dir
+from finlora.common.io import atomic_write_dir
 
 Arrays = dict[str, np.ndarray]
 

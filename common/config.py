@@ -491,7 +491,7 @@ def _check_client_epsilons(text: str) -> None:
 
 
 def _check_eval_tasks(text: str) -> None:
-    from eval.tasks import TASKS  # light (no torch); imported here because eval.tasks imports this module
+    from finlora.eval.tasks import TASKS  # light (no torch); imported here because eval.tasks imports this module
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in TASKS] if names != ["all"] else []

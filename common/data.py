@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import DataConfig, PROJECT_ROOT
-from common.logs import get_logger
-from common.sample_data import sentiment_rows
+from finlora.common.config import DataConfig, PROJECT_ROOT
+from finlora.common.logs import get_logger
+from finlora.common.sample_data import sentiment_rows
 
 log = get_logger(__name__)
 

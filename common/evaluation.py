@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from common.data import IGNORE_INDEX, Example, iterate_batches
+from finlora.common.data import IGNORE_INDEX, Example, iterate_batches
 
 
 def answer_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> tuple[float, int]:

@@ -18,9 +18,9 @@ import importlib.util
 import time
 from pathlib import Path
 
-from common.config import ConfigError
-from common.io import atomic_write_dir, cache_root
-from common.logs import get_logger
+from finlora.common.config import ConfigError
+from finlora.common.io import atomic_write_dir, cache_root
+from finlora.common.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.adapter import is_lora_key
-from common.config import LoraSettings, ModelConfig
-from common.gguf_model import SMOLLM2_NAME, gguf_model_dir, smollm2_model_dir
-from common.logs import get_logger
-from common.tiny import TINY_NAME, tiny_model_dir
+from finlora.common.adapter import is_lora_key
+from finlora.common.config import LoraSettings, ModelConfig
+from finlora.common.gguf_model import SMOLLM2_NAME, gguf_model_dir, smollm2_model_dir
+from finlora.common.logs import get_logger
+from finlora.common.tiny import TINY_NAME, tiny_model_dir
 
 log = get_logger(__name__)
 

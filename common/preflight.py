@@ -14,10 +14,10 @@ import re
 import tempfile
 from pathlib import Path
 
-from common.config import ConfigError, DataConfig
-from common.data import DataError, TRAIN_TASKS, default_data_dir, read_jsonl
-from common.gguf_model import SMOLLM2_NAME, check_gguf_support, smollm2_gguf_path
-from common.sample_data import sentiment_rows
+from finlora.common.config import ConfigError, DataConfig
+from finlora.common.data import DataError, TRAIN_TASKS, default_data_dir, read_jsonl
+from finlora.common.gguf_model import SMOLLM2_NAME, check_gguf_support, smollm2_gguf_path
+from finlora.common.sample_data import sentiment_rows
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 """What the Hugging Face hub accepts as a repo id: ``name`` or ``owner/name``."""

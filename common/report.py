@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_text, read_jsonl_records
-from eval.report import markdown_table
+from finlora.common.io import atomic_write_text, read_jsonl_records
+from finlora.eval.report import markdown_table
 
 
 def round_problems(run_dir: Path, num_rounds: int) -> list[str]:

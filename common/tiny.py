@@ -16,9 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common.io import cache_root
-from common.logs import get_logger
-from common.sample_data import sentiment_rows
+from finlora.common.io import cache_root
+from finlora.common.logs import get_logger
+from finlora.common.sample_data import sentiment_rows
 
 log = get_logger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from common.adapter import AdapterError, Arrays
+from finlora.common.adapter import AdapterError, Arrays
 
 TRANSPORT_RECORD = "transport"
 """Name of the ConfigRecord that says how the arrays of a reply are encoded (absent: float32 weights)."""

@@ -6,7 +6,7 @@ Modules: :mod:`eval.tasks` (the registry and data loading), :mod:`eval.scoring` 
 :mod:`eval.cli` (the subcommand). Importing the package does not import torch.
 """
 
-from eval.runner import MODES, TaskResult, evaluate_model
-from eval.tasks import TASKS, EvalError, EvalTask
+from finlora.eval.runner import MODES, TaskResult, evaluate_model
+from finlora.eval.tasks import TASKS, EvalError, EvalTask
 
 __all__ = ["MODES", "TASKS", "EvalError", "EvalTask", "TaskResult", "evaluate_model"]

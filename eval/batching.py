@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from common.logs import get_logger
+from finlora.common.logs import get_logger
 
 log = get_logger(__name__)
 

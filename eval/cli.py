@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.adapter import AdapterError, read_adapter_dir
-from common.config import load_config
-from common.model import load_base_model
-from common.preflight import check_model, hub_offline
-from eval.report import TABLE_FILE
-from eval.runner import MODES, evaluate_model
-from eval.tasks import EvalError, resolve_task_names, resolve_test_dir
+from finlora.common.adapter import AdapterError, read_adapter_dir
+from finlora.common.config import load_config
+from finlora.common.model import load_base_model
+from finlora.common.preflight import check_model, hub_offline
+from finlora.eval.report import TABLE_FILE
+from finlora.eval.runner import MODES, evaluate_model
+from finlora.eval.tasks import EvalError, resolve_task_names, resolve_test_dir
 
 
 def add_eval_parser(sub: Any) -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from eval.batching import encode_prompts, left_pad, length_order, max_prompt_tokens, run_in_batches
+from finlora.eval.batching import encode_prompts, left_pad, length_order, max_prompt_tokens, run_in_batches
 
 
 def label_surface_forms(labels: Sequence[str], targets: Sequence[str]) -> list[str]:

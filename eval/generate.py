@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from eval.batching import encode_prompts, left_pad, length_order, max_prompt_tokens, run_in_batches
+from finlora.eval.batching import encode_prompts, left_pad, length_order, max_prompt_tokens, run_in_batches
 
 LINE_TOKEN_CACHE: dict[tuple[str, int], tuple[frozenset[int], frozenset[int]]] = {}
 """Explicit per-process cache: (tokenizer name, vocab size) -> (ids whose text holds a newline, blank ids)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from eval.scoring import finlora_answer
+from finlora.eval.scoring import finlora_answer
 
 FINLORA_BATCH = 8
 """FinLoRA's ``--batch_size`` default in ``test/test.py``."""

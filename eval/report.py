@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_jsonl, atomic_write_text
+from finlora.common.io import atomic_write_jsonl, atomic_write_text
 
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"

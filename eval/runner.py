@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.data import Row
-from common.logs import get_logger
-from eval import scoring
-from eval.fast import best_labels, label_logprobs, label_surface_forms
-from eval.generate import first_line, generate_texts
-from eval.report import clean_number, write_outputs
-from eval.tasks import EvalError, EvalTask, TASKS, load_task_rows, resolve_task_names, resolve_test_dir
-from eval.textscore import BERTSCORE_NAME, FALLBACK_NAME, bertscore_f1
+from finlora.common.data import Row
+from finlora.common.logs import get_logger
+from finlora.eval import scoring
+from finlora.eval.fast import best_labels, label_logprobs, label_surface_forms
+from finlora.eval.generate import first_line, generate_texts
+from finlora.eval.report import clean_number, write_outputs
+from finlora.eval.tasks import EvalError, EvalTask, TASKS, load_task_rows, resolve_task_names, resolve_test_dir
+from finlora.eval.textscore import BERTSCORE_NAME, FALLBACK_NAME, bertscore_f1
 
 log = get_logger(__name__)
 

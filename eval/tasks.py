@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ConfigError
-from common.data import DataError, Row, _validated_row, default_data_dir, read_jsonl
-from common.logs import get_logger
+from finlora.common.config import ConfigError
+from finlora.common.data import DataError, Row, _validated_row, default_data_dir, read_jsonl
+from finlora.common.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common.logs import get_logger
+from finlora.common.logs import get_logger
 
 log = get_logger(__name__)
 

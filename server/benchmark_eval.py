@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from common.adapter import load_lora_state
-from common.config import FinloraConfig
-from common.model import get_model_bundle
-from eval import evaluate_model
+from finlora.common.adapter import load_lora_state
+from finlora.common.config import FinloraConfig
+from finlora.common.model import get_model_bundle
+from finlora.eval import evaluate_model
 
 
 def evaluations_due(cfg: FinloraConfig, server_round: int) -> list[tuple[str, str, int]]:

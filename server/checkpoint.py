@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from common.adapter import ADAPTER_FILE, CONFIG_FILE, Arrays, read_adapter_dir, save_adapter_dir
-from common.io import atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl_records
+from finlora.common.adapter import ADAPTER_FILE, CONFIG_FILE, Arrays, read_adapter_dir, save_adapter_dir
+from finlora.common.io import atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl_records
 
 ROUND_DIR = re.compile(r"^round-(\d+)$")
 OPTIMIZER_FILE = "server_optimizer.safetensors"

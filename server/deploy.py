@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.certs import init_ca_and_server
-from common.config import ConfigError, PROJECT_ROOT, flatten_table, load_config
-from common.data import default_data_dir
-from common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, last_run_status, list_runs,
+from finlora.common.certs import init_ca_and_server
+from finlora.common.config import ConfigError, PROJECT_ROOT, flatten_table, load_config
+from finlora.common.data import default_data_dir
+from finlora.common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, last_run_status, list_runs,
                                      stop_leftover_process, stop_process_tree, toml_value, wait_gateway_ready,
                                      wait_superlink_healthy)
-from common.io import atomic_write_text, read_jsonl_records
-from common.preflight import check_data, check_port_free
-from common.report import print_run_report
+from finlora.common.io import atomic_write_text, read_jsonl_records
+from finlora.common.preflight import check_data, check_port_free
+from finlora.common.report import print_run_report
 
 CONNECTION = "finlora-server"
 REGISTRY_FILE = "institutions.json"
@@ -159,7 +159,7 @@ def run_server(opts: ServerOptions) -> int:
            "--database", str(state / "superlink.db"), "--disable-runtime-dependency-installation",
            "--log-file", str(state / "superlink.log")]
     gateway_log = state / GATEWAY_LOG
-    gateway_cmd = [sys.executable, "-m", "server.fleet_gateway", "--listen", f"{opts.host}:{opts.port}",
+    gateway_cmd = [sys.executable, "-m", "finlora.server.fleet_gateway", "--listen", f"{opts.host}:{opts.port}",
                    "--upstream", f"127.0.0.1:{internal_port}", "--log-file", str(gateway_log)]
     loopback_ca = None
     if opts.insecure:
@@ -185,7 +185,7 @@ def run_server(opts: ServerOptions) -> int:
           f"127.0.0.1:{internal_port}, run {opts.run_id}{' (resuming)' if resume else ''}, {cfg.num_rounds} rounds, "
           f"state {state}", flush=True)
     pid_file, gateway_pid_file = state / PID_FILE, state / GATEWAY_PID_FILE
-    if stop_leftover_process(gateway_pid_file, must_contain=("server.fleet_gateway", str(gateway_log))):
+    if stop_leftover_process(gateway_pid_file, must_contain=("finlora.server.fleet_gateway", str(gateway_log))):
         print(f"finlora server: stopped a Fleet gateway left running on {state} by an earlier server process",
               flush=True)
     if stop_leftover_process(pid_file, must_contain=("flower-superlink", str(state / "superlink.db"))):

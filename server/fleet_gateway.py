@@ -15,7 +15,7 @@ internal port and runs this gateway on the public ``--host:--port``:
 * it answers 404 to everything else and logs one line per refused request (method, path, peer);
 * the upstream connection verifies the SuperLink's loopback certificate (``--upstream-ca``).
 
-Run as ``python -m server.fleet_gateway --listen HOST:PORT --upstream 127.0.0.1:PORT [TLS options]``.
+Run as ``python -m finlora.server.fleet_gateway --listen HOST:PORT --upstream 127.0.0.1:PORT [TLS options]``.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def upstream_ssl_context(ca: Path) -> ssl.SSLContext:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.fleet_gateway", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m finlora.server.fleet_gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT the institutions connect to")
     parser.add_argument("--upstream", required=True, help="127.0.0.1:PORT of the SuperLink")
     parser.add_argument("--certfile", help="server certificate (PEM) presented to the institutions")

@@ -6,11 +6,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.adapter import load_lora_state
-from common.config import FinloraConfig
-from common.data import encode_rows, load_rows, split_heldout
-from common.evaluation import answer_loss
-from common.model import get_model_bundle
+from finlora.common.adapter import load_lora_state
+from finlora.common.config import FinloraConfig
+from finlora.common.data import encode_rows, load_rows, split_heldout
+from finlora.common.evaluation import answer_loss
+from finlora.common.model import get_model_bundle
 
 
 class HeldoutEvaluator:

@@ -17,13 +17,13 @@ from typing import Any
 
 from flwr.supercore import log
 
-from common.adapter import Arrays
-from common.config import FinloraConfig
-from server.benchmark_eval import run_benchmark_evals
-from server.checkpoint import RunDirectory
-from server.heldout import HeldoutEvaluator
-from server.strategy import RoundOutcome
-from server.zk_round import ZkLedger
+from finlora.common.adapter import Arrays
+from finlora.common.config import FinloraConfig
+from finlora.server.benchmark_eval import run_benchmark_evals
+from finlora.server.checkpoint import RunDirectory
+from finlora.server.heldout import HeldoutEvaluator
+from finlora.server.strategy import RoundOutcome
+from finlora.server.zk_round import ZkLedger
 
 
 def round_summary(server_round: int, outcome: RoundOutcome | None, heldout_loss: float | None,

@@ -46,11 +46,11 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from common.adapter import AdapterError, Arrays, arrays_digest, check_arrays, from_array_record, to_array_record
-from common.config import StrategyConfig
-from common.transport import NORM_SLACK, TRANSPORT_RECORD, decode_update, delta_norm, wire_dtype
-from server.zk_round import ZkRoundResult, ZkVerifier
-from zk import codec
+from finlora.common.adapter import AdapterError, Arrays, arrays_digest, check_arrays, from_array_record, to_array_record
+from finlora.common.config import StrategyConfig
+from finlora.common.transport import NORM_SLACK, TRANSPORT_RECORD, decode_update, delta_norm, wire_dtype
+from finlora.server.zk_round import ZkRoundResult, ZkVerifier
+from finlora.zk import codec
 
 WEIGHT_KEY = "finlora-weight"
 """The only weight Flower aggregates by; the server sets it on every accepted reply and never reads it from one."""

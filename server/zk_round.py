@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from common.config import ZkConfig
-from zk import codec
-from zk.encoding import Layout, apply_aggregate
-from zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, record_kept_round, record_round,
+from finlora.common.config import ZkConfig
+from finlora.zk import codec
+from finlora.zk.encoding import Layout, apply_aggregate
+from finlora.zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, record_kept_round, record_round,
                        seen_digests)
-from zk.signing import load_key_registry
-from zk.verify import aggregate, signed_by, verify_round
+from finlora.zk.signing import load_key_registry
+from finlora.zk.verify import aggregate, signed_by, verify_round
 
 IMPERSONATION = "impersonation"
 """Rejection code of a reply that claims an institution its node is not bound to."""

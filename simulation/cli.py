@@ -15,22 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from client.deploy import ClientOptions, default_state_dir, run_client
-from client.dp_setup import ledger_dir, start_new_period
-from client.privacy import FileLedgerStore
-from common.certs import CertificateError, init_ca_and_server, init_node
-from common.config import ConfigError, load_config, parse_override
-from common.data import DataError, default_data_dir, load_rows, partition_rows
-from common.io import atomic_write_jsonl
-from common.preflight import check_data, check_gpu, check_model, check_positive, check_writable
-from common.report import print_run_report, round_problems
-from eval.cli import add_eval_parser
-from server.checkpoint import RunDirectory
-from server.deploy import ServerOptions, run_server
-from simulation.keys import provision_simulation_keys
-from simulation.launcher import run_simulation
-from zk.cli import add_zk_parser
-from zk.signing import write_key_pair
+from finlora.client.deploy import ClientOptions, default_state_dir, run_client
+from finlora.client.dp_setup import ledger_dir, start_new_period
+from finlora.client.privacy import FileLedgerStore
+from finlora.common.certs import CertificateError, init_ca_and_server, init_node
+from finlora.common.config import ConfigError, load_config, parse_override
+from finlora.common.data import DataError, default_data_dir, load_rows, partition_rows
+from finlora.common.io import atomic_write_jsonl
+from finlora.common.preflight import check_data, check_gpu, check_model, check_positive, check_writable
+from finlora.common.report import print_run_report, round_problems
+from finlora.eval.cli import add_eval_parser
+from finlora.server.checkpoint import RunDirectory
+from finlora.server.deploy import ServerOptions, run_server
+from finlora.simulation.keys import provision_simulation_keys
+from finlora.simulation.launcher import run_simulation
+from finlora.zk.cli import add_zk_parser
+from finlora.zk.signing import write_key_pair
 
 
 def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

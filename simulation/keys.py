@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zk.signing import PUBLIC_SUFFIX, generate_key, save_private_key, save_public_key
+from finlora.zk.signing import PUBLIC_SUFFIX, generate_key, save_private_key, save_public_key
 
 
 def provision_simulation_keys(keys_dir: Path, num_institutions: int) -> Path:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import PROJECT_ROOT
-from common.flower_processes import (flower_bin, flower_env, free_port, last_run_status, stop_process_tree, toml_value,
+from finlora.common.config import PROJECT_ROOT
+from finlora.common.flower_processes import (flower_bin, flower_env, free_port, last_run_status, stop_process_tree, toml_value,
                                      wait_superlink_healthy)
 
 CONNECTION = "finlora-sim"

@@ -29,13 +29,13 @@ TEST_RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``finlora`` as a user would (a separate process), capturing its output."""
-    return subprocess.run([sys.executable, "-m", "simulation.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "finlora.simulation.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=dict(os.environ))
 
 
 def popen_cli(*args: str, log: Path) -> subprocess.Popen:
     """Start ``finlora`` in the background (a server or an institution), its output in ``log``."""
-    return subprocess.Popen([sys.executable, "-m", "simulation.cli", *args], cwd=REPO, env=dict(os.environ),
+    return subprocess.Popen([sys.executable, "-m", "finlora.simulation.cli", *args], cwd=REPO, env=dict(os.environ),
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -85,7 +85,7 @@ def eval_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """FinLoRA-format FPB and TFNS test files generated here, so benchmark evaluation runs without shared data."""
     import json
 
-    from common.sample_data import sentiment_rows
+    from finlora.common.sample_data import sentiment_rows
 
     path = tmp_path_factory.mktemp("eval-data")
     for i, task in enumerate(("fpb", "tfns")):

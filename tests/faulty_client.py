@@ -12,10 +12,10 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.app import evaluate as honest_evaluate
-from client.app import train as honest_train
-from client.zk_update import institution_name
-from common.adapter import from_array_record, to_array_record
+from finlora.client.app import evaluate as honest_evaluate
+from finlora.client.app import train as honest_train
+from finlora.client.zk_update import institution_name
+from finlora.common.adapter import from_array_record, to_array_record
 
 FAULTS = ("nan", "shape", "extra-key", "huge-norm", "zero-examples", "no-loss", "late-nan")
 

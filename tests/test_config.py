@@ -1,6 +1,6 @@
 import pytest
 
-from common.config import ConfigError, FinloraConfig, load_config, parse_override, pyproject_defaults
+from finlora.common.config import ConfigError, FinloraConfig, load_config, parse_override, pyproject_defaults
 
 
 def test_defaults_come_from_pyproject_and_round_trip():
@@ -123,7 +123,7 @@ def test_cli_rejects_a_dp_level_typo_in_one_line(tmp_path):
 
     from tests.conftest import REPO
 
-    proc = subprocess.run([sys.executable, "-m", "simulation.cli", "simulate", "--set", "dp.level=samples",
+    proc = subprocess.run([sys.executable, "-m", "finlora.simulation.cli", "simulate", "--set", "dp.level=samples",
                            "--out", str(tmp_path), "--run-id", "typo"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0

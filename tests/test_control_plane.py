@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from common.flower_processes import flower_bin
+from finlora.common.flower_processes import flower_bin
 from tests.test_deployment import FAST_RUN, Processes, _cmdline, _node_ids, federation, processes  # noqa: F401
 
 REFUSED_PATHS = ["v1/control/list-runs", "v1/control/register-node", "v1/control/stop-run",

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from common.data import (IGNORE_INDEX, DataError, encode_rows, length_grouped_batches, partition_rows, read_jsonl,
+from finlora.common.data import (IGNORE_INDEX, DataError, encode_rows, length_grouped_batches, partition_rows, read_jsonl,
                          split_heldout)
-from common.model import get_model_bundle
-from common.sample_data import sentiment_rows
+from finlora.common.model import get_model_bundle
+from finlora.common.sample_data import sentiment_rows
 from tests.conftest import SHARED_DATA
 
 
@@ -90,8 +90,8 @@ def test_length_grouped_batches_cover_and_group():
 @pytest.mark.skipif(not (SHARED_DATA / "train" / "fpb.jsonl").exists(),
                     reason="FinLoRA data (../shared/data) is not present on this machine")
 def test_real_finlora_train_sets_parse_and_encode():
-    from common.config import load_config
-    from common.data import load_rows
+    from finlora.common.config import load_config
+    from finlora.common.data import load_rows
 
     for task in ("fpb", "tfns", "fiqa"):
         cfg = load_config({"data.source": task, "data.dir": str(SHARED_DATA)}).data
@@ -103,7 +103,7 @@ def test_real_finlora_train_sets_parse_and_encode():
 
 
 def _tiny_cfg():
-    from common.config import load_config
+    from finlora.common.config import load_config
 
     cfg = load_config()
     return cfg.model, cfg.lora

@@ -19,10 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common.adapter import arrays_digest, read_adapter_dir
-from common.flower_processes import free_port
-from common.io import read_jsonl_records
-from common.sample_data import sentiment_rows
+from finlora.common.adapter import arrays_digest, read_adapter_dir
+from finlora.common.flower_processes import free_port
+from finlora.common.io import read_jsonl_records
+from finlora.common.sample_data import sentiment_rows
 from tests.conftest import REPO, run_cli
 
 # Each message starts a fresh ClientApp process in Flower 1.42 deployments (20-40 s on 2 cores): few rounds, few
@@ -59,7 +59,7 @@ class Processes:
         self.env = dict(os.environ, FINLORA_DP_STATE=str(tmp_path / "dp-state"))
 
     def cli(self, *args: str, log: str) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "simulation.cli", *args], cwd=REPO, env=self.env,
+        proc = subprocess.Popen([sys.executable, "-m", "finlora.simulation.cli", *args], cwd=REPO, env=self.env,
                                 stdout=open(self.tmp_path / log, "w"), stderr=subprocess.STDOUT)
         self.started.append(proc)
         return proc

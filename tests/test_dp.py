@@ -9,18 +9,18 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp_setup import ledger_store, open_ledger, own_budget
-from client.dp_train import make_private, per_example_loss, poisson_batches
-from client.privacy_engine import InstitutionPrivacyEngine
-from client.local_data import local_data
-from client.privacy import (ContextLedgerStore, FileLedgerStore, PrivacyBudgetExhausted, PrivacyLedger,
+from finlora.client.dp_setup import ledger_store, open_ledger, own_budget
+from finlora.client.dp_train import make_private, per_example_loss, poisson_batches
+from finlora.client.privacy_engine import InstitutionPrivacyEngine
+from finlora.client.local_data import local_data
+from finlora.client.privacy import (ContextLedgerStore, FileLedgerStore, PrivacyBudgetExhausted, PrivacyLedger,
                             calibrate_noise)
-from common.adapter import load_lora_state, lora_state
-from common.config import load_config
-from common.data import collate
-from common.dp_accounting import epsilon_of
-from common.io import read_jsonl_records
-from common.model import get_model_bundle
+from finlora.common.adapter import load_lora_state, lora_state
+from finlora.common.config import load_config
+from finlora.common.data import collate
+from finlora.common.dp_accounting import epsilon_of
+from finlora.common.io import read_jsonl_records
+from finlora.common.model import get_model_bundle
 
 
 @pytest.fixture()
@@ -189,7 +189,7 @@ def test_dp_simulation_accounts_refuses_and_still_learns(dp_run):
 
 def test_client_level_dp_clips_updates_and_reports_epsilon(tmp_path):
     from tests.conftest import run_cli
-    from common.adapter import read_adapter_dir
+    from finlora.common.adapter import read_adapter_dir
 
     bound = 1e-3
     proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--dp", "--dp-level", "client", "--no-zk",
@@ -209,7 +209,7 @@ def test_client_level_dp_clips_updates_and_reports_epsilon(tmp_path):
 
 
 def test_fedprox_term_under_dp_pulls_towards_global(tiny):
-    from client.dp_train import dp_train_round
+    from finlora.client.dp_train import dp_train_round
 
     cfg, bundle, data, _batch, arrays = tiny
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.dp_train import dp_train_round, poisson_batches
-from client.local_data import local_data
-from client.privacy import PrivacyLedger
-from client.train import train_round
-from common.adapter import load_lora_state, lora_state
-from common.config import load_config
-from common.model import get_model_bundle
+from finlora.client.dp_train import dp_train_round, poisson_batches
+from finlora.client.local_data import local_data
+from finlora.client.privacy import PrivacyLedger
+from finlora.client.train import train_round
+from finlora.common.adapter import load_lora_state, lora_state
+from finlora.common.config import load_config
+from finlora.common.model import get_model_bundle
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_noise_generator_is_not_the_global_rng():
     """Seeding torch's global RNG (as the round seed does) does not fix the noise generator."""
     import torch
 
-    from client.dp_train import noise_generator
+    from finlora.client.dp_train import noise_generator
 
     draws = []
     for _ in range(2):

@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from common.adapter import load_lora_state, lora_state, save_adapter_dir
-from common.config import load_config
-from common.model import get_model_bundle, lora_config, resolve_model_path
-from common.sample_data import sentiment_rows
-from eval import TASKS, EvalError, evaluate_model
-from eval.batching import run_in_batches
-from eval.fast import best_labels, label_logprobs, label_surface_forms, label_token_ids, sequence_logprob
-from eval.generate import generate_texts
-from eval.reference import finlora_reference_answers
-from eval.scoring import (batched_label_score, exact_match, finlora_answer, finlora_label_score, first_label,
+from finlora.common.adapter import load_lora_state, lora_state, save_adapter_dir
+from finlora.common.config import load_config
+from finlora.common.model import get_model_bundle, lora_config, resolve_model_path
+from finlora.common.sample_data import sentiment_rows
+from finlora.eval import TASKS, EvalError, evaluate_model
+from finlora.eval.batching import run_in_batches
+from finlora.eval.fast import best_labels, label_logprobs, label_surface_forms, label_token_ids, sequence_logprob
+from finlora.eval.generate import generate_texts
+from finlora.eval.reference import finlora_reference_answers
+from finlora.eval.scoring import (batched_label_score, exact_match, finlora_answer, finlora_label_score, first_label,
                           formula_match, match_score, numeric_match, split_batched, three_class_score, token_f1)
-from eval.tasks import load_task_rows, resolve_task_names
+from finlora.eval.tasks import load_task_rows, resolve_task_names
 from tests.conftest import SHARED_DATA, run_cli
 
 SENT = ("negative", "neutral", "positive")
@@ -258,7 +258,7 @@ def test_cli_eval_with_adapter_writes_all_outputs(tiny, tmp_path):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the adapter was applied: the CLI's label scores equal ours with the same LoRA weights loaded
     preds = [json.loads(x) for x in (out / "predictions" / "fpb.jsonl").read_text().splitlines()]
-    from eval.tasks import sample_rows
+    from finlora.eval.tasks import sample_rows
 
     prompts = [r["context"] for r in sample_rows([_row("fpb", i) for i in range(6)], 4)[0]]  # the rows evaluated
     try:
@@ -292,7 +292,7 @@ def test_cli_malformed_jsonl_exits_2(tmp_path):
 
 def test_max_samples_is_a_seeded_label_stratified_sample():
     """FinLoRA files are grouped by label: the first N rows of tfns hold no 'neutral'. The sample keeps the mix."""
-    from eval.tasks import sample_rows
+    from finlora.eval.tasks import sample_rows
 
     rows = ([{"context": f"q{i}", "target": "negative"} for i in range(15)]
             + [{"context": f"q{i}", "target": "positive"} for i in range(20)]
@@ -308,7 +308,7 @@ def test_max_samples_is_a_seeded_label_stratified_sample():
 
 def test_results_are_written_after_each_task(tiny, tmp_path, monkeypatch):
     """An evaluation stopped during its second task keeps the first task's results on disk."""
-    import eval.runner as runner
+    import finlora.eval.runner as runner
 
     data = _write_tasks(tmp_path / "data", ["fpb", "xbrl_value"])
     real = runner.evaluate_task

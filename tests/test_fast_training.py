@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from client.dp_train import make_private, per_example_loss, private_example_losses
-from client.fast_loss import answer_token_losses, body_and_head, chunked_cross_entropy, per_row_mean
-from client.local_data import local_data
-from client.packing import collate_packed, first_fit_decreasing, forward_groups, token_budget_batches
-from client.train import StepPlan, planned_batches, train_round, train_step
-from common.adapter import load_lora_state, lora_state
-from common.config import load_config
-from common.data import IGNORE_INDEX, collate
-from common.evaluation import answer_loss
-from common.model import get_model_bundle
+from finlora.client.dp_train import make_private, per_example_loss, private_example_losses
+from finlora.client.fast_loss import answer_token_losses, body_and_head, chunked_cross_entropy, per_row_mean
+from finlora.client.local_data import local_data
+from finlora.client.packing import collate_packed, first_fit_decreasing, forward_groups, token_budget_batches
+from finlora.client.train import StepPlan, planned_batches, train_round, train_step
+from finlora.common.adapter import load_lora_state, lora_state
+from finlora.common.config import load_config
+from finlora.common.data import IGNORE_INDEX, collate
+from finlora.common.evaluation import answer_loss
+from finlora.common.model import get_model_bundle
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.sample_data import sentiment_rows
+from finlora.common.sample_data import sentiment_rows
 from tests.conftest import run_cli
 
 
@@ -120,7 +120,7 @@ def _run_toml(tmp_path: Path) -> Path:
 
 
 def test_an_institution_starts_a_new_budget_period_with_a_command_and_keeps_the_old_ledger(tmp_path):
-    from client.privacy import FileLedgerStore, PrivacyLedger
+    from finlora.client.privacy import FileLedgerStore, PrivacyLedger
 
     data = tmp_path / "bank-a.jsonl"
     data.write_text(json.dumps(sentiment_rows(n=1, seed=3)[0]) + "\n")
@@ -149,7 +149,7 @@ def test_eval_does_not_try_the_hub_when_it_is_offline_by_default(tmp_path):
 
     (tmp_path / "data").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "FINLORA_ONLINE")}
-    proc = subprocess.run([sys.executable, "-m", "simulation.cli", "eval", "--model", "tiny", "--tasks", "fpb,tfns",
+    proc = subprocess.run([sys.executable, "-m", "finlora.simulation.cli", "eval", "--model", "tiny", "--tasks", "fpb,tfns",
                            "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--no-progress"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -161,7 +161,7 @@ def test_eval_does_not_try_the_hub_when_it_is_offline_by_default(tmp_path):
 def test_a_deployed_institutions_refusal_reads_as_one_sentence():
     """What the server prints and records for an institution whose ClientApp refused (Flower wraps the exception
     as "<class 'X'>:<'message'>"): the message, once, with the refusal's name."""
-    from server.strategy import short_reason
+    from finlora.server.strategy import short_reason
 
     flower = ("<class 'client.privacy.PrivacyBudgetExhausted'>:<'PrivacyBudgetExhausted: privacy budget exhausted: "
               "epsilon spent 7.9772 after 4 steps'>")
@@ -178,12 +178,12 @@ def test_a_killed_client_leaves_no_supernode_behind(tmp_path):
 
     import psutil
 
-    from common.flower_processes import free_port
+    from finlora.common.flower_processes import free_port
     from tests.conftest import REPO
 
     data = tmp_path / "bank-a.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n=10, seed=4)))
-    client = subprocess.Popen([sys.executable, "-m", "simulation.cli", "client", "--insecure", "--superlink",
+    client = subprocess.Popen([sys.executable, "-m", "finlora.simulation.cli", "client", "--insecure", "--superlink",
                                f"127.0.0.1:{free_port()}", "--data", str(data), "--name", "bank-a", "--state",
                                str(tmp_path / "node"), "--no-resident", "--app-hash", "any"],
                               cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from client.dp_setup import enforce_policy
-from client.node_settings import NodeConfigError, NodeSettings
-from common.config import load_config
+from finlora.client.dp_setup import enforce_policy
+from finlora.client.node_settings import NodeConfigError, NodeSettings
+from finlora.common.config import load_config
 
 
 def test_a_simulated_node_and_a_deployed_one():

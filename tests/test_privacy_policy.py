@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from client.tasks import train_content
-from client.dp_setup import PrivacyPolicyViolation, ledger_store
-from common.adapter import initial_adapter, select_keys, to_array_record
-from common.config import ConfigError, load_config
-from common.model import lora_shapes
-from common.sample_data import sentiment_rows
+from finlora.client.tasks import train_content
+from finlora.client.dp_setup import PrivacyPolicyViolation, ledger_store
+from finlora.common.adapter import initial_adapter, select_keys, to_array_record
+from finlora.common.config import ConfigError, load_config
+from finlora.common.model import lora_shapes
+from finlora.common.sample_data import sentiment_rows
 
 
 @pytest.fixture()

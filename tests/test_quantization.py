@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.dp_train import dp_train_round
-from client.local_data import local_data
-from client.privacy import PrivacyLedger
-from client.train import train_round
-from common.adapter import load_lora_state, lora_state, save_adapter_dir
-from common.config import load_config
-from common.model import get_model_bundle, lora_config, resolve_model_path
+from finlora.client.dp_train import dp_train_round
+from finlora.client.local_data import local_data
+from finlora.client.privacy import PrivacyLedger
+from finlora.client.train import train_round
+from finlora.common.adapter import load_lora_state, lora_state, save_adapter_dir
+from finlora.common.config import load_config
+from finlora.common.model import get_model_bundle, lora_config, resolve_model_path
 
 LAYER = {"4": "Linear4bit", "8": "Linear8bitLt"}
 
@@ -73,7 +73,7 @@ def test_the_adapter_loads_with_plain_peft_on_an_unquantized_base(quantized, tmp
 
 
 def test_auto_is_unquantized_on_cpu():
-    from common.model import effective_quantization
+    from finlora.common.model import effective_quantization
 
     assert effective_quantization("auto", cuda=False) == "none" and effective_quantization("auto", cuda=True) == "4"
     assert effective_quantization("8", cuda=False) == "8"
@@ -86,8 +86,8 @@ def test_auto_is_unquantized_on_cpu():
 def test_the_benchmark_eval_runs_on_the_quantized_model(quantized, tmp_path):
     import json
 
-    from common.sample_data import sentiment_rows
-    from eval import evaluate_model
+    from finlora.common.sample_data import sentiment_rows
+    from finlora.eval import evaluate_model
 
     _, _, bundle, _ = quantized
     (tmp_path / "fpb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n=6, seed=8)))

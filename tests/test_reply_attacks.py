@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from flwr.app import Message, Metadata, MetricRecord, RecordDict
 
-from client.zk_update import zk_reply_records
-from common.adapter import from_array_record, initial_adapter, to_array_record
-from common.config import load_config
-from common.transport import delta_norm
-from server.strategy import WEIGHT_KEY, make_strategy, with_client_level_dp
-from server.zk_round import ZkVerifier
-from zk import signing
+from finlora.client.zk_update import zk_reply_records
+from finlora.common.adapter import from_array_record, initial_adapter, to_array_record
+from finlora.common.config import load_config
+from finlora.common.transport import delta_norm
+from finlora.server.strategy import WEIGHT_KEY, make_strategy, with_client_level_dp
+from finlora.server.zk_round import ZkVerifier
+from finlora.zk import signing
 
 SHAPES = {"base_model.model.layers.0.q_proj.lora_A.weight": (4, 32),
           "base_model.model.layers.0.q_proj.lora_B.weight": (32, 4)}

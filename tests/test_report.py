@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from common.report import privacy_figure, write_privacy_plot
+from finlora.common.report import privacy_figure, write_privacy_plot
 
 
 def _records(target: float = 8.0) -> list[dict]:
@@ -28,7 +28,7 @@ def test_identical_privacy_curves_stay_visible_and_the_budget_is_drawn(tmp_path)
 
 
 def test_eval_bars_carry_their_values_even_at_zero():
-    from eval.report import bar_chart_figure
+    from finlora.eval.report import bar_chart_figure
 
     fig = bar_chart_figure({"fpb": {"status": "ok", "accuracy": 0.0, "f1": 0.0},
                             "tfns": {"status": "ok", "accuracy": 0.62, "f1": 0.55}})

@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
-from client.resident import (ResidentTrainer, TrainerUnavailable, call_trainer, error_reply, ping, raise_error_reply,
+from finlora.client.resident import (ResidentTrainer, TrainerUnavailable, call_trainer, error_reply, ping, raise_error_reply,
                              read_authkey)
 from tests.conftest import REPO
 
@@ -38,14 +38,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A trainer started as ``finlora client`` starts it, and the inputs the server would send in round 1."""
     from flwr.app import ConfigRecord, RecordDict
 
-    from common.adapter import initial_adapter, select_keys, to_array_record
-    from common.config import load_config
-    from common.model import lora_shapes
-    from common.sample_data import sentiment_rows
+    from finlora.common.adapter import initial_adapter, select_keys, to_array_record
+    from finlora.common.config import load_config
+    from finlora.common.model import lora_shapes
+    from finlora.common.sample_data import sentiment_rows
 
     root = tmp_path_factory.mktemp("resident")
     socket_path, key_file = root / "sock" / "trainer.sock", root / "state" / "authkey"
-    proc = subprocess.Popen([sys.executable, "-m", "client.resident", "--socket", str(socket_path),
+    proc = subprocess.Popen([sys.executable, "-m", "finlora.client.resident", "--socket", str(socket_path),
                              "--authkey-file", str(key_file)], cwd=REPO, env=dict(os.environ),
                             stdout=open(root / "trainer.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     data = root / "bank.jsonl"
@@ -84,8 +84,8 @@ def test_model_stays_resident_and_results_match_in_process(setup):
     assert metrics[0]["base-model-loads"] == metrics[1]["base-model-loads"] == 1  # loaded once, then resident
     assert metrics[0]["load-seconds"] > 0 and metrics[1]["load-seconds"] == 0
 
-    from client.tasks import TASKS
-    from common.adapter import from_array_record
+    from finlora.client.tasks import TASKS
+    from finlora.common.adapter import from_array_record
 
     local = TASKS["train"](setup["content"], _context(setup))  # the same task in this process
     assert local["metrics"]["process-id"] == os.getpid()
@@ -104,7 +104,7 @@ def test_model_stays_resident_and_results_match_in_process(setup):
 def test_task_errors_come_back_as_the_same_exception(setup):
     from flwr.app import RecordDict
 
-    from common.adapter import AdapterError, to_array_record
+    from finlora.common.adapter import AdapterError, to_array_record
 
     _wait_answering(setup["socket"], setup["key"], setup["proc"])
     bad = RecordDict({"arrays": to_array_record({"not-a-lora-key": np.zeros(3, dtype=np.float32)}),
@@ -119,7 +119,7 @@ def test_task_errors_come_back_as_the_same_exception(setup):
 
 
 def test_error_replies_keep_what_the_server_looks_for():
-    from client.privacy import PrivacyBudgetExhausted
+    from finlora.client.privacy import PrivacyBudgetExhausted
 
     exc = PrivacyBudgetExhausted("round 3 would spend epsilon 9.1 > 8.0")
     with pytest.raises(PrivacyBudgetExhausted) as err:
@@ -205,7 +205,7 @@ def test_a_silent_connection_is_dropped_after_the_handshake_timeout(tmp_path):
     """A peer that connects and never authenticates must not hold the one-request-at-a-time trainer."""
     socket_path, key_file = tmp_path / "s" / "trainer.sock", tmp_path / "authkey"
     log = tmp_path / "trainer.log"
-    proc = subprocess.Popen([sys.executable, "-m", "client.resident", "--socket", str(socket_path),
+    proc = subprocess.Popen([sys.executable, "-m", "finlora.client.resident", "--socket", str(socket_path),
                              "--authkey-file", str(key_file), "--no-preload", "--handshake-timeout", "1"],
                             cwd=REPO, env=dict(os.environ), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -237,7 +237,7 @@ def test_terminate_leaves_no_process_and_no_socket(setup):
 
 
 def test_supervisor_restarts_a_dead_trainer_and_stops_it(tmp_path):
-    from common.flower_processes import flower_env
+    from finlora.common.flower_processes import flower_env
 
     lines: list[str] = []
     trainer = ResidentTrainer(tmp_path / ("long-" * 20), flower_env(tmp_path / "flwr-home", 0), "bank-s",
@@ -263,14 +263,14 @@ def test_supervisor_restarts_a_dead_trainer_and_stops_it(tmp_path):
 
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "no-resident"])
 def test_finlora_client_starts_and_stops_its_trainer(tmp_path, resident):
-    from common.sample_data import sentiment_rows
+    from finlora.common.sample_data import sentiment_rows
 
     data = tmp_path / "bank.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n=20, seed=1)))
     log = tmp_path / "client.log"
     args = ["client", "--insecure", "--superlink", "127.0.0.1:1", "--data", str(data), "--name", "bank-z",
             "--state", str(tmp_path / "state")] + ([] if resident else ["--no-resident"])
-    client = subprocess.Popen([sys.executable, "-m", "simulation.cli", *args], cwd=REPO, env=dict(os.environ),
+    client = subprocess.Popen([sys.executable, "-m", "finlora.simulation.cli", *args], cwd=REPO, env=dict(os.environ),
                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not (supernode := [p for p in _children(client.pid) if "flower-supernode" in " ".join(p.cmdline())]):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.train import round_learning_rate
-from common.adapter import arrays_digest, is_lora_a, read_adapter_dir, select_keys, shared_lora_a
-from common.config import load_config
-from common.io import read_jsonl_records
+from finlora.client.train import round_learning_rate
+from finlora.common.adapter import arrays_digest, is_lora_a, read_adapter_dir, select_keys, shared_lora_a
+from finlora.common.config import load_config
+from finlora.common.io import read_jsonl_records
 from tests.conftest import flower_processes, run_cli
 
 LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.\d+\.self_attn\.[qkv]_proj\.lora_[AB]\.weight$")
@@ -75,8 +75,8 @@ def test_saved_adapter_is_the_global_adapter_and_loads_with_peft(fedavg_run):
         assert sent == {arrays_digest(saved)}  # what the server held in memory is what it saved
     base_path = json.loads((run_dir / "round-2" / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), run_dir / "round-2").eval()
-    from common.adapter import load_lora_state
-    from common.model import get_model_bundle
+    from finlora.common.adapter import load_lora_state
+    from finlora.common.model import get_model_bundle
 
     cfg = load_config()
     in_memory = get_model_bundle(cfg.model, cfg.lora).model
@@ -126,7 +126,7 @@ def test_resume_continues_from_saved_round(tmp_path, eval_data_dir):
     assert all(abs(c["lr"] - expected_lr) < 1e-12 for c in after[2]["clients"].values())
     # --final-eval: every task of the benchmark, every row, after the last round
     final = json.loads((run_dir / "eval" / "final" / "results.json").read_text())
-    from eval.tasks import TASKS
+    from finlora.eval.tasks import TASKS
     assert set(final) == set(TASKS) and final["fpb"]["n"] == 60 and final["fiqa"]["status"] == "no data"
     assert after[2]["eval"]["final"]["tfns"]["n"] == 60
 

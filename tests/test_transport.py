@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.adapter import AdapterError
-from common.transport import decode_update, delta_norm, encode_update, wire_dtype
+from finlora.common.adapter import AdapterError
+from finlora.common.transport import decode_update, delta_norm, encode_update, wire_dtype
 
 
 def _adapter(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -62,8 +62,8 @@ def test_bad_encodings_are_refused_with_the_reason():
 def test_int8_updates_cross_flower_at_a_quarter_of_the_bytes_and_still_learn(tmp_path):
     import json
 
-    from common.config import load_config
-    from common.model import lora_shapes
+    from finlora.common.config import load_config
+    from finlora.common.model import lora_shapes
     from tests.conftest import run_cli
 
     proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--out", str(tmp_path), "--run-id", "int8",

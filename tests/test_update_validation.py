@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.adapter import read_adapter_dir
-from common.flower_processes import app_fab_hash, free_port
-from common.sample_data import sentiment_rows
+from finlora.common.adapter import read_adapter_dir
+from finlora.common.flower_processes import app_fab_hash, free_port
+from finlora.common.sample_data import sentiment_rows
 from tests.conftest import REPO, flower_processes, popen_cli, run_cli, stop_all, wait_for_line
 
 BAD = {"x-nan": "holds NaN or infinite values", "x-shape": "has shape (7, 64), expected (8, 64)",

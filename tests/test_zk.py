@@ -18,18 +18,18 @@ import pytest
 from py_arkworks_bls12381 import G1Point
 from safetensors.numpy import load_file, save_file
 
-from zk import signing
-from zk.audit import audit_run
-from zk.cli import main as zk_main
-from zk.commit import (GROUP_ORDER, commit_row_points, commit_rows, commitments_digest, decode_points,
+from finlora.zk import signing
+from finlora.zk.audit import audit_run
+from finlora.zk.cli import main as zk_main
+from finlora.zk.commit import (GROUP_ORDER, commit_row_points, commit_rows, commitments_digest, decode_points,
                        random_blindings)
-from zk.encoding import Layout, apply_aggregate, dequantize, in_range, norm_within, quantize_update
-from zk.generators import PINNED_DIGEST, ROW_SIZE, derive_generators, generators, generators_digest
-from zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, read_ledger, record_kept_round,
+from finlora.zk.encoding import Layout, apply_aggregate, dequantize, in_range, norm_within, quantize_update
+from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE, derive_generators, generators, generators_digest
+from finlora.zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, read_ledger, record_kept_round,
                        record_round, save_aggregate, seen_digests)
-from zk.verify import (BAD_POINT, BAD_SIGNATURE, DUPLICATE, NORM_BOUND, OPENING, OUT_OF_RANGE, REPLAY,
+from finlora.zk.verify import (BAD_POINT, BAD_SIGNATURE, DUPLICATE, NORM_BOUND, OPENING, OUT_OF_RANGE, REPLAY,
                        UNKNOWN_NODE, Submission, aggregate, make_submission, verify_round)
-from zk.wire import pack_blindings, unpack_blindings, unpack_commitments
+from finlora.zk.wire import pack_blindings, unpack_blindings, unpack_commitments
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = "zk-test"
@@ -364,7 +364,7 @@ def test_a_round_that_kept_the_previous_adapter_audits_only_if_nothing_changed(r
 def test_audit_cli_runs_standalone_and_fails_nonzero(run_dir: Path, tmp_path: Path) -> None:
     run = _tampered(run_dir, tmp_path)
     _nudge_first_lora_b(run / adapter_relpath(1), index=17, delta=1e-3)
-    proc = subprocess.run([sys.executable, "-m", "zk.cli", "audit", str(run), "--keys", str(run / "keys")], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "finlora.zk.cli", "audit", str(run), "--keys", str(run / "keys")], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert "FAIL" in proc.stdout and "round-1/adapter_model.safetensors" in proc.stdout
@@ -464,7 +464,7 @@ def test_a_server_made_round_under_server_made_keys_fails_the_audit(run_dir: Pat
 
 
 def test_the_audit_needs_keys_from_outside_the_ledger(run_dir: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "zk.cli", "audit", str(run_dir)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "finlora.zk.cli", "audit", str(run_dir)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "--keys" in proc.stderr, proc.stderr
 
@@ -501,7 +501,7 @@ def test_random_blindings_are_reduced_and_distinct() -> None:
 
 
 def test_zk_imports_neither_torch_nor_flower() -> None:
-    code = ("import sys, zk.audit, zk.cli, zk.ledger, zk.verify; "
+    code = ("import sys, finlora.zk.audit, finlora.zk.cli, finlora.zk.ledger, finlora.zk.verify; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'flwr')))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from common.io import read_jsonl_records
+from finlora.common.io import read_jsonl_records
 from tests.conftest import run_cli
 
 
@@ -39,8 +39,8 @@ def test_zk_run_is_auditable_and_tampering_is_caught(fedavg_run, tmp_path):
 def test_update_signed_with_an_unregistered_key_is_rejected_and_the_round_goes_on(tmp_path):
     """Institution 2 signs with a key the server does not know: its update is refused with the reason, the others
     are aggregated, and the ledger still audits."""
-    from simulation.keys import provision_simulation_keys
-    from zk.signing import generate_key, save_private_key
+    from finlora.simulation.keys import provision_simulation_keys
+    from finlora.zk.signing import generate_key, save_private_key
 
     keys = provision_simulation_keys(tmp_path / "keys", 3)
     save_private_key(generate_key(), keys / "institution-2.key")  # not the key registered for institution-2

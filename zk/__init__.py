@@ -22,7 +22,7 @@ resume). Per round::
     ledger.record_round(run_dir, round_num, layout, accepted, rejected, A, R_rows, N)
 
 Audit: ``audit.audit_run(run_dir) -> list[RoundVerdict]``; CLI ``cli.add_zk_parser(subparsers)`` adds
-``finlora zk audit RUN_DIR`` (``python -m zk.cli audit RUN_DIR`` standalone).
+``finlora zk audit RUN_DIR`` (``python -m finlora.zk.cli audit RUN_DIR`` standalone).
 
 Modules: ``encoding`` (Layout, quantize_update, dequantize, apply_aggregate), ``generators`` (pinned Pedersen
 generators), ``commit`` (commit_rows, commitments_digest, batched opening checks), ``signing`` (keys, registry,

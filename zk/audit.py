@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from zk import signing
-from zk.commit import commitments_digest, decode_points, opening_terms, rows_of
-from zk.encoding import Layout, apply_aggregate
-from zk.generators import PINNED_DIGEST, ROW_SIZE
-from zk.ledger import file_sha256, load_aggregate, read_ledger
-from zk.verify import client_weights
+from finlora.zk import signing
+from finlora.zk.commit import commitments_digest, decode_points, opening_terms, rows_of
+from finlora.zk.encoding import Layout, apply_aggregate
+from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE
+from finlora.zk.ledger import file_sha256, load_aggregate, read_ledger
+from finlora.zk.verify import client_weights
 
 WEIGHTINGS = ("examples", "equal")
-from zk.wire import unpack_blindings, unpack_commitments
+from finlora.zk.wire import unpack_blindings, unpack_commitments
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``finlora zk audit RUN_DIR`` (and standalone ``python -m zk.cli audit RUN_DIR``)."""
+"""``finlora zk audit RUN_DIR`` (and standalone ``python -m finlora.zk.cli audit RUN_DIR``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from zk.audit import audit_run, format_table
-from zk.ledger import read_ledger
-from zk.signing import load_key_registry
+from finlora.zk.audit import audit_run, format_table
+from finlora.zk.ledger import read_ledger
+from finlora.zk.signing import load_key_registry
 
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +55,7 @@ def cmd_zk_audit(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zk.cli", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m finlora.zk.cli", description=__doc__)
     _add_audit(parser.add_subparsers(dest="zk_command", required=True))
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from zk.encoding import Layout
-from zk.verify import Submission
+from finlora.zk.encoding import Layout
+from finlora.zk.verify import Submission
 
 ZK_RECORD = "zk"
 """Name of the config record of a zk reply."""

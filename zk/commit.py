@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 from py_arkworks_bls12381 import G1Point, Scalar
 
-from zk.generators import ROW_SIZE, generators
+from finlora.zk.generators import ROW_SIZE, generators
 
 GROUP_ORDER = 0x73EDA753299D7D483339D80809A1D80553BDA402FFFE5BFEFFFFFFFF00000001
 """r, the order of the BLS12-381 G1 subgroup (the scalar field)."""

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.io import atomic_write_bytes, atomic_write_jsonl, read_jsonl_records
-from zk.encoding import Layout
-from zk.generators import PINNED_DIGEST, ROW_SIZE
-from zk.signing import public_key_raw
-from zk.verify import Submission
-from zk.commit import commitments_digest
-from zk.wire import pack_blindings, pack_commitments, unpack_commitments
+from finlora.common.io import atomic_write_bytes, atomic_write_jsonl, read_jsonl_records
+from finlora.zk.encoding import Layout
+from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE
+from finlora.zk.signing import public_key_raw
+from finlora.zk.verify import Submission
+from finlora.zk.commit import commitments_digest
+from finlora.zk.wire import pack_blindings, pack_commitments, unpack_commitments
 
 LEDGER_FILE = "ledger.jsonl"
 VERSION = 1

@@ -13,7 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.io import atomic_write_private, atomic_write_text
+from finlora.common.io import atomic_write_private, atomic_write_text
 
 STATEMENT_TAG = b"finlora-zk/update-statement/v1"
 PUBLIC_SUFFIX = ".pub.pem"

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from zk import signing
-from zk.commit import (GROUP_ORDER, OpeningTerms, commit_rows, commitments_digest, decode_points, num_rows,
+from finlora.zk import signing
+from finlora.zk.commit import (GROUP_ORDER, OpeningTerms, commit_rows, commitments_digest, decode_points, num_rows,
                        opening_terms, rows_of, sum_terms)
-from zk.encoding import in_range, norm_within
-from zk.wire import pack_blindings, pack_commitments, unpack_blindings, unpack_commitments, values_from_wire, \
+from finlora.zk.encoding import in_range, norm_within
+from finlora.zk.wire import pack_blindings, pack_commitments, unpack_blindings, unpack_commitments, values_from_wire, \
     values_to_wire
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from zk.commit import GROUP_ORDER, POINT_BYTES, SCALAR_BYTES
-from zk.encoding import in_range
+from finlora.zk.commit import GROUP_ORDER, POINT_BYTES, SCALAR_BYTES
+from finlora.zk.encoding import in_range
 
 
 def _chunks(data: bytes, size: int, what: str) -> list[bytes]:

@@ -1,7 +1,7 @@
-"""``python -m client.resident``: the resident trainer process (:func:`client.resident.server.main`)."""
+"""``python -m finlora.client.resident``: the resident trainer process (:func:`finlora.client.resident.server.main`)."""
 
 import sys
 
-from client.resident.server import main
+from finlora.client.resident.server import main
 
 sys.exit(main())

@@ -27,7 +27,7 @@ from multiprocessing.connection import AuthenticationError, Client, Connection
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_private
+from finlora.common.io import atomic_write_private
 
 TASK_KINDS = ("train", "evaluate")
 AUTHKEY_BYTES = 32

@@ -1,15 +1,17 @@
-"""The resident trainer process itself (``python -m client.resident``): it authenticates each connection, runs the
+"""The resident trainer process itself (``python -m finlora.client.resident``): it authenticates each connection, runs the
 task in this long-lived process (whose module caches keep the base model and the tokenized data between rounds),
 and replies. One request at a time; a peer that fails authentication in any way is dropped with one log line.
 
-    python -m client.resident --socket P --authkey-file F [--exit-with-parent]
+    python -m finlora.client.resident --socket P --authkey-file F [--exit-with-parent]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
+import signal
 import socket
 import stat
 import sys
@@ -20,12 +22,12 @@ from multiprocessing.connection import AuthenticationError, Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from client.local_data import LOCAL_DATA_CACHE
-from client.resident.protocol import (HANDSHAKE_TIMEOUT_S, TASK_KINDS, TrainerStartError, TrainerUnavailable,
+from finlora.client.local_data import LOCAL_DATA_CACHE
+from finlora.client.resident.protocol import (HANDSHAKE_TIMEOUT_S, TASK_KINDS, TrainerStartError, TrainerUnavailable,
                                       error_reply, private_dir, read_authkey, write_authkey)
-from common.config import FinloraConfig
-from common.logs import get_logger
-from common.model import LOAD_COUNTS, MODEL_CACHE
+from finlora.common.config import FinloraConfig
+from finlora.common.logs import get_logger
+from finlora.common.model import LOAD_COUNTS, MODEL_CACHE
 
 class _Trainer:
     """What the trainer process holds between requests (the model itself lives in the module caches)."""
@@ -47,7 +49,7 @@ class _Trainer:
         if self.preload is not None:  # never import the same heavy modules from two threads at once
             self.preload.join()
             self.preload = None
-        from client.tasks import TASKS  # after the preload thread: it imports flwr, torch and the model code
+        from finlora.client.tasks import TASKS  # after the preload thread: it imports flwr, torch and the model code
 
         self._keep_one_model(context)
         reply = TASKS[kind](content, context)
@@ -232,7 +234,7 @@ def _exit_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.resident",
+    parser = argparse.ArgumentParser(prog="python -m finlora.client.resident",
                                      description="finlora's resident trainer (finlora client starts it)")
     parser.add_argument("--socket", required=True, help="Unix socket path to listen on (its directory becomes 0700)")
     parser.add_argument("--authkey-file", required=True, help="key file (0600); created if missing")
@@ -241,10 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S,
                         help="seconds a new connection may take to authenticate (default: %(default)s)")
     args = parser.parse_args(argv)
-    import signal
-
-    import logging
-
     import flwr.common.logger  # noqa: F401 - gives the "flwr" logger (and so ours) its console handler
 
     # Opacus calls logging.basicConfig on import; without this every line of ours would be printed twice.

@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from client.resident.protocol import (MAX_SOCKET_PATH, STARTUP_TIMEOUT_S, TrainerStartError, TrainerUnavailable, ping,
+from finlora.client.resident.protocol import (MAX_SOCKET_PATH, STARTUP_TIMEOUT_S, TrainerStartError, TrainerUnavailable, ping,
                                       private_dir, write_authkey)
-from common.config import PROJECT_ROOT
-from common.flower_processes import stop_process_tree
+from finlora.common.config import PROJECT_ROOT
+from finlora.common.flower_processes import stop_process_tree
 
 class ResidentTrainer:
     """``finlora client``'s handle on its trainer process: start it, wait for it, restart it if it dies, stop it.
@@ -89,7 +89,7 @@ class ResidentTrainer:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
 
     def _spawn(self) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "client.resident", "--socket", str(self.socket_path),
+        cmd = [sys.executable, "-m", "finlora.client.resident", "--socket", str(self.socket_path),
                "--authkey-file", str(self.authkey_file), "--exit-with-parent"]
         # cwd = the project root: `-m` puts it first on sys.path, so `client` is finlora's own package
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=self.env, start_new_session=True, stdin=subprocess.DEVNULL,
