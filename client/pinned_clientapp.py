@@ -8,8 +8,9 @@ signed by the Flower platform, which an OSS SuperLink never provides. So ``finlo
 directory first on the SuperNode's PATH holding an executable ``flwr-clientapp`` that runs this file, with the
 pinned SHA-256 in ``FINLORA_PINNED_APP_HASH``.
 
-This file is run as a script (never ``-m client...``): it imports nothing of finlora, so the ClientApp's own
-``client`` package is later imported from the installed FAB as usual. It runs Flower's own ``flwr-clientapp``
+This file is run as a script (never ``-m finlora.client...``) and imports nothing of finlora before the FAB is
+checked, so nothing the app loads later (the installed ``finlora`` package, or a FAB's own modules) was imported
+ahead of the pin check. It runs Flower's own ``flwr-clientapp``
 entry point unchanged, except that it wraps one Flower internal, ``install_from_fab`` as looked up by
 ``run_clientapp`` (a module global there, called right after ``pull_task_input`` and before anything of the FAB is
 written to disk or imported): if the FAB's content hash, or the hash the SuperLink claims for it (which the app

@@ -24,13 +24,14 @@ HONEST = ("bank-a", "bank-b-late-nan")  # the second sends NaN from round 2 on
 
 
 def make_fault_app(out: Path) -> Path:
-    """finlora's packages plus tests/faulty_client.py as the ClientApp of a separate Flower app."""
-    for package in ("client", "common", "server", "zk", "eval", "simulation"):
-        shutil.copytree(REPO / package, out / package, ignore=shutil.ignore_patterns("__pycache__"))
+    """A separate Flower app whose ClientApp is tests/faulty_client.py (finlora itself comes from the installed
+    ``finlora`` package, as in any FAB of ours); the ServerApp stays finlora's."""
+    out.mkdir(parents=True)
     shutil.copy(REPO / "tests" / "faulty_client.py", out / "faulty_client.py")
     pyproject = (REPO / "pyproject.toml").read_text()
-    (out / "pyproject.toml").write_text(pyproject.replace('clientapp = "client.app:app"',
-                                                          'clientapp = "faulty_client:app"'))
+    faulty = pyproject.replace('clientapp = "finlora.client.app:app"', 'clientapp = "faulty_client:app"')
+    assert faulty != pyproject, "pyproject.toml no longer names finlora.client.app:app as the ClientApp"
+    (out / "pyproject.toml").write_text(faulty)
     return out
 
 
