@@ -27,6 +27,7 @@ from finlora.common.report import print_run_report, round_problems
 from finlora.eval.cli import add_eval_parser
 from finlora.server.checkpoint import RunDirectory
 from finlora.server.deploy import ServerOptions, run_server
+from finlora.server.serving.cli import add_serve_parser
 from finlora.simulation.keys import provision_simulation_keys
 from finlora.simulation.launcher import run_simulation
 from finlora.zk.cli import add_zk_parser
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="any config key of pyproject [tool.flwr.app.config], e.g. --set lora.r=16")
     sim.set_defaults(func=cmd_simulate)
     add_eval_parser(sub)
+    add_serve_parser(sub)
     add_zk_parser(sub)
 
     certs = sub.add_parser("certs", help="make the federation's TLS certificates and institutions' keys")
