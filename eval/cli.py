@@ -17,6 +17,7 @@ from finlora.common.adapter import AdapterError, read_adapter_dir
 from finlora.common.config import load_config
 from finlora.common.model import load_base_model
 from finlora.common.preflight import check_model, hub_offline
+from finlora.eval.endpoint import EndpointModel
 from finlora.eval.report import TABLE_FILE
 from finlora.eval.runner import MODES, evaluate_model
 from finlora.eval.tasks import EvalError, resolve_task_names, resolve_test_dir
@@ -28,7 +29,10 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
                        description="Score a base model plus a PEFT adapter (or none) on FinLoRA benchmark tasks; "
                                    "writes results.json, results.md, results.png and predictions/<task>.jsonl.")
     p.add_argument("--model", default=None, help="tiny | smollm2 | hub id | local path or .gguf file (default: config model.name)")
-    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory, e.g. runs/RUN/round-3 (default: none)")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory, e.g. runs/RUN/round-3 (default: none); "
+                                                    "with --endpoint, the served adapter's name")
+    p.add_argument("--endpoint", metavar="URL", help="score an adapter served at this OpenAI-compatible URL "
+                                                     "(finlora serve, vLLM) instead of loading a model; finlora mode")
     p.add_argument("--quantization", choices=["auto", "4", "8", "none"],
                    help="config model.quantization: auto = 4-bit on a GPU, none on a CPU; 4 or 8 always quantize")
     p.add_argument("--data-dir", metavar="DIR", help="directory of <task>.jsonl test files "
@@ -68,6 +72,8 @@ def load_eval_model(model_name: str, quantization: str, adapter: str | None) -> 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Check inputs, load the model, evaluate, write outputs, print the table; returns the exit code."""
     cfg = load_config()
+    if args.endpoint:
+        return _eval_endpoint(args, cfg)
     model_name = args.model or cfg.model.name
     if hub_offline():  # as in simulate: no hub round-trips (and retries) unless FINLORA_ONLINE=1
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -93,6 +99,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     title = f"{model_name} + {args.adapter or 'no adapter'} ({mode} mode)"
     evaluate_model(model, tokenizer, names, data_dir or None, args.max_samples, mode, batch_size, out,
                    progress=not args.no_progress, title=title)
+    print((out / TABLE_FILE).read_text(), end="")
+    print(f"finlora eval: results in {out}/results.json, predictions in {out}/predictions/")
+    return 0
+
+
+def _eval_endpoint(args: argparse.Namespace, cfg: Any) -> int:
+    """``--endpoint URL --adapter NAME``: the same tasks, rows, protocol and outputs, over HTTP."""
+    if not args.adapter:
+        raise EvalError("--endpoint needs --adapter NAME (the served adapter, as GET /v1/models lists it; "
+                        "__base__ for the base model)")
+    if args.mode == "fast":
+        raise EvalError("--mode fast needs label log-likelihoods, which a completions endpoint does not return; "
+                        "use --mode finlora with --endpoint")
+    batch_size = args.batch_size or cfg.eval.batch_size
+    if args.max_samples < 0 or batch_size < 1:
+        raise EvalError("--max-samples must be >= 0 and --batch-size >= 1")
+    names = resolve_task_names(args.tasks)
+    data_dir = args.data_dir or cfg.eval.data_dir
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise EvalError(f"--data-dir {data_dir}: no such directory")
+    model = EndpointModel(args.endpoint, args.adapter)
+    model.check()
+    out = Path(args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")).expanduser().resolve()
+    print(f"finlora eval: endpoint {model.url}, adapter {args.adapter}, mode finlora, {len(names)} task(s) "
+          f"({', '.join(names)}), data {resolve_test_dir(data_dir)}, max samples {args.max_samples or 'all'}, "
+          f"{batch_size} concurrent requests\n  output: {out}", flush=True)
+    evaluate_model(model, None, names, data_dir or None, args.max_samples, "finlora", batch_size, out,
+                   progress=not args.no_progress, title=f"{args.adapter} at {model.url} (finlora mode)")
     print((out / TABLE_FILE).read_text(), end="")
     print(f"finlora eval: results in {out}/results.json, predictions in {out}/predictions/")
     return 0

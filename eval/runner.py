@@ -17,6 +17,7 @@ from typing import Any
 from finlora.common.data import Row
 from finlora.common.logs import get_logger
 from finlora.eval import scoring
+from finlora.eval.endpoint import EndpointModel
 from finlora.eval.fast import best_labels, label_logprobs, label_surface_forms
 from finlora.eval.generate import first_line, generate_texts
 from finlora.eval.report import clean_number, write_outputs
@@ -100,6 +101,9 @@ def _infer(model: Any, tokenizer: Any, task: EvalTask, rows: Sequence[Row], mode
     whose comma-separated tag list would then be split into "answers"; we keep only the continuation.
     """
     prompts = [r["context"] for r in rows]
+    if isinstance(model, EndpointModel):  # a served adapter: generation over HTTP, FinLoRA's protocol
+        texts, size, cut = model.generate_texts(prompts, task.max_new_tokens, batch_size, on_batch=on_batch)
+        return [scoring.finlora_answer(t) for t in texts], None, "generate (endpoint)", size, cut
     if mode == "fast" and task.closed:
         labels = label_surface_forms(task.labels or (), [r["target"] for r in rows])
         scores, size, cut = label_logprobs(model, tokenizer, prompts, labels, batch_size, on_batch=on_batch)

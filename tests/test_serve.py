@@ -167,6 +167,22 @@ def test_adapters_are_published_and_withdrawn_while_serving_with_the_admin_token
     assert httpx.delete(f"{url}/admin/adapters/a3", headers=auth).status_code == 404
 
 
+def test_eval_scores_a_served_adapter_as_it_scores_the_adapter_directory(served, eval_data_dir, tmp_path):
+    common = ("--tasks", "fpb", "--max-samples", "8", "--data-dir", str(eval_data_dir), "--mode", "finlora",
+              "--batch-size", "4", "--no-progress")
+    remote = run_cli("eval", "--endpoint", served["url"] + "/v1", "--adapter", "a0", "--out", str(tmp_path / "r"),
+                     *common)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    local = run_cli("eval", "--model", "tiny", "--adapter", str(served["root"] / "a0"), "--out",
+                    str(tmp_path / "l"), *common)
+    assert local.returncode == 0, local.stderr[-2000:]
+    answers = [[json.loads(line)["raw_output"] for line in (tmp_path / d / "predictions" / "fpb.jsonl").open()]
+               for d in ("r", "l")]
+    assert len(answers[0]) == 8 and any(answers[0]) and answers[0] == answers[1]
+    missing = run_cli("eval", "--endpoint", served["url"], "--adapter", "nope", *common)
+    assert missing.returncode == 2 and "--adapter nope: not served" in missing.stderr, missing.stderr
+
+
 def test_bad_command_lines_fail_before_loading_the_model(tmp_path):
     for pairs, adapters_dir, message in ((["nameonly"], None, "expected NAME=DIR"),
                                          ([f"x={tmp_path}"], None, "not a PEFT adapter directory"),

@@ -148,13 +148,13 @@ class GenerationEngine:
 
         tok = self.tokenizer
         device = next(self.model.parameters()).device
-        side = tok.padding_side
-        tok.padding_side = "left"
+        sides = tok.padding_side, tok.truncation_side
+        tok.padding_side = tok.truncation_side = "left"  # a too-long prompt loses its start, not its question
         try:
             enc = tok([r.prompt for r in group], return_tensors="pt", padding=True, truncation=True,
                       max_length=self.max_prompt_tokens)
         finally:
-            tok.padding_side = side
+            tok.padding_side, tok.truncation_side = sides
         input_ids = enc["input_ids"].to(device)
         attention = enc["attention_mask"].to(device)
         for request, mask in zip(group, attention):
