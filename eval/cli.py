@@ -16,6 +16,7 @@ from typing import Any
 from finlora.common.adapter import AdapterError, read_adapter_dir
 from finlora.common.config import load_config
 from finlora.common.model import load_base_model
+from finlora.common.moe import MOE_CONFIG, MixtureError, load_mixture
 from finlora.common.preflight import check_model, hub_offline
 from finlora.eval.endpoint import EndpointModel
 from finlora.eval.report import TABLE_FILE
@@ -31,6 +32,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="tiny | smollm2 | hub id | local path or .gguf file (default: config model.name)")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory, e.g. runs/RUN/round-3 (default: none); "
                                                     "with --endpoint, the served adapter's name")
+    p.add_argument("--moe", metavar="DIR", help="a mixture of LoRA experts from 'finlora moe train' (instead of "
+                                                "--adapter)")
     p.add_argument("--endpoint", metavar="URL", help="score an adapter served at this OpenAI-compatible URL "
                                                      "(finlora serve, vLLM) instead of loading a model; finlora mode")
     p.add_argument("--quantization", choices=["auto", "4", "8", "none"],
@@ -47,8 +50,10 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def load_eval_model(model_name: str, quantization: str, adapter: str | None) -> tuple[Any, Any]:
-    """Base model (+ adapter via ``PeftModel.from_pretrained``); any adapter rank or target modules work."""
+def load_eval_model(model_name: str, quantization: str, adapter: str | None,
+                    moe: str | None = None) -> tuple[Any, Any]:
+    """Base model (+ adapter via ``PeftModel.from_pretrained``, or + a mixture of experts); any adapter rank or
+    target modules work."""
     if adapter:
         path = Path(adapter).expanduser()
         if not path.is_dir():
@@ -62,7 +67,12 @@ def load_eval_model(model_name: str, quantization: str, adapter: str | None) -> 
         model, tokenizer, _ = load_base_model(cfg.model)
     except OSError as exc:  # unknown hub id offline, or a directory without a model
         raise EvalError(f"--model {model_name}: cannot load it ({exc.__class__.__name__}: {exc})") from exc
-    if adapter:
+    if moe:
+        try:
+            model = load_mixture(model, Path(moe))
+        except MixtureError as exc:
+            raise EvalError(f"--moe {moe}: {exc}") from exc
+    elif adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
@@ -83,6 +93,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.adapter and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
         raise EvalError(f"--adapter {args.adapter}: no adapter_config.json there (expected a PEFT adapter "
                         f"directory such as runs/<run-id>/round-3)")
+    if args.moe and args.adapter:
+        raise EvalError("--moe and --adapter: give one (a mixture already names its expert adapters)")
+    if args.moe and not (Path(args.moe).expanduser() / MOE_CONFIG).is_file():
+        raise EvalError(f"--moe {args.moe}: no {MOE_CONFIG} there (expected a 'finlora moe train' directory)")
     mode = args.mode or cfg.eval.mode
     batch_size = args.batch_size or cfg.eval.batch_size
     if args.max_samples < 0 or batch_size < 1:
@@ -92,11 +106,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if data_dir and not Path(data_dir).expanduser().is_dir():
         raise EvalError(f"--data-dir {data_dir}: no such directory")
     out = Path(args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")).expanduser().resolve()
-    print(f"finlora eval: model {model_name}, adapter {args.adapter or 'none'}, mode {mode}, "
+    print(f"finlora eval: model {model_name}, adapter {args.adapter or (f'mixture {args.moe}' if args.moe else 'none')}, "
+          f"mode {mode}, "
           f"{len(names)} task(s) ({', '.join(names)}), data {resolve_test_dir(data_dir)}, "
           f"max samples {args.max_samples or 'all'}, batch {batch_size}\n  output: {out}", flush=True)
-    model, tokenizer = load_eval_model(model_name, args.quantization or cfg.model.quantization, args.adapter)
-    title = f"{model_name} + {args.adapter or 'no adapter'} ({mode} mode)"
+    model, tokenizer = load_eval_model(model_name, args.quantization or cfg.model.quantization, args.adapter,
+                                       args.moe)
+    title = f"{model_name} + {args.adapter or (f'mixture {args.moe}' if args.moe else 'no adapter')} ({mode} mode)"
     evaluate_model(model, tokenizer, names, data_dir or None, args.max_samples, mode, batch_size, out,
                    progress=not args.no_progress, title=title)
     print((out / TABLE_FILE).read_text(), end="")

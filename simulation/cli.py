@@ -17,6 +17,7 @@ from typing import Any
 
 from finlora.client.deploy import ClientOptions, default_state_dir, run_client
 from finlora.client.dp_setup import ledger_dir, start_new_period
+from finlora.client.moe_train import add_moe_parser
 from finlora.client.privacy import FileLedgerStore
 from finlora.common.certs import CertificateError, init_ca_and_server, init_node
 from finlora.common.config import ConfigError, load_config, parse_override
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
     add_eval_parser(sub)
     add_serve_parser(sub)
+    add_moe_parser(sub)
     add_zk_parser(sub)
 
     certs = sub.add_parser("certs", help="make the federation's TLS certificates and institutions' keys")

@@ -27,6 +27,22 @@ TEST_RUN_MARKER = "FINLORA_TEST_RUN"
 TEST_RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
+def make_random_adapter(out: Path, seed: int, scale: float = 0.5) -> None:
+    """A PEFT adapter directory for the tiny model whose B matrices are random (so it changes the outputs)."""
+    import numpy as np
+
+    from finlora.common.adapter import initial_adapter, save_adapter_dir
+    from finlora.common.config import load_config
+    from finlora.common.model import lora_config, lora_shapes, resolve_model_path
+
+    cfg = load_config()
+    arrays = initial_adapter(lora_shapes(cfg.model, cfg.lora), seed=seed)
+    rng = np.random.default_rng(seed)
+    arrays = {k: v + rng.normal(0, scale, v.shape).astype(np.float32) if ".lora_B." in k else v
+              for k, v in arrays.items()}
+    save_adapter_dir(arrays, lora_config(cfg.lora, resolve_model_path(cfg.model.name)), out)
+
+
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``finlora`` as a user would (a separate process), capturing its output."""
     return subprocess.run([sys.executable, "-m", "finlora.simulation.cli", *args], cwd=REPO, capture_output=True,

@@ -13,16 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
 
-from finlora.common.adapter import initial_adapter, save_adapter_dir
 from finlora.common.config import ConfigError, load_config
 from finlora.common.flower_processes import free_port
-from finlora.common.model import load_base_model, lora_config, lora_shapes, resolve_model_path
+from finlora.common.model import load_base_model
 from finlora.server.serving.cli import adapter_specs
-from tests.conftest import popen_cli, run_cli, stop_all
+from tests.conftest import make_random_adapter, popen_cli, run_cli, stop_all
 
 PROMPTS = {"a0": "The sentiment of this news is", "a1": "Revenue rose",
            "a2": "Operating profit fell to EUR 3 million from EUR 5 million, the company said.",
@@ -30,20 +28,11 @@ PROMPTS = {"a0": "The sentiment of this news is", "a1": "Revenue rose",
 MAX_TOKENS = 6
 
 
-def _make_adapter(out: Path, seed: int) -> None:
-    cfg = load_config()
-    arrays = initial_adapter(lora_shapes(cfg.model, cfg.lora), seed=seed)
-    rng = np.random.default_rng(seed)
-    arrays = {k: v + rng.normal(0, 0.5, v.shape).astype(np.float32) if ".lora_B." in k else v
-              for k, v in arrays.items()}
-    save_adapter_dir(arrays, lora_config(cfg.lora, resolve_model_path(cfg.model.name)), out)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("serve")
     for i in range(4):
-        _make_adapter((root / "more" if i == 2 else root) / f"a{i}", seed=i)
+        make_random_adapter((root / "more" if i == 2 else root) / f"a{i}", seed=i)
     token = secrets.token_hex(16)
     (root / "token").write_text(token)
     port = free_port()
