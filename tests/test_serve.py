@@ -136,6 +136,15 @@ def test_bad_requests_get_a_4xx_that_names_the_field_and_the_server_goes_on(serv
     assert _complete(served["url"], "a0", "still serving").status_code == 200
 
 
+def test_a_request_longer_than_the_context_window_is_cut_not_crashed(served):
+    reply = httpx.post(f"{served['url']}/v1/completions", timeout=300,
+                       json={"model": "a1", "prompt": "revenue " * 2000, "max_tokens": 4096})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["choices"][0]["finish_reason"] in ("length", "stop")
+    assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] <= 1024  # the tiny model's context
+
+
 def test_adapters_are_published_and_withdrawn_while_serving_with_the_admin_token(served, tmp_path):
     url, root = served["url"], served["root"]
     auth = {"Authorization": f"Bearer {served['token']}"}

@@ -136,6 +136,11 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
             raise ServeError(404, f"model {exc.args[0]!r} was removed", kind="not_found_error", param="model")
         except AdapterError as exc:
             raise ServeError(409, str(exc), param="model")
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ServeError(503, f"no answer within {request_timeout_s:.0f} s; the server is overloaded",
+                             kind="server_error")
+        except Exception as exc:  # noqa: BLE001 - one failed batch answers 500 with the cause; the server goes on
+            raise ServeError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
 
     def _request(body: _Sampling, prompt: str) -> GenerationRequest:
         return GenerationRequest(adapter=body.model, prompt=prompt, max_tokens=body.max_tokens,

@@ -148,11 +148,12 @@ class GenerationEngine:
 
         tok = self.tokenizer
         device = next(self.model.parameters()).device
+        context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         sides = tok.padding_side, tok.truncation_side
         tok.padding_side = tok.truncation_side = "left"  # a too-long prompt loses its start, not its question
         try:
             enc = tok([r.prompt for r in group], return_tensors="pt", padding=True, truncation=True,
-                      max_length=self.max_prompt_tokens)
+                      max_length=min(self.max_prompt_tokens, context - 1))
         finally:
             tok.padding_side, tok.truncation_side = sides
         input_ids = enc["input_ids"].to(device)
@@ -170,7 +171,8 @@ class GenerationEngine:
         self.batches += 1
         self.rows += len(group)
         with torch.inference_mode():
-            for _step in range(max(r.max_tokens for r in group)):
+            room = context - input_ids.shape[1]  # never decode past the model's context window
+            for _step in range(min(max(r.max_tokens for r in group), room)):
                 out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                                  past_key_values=past, use_cache=True, adapter_names=adapter_names)
                 self.forward_passes += 1
