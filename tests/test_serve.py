@@ -90,6 +90,23 @@ def test_concurrent_requests_for_different_adapters_share_batches_and_each_gets_
     assert len(health["active"]) <= 2  # --max-loras 2, though three adapters were used
 
 
+def test_requests_join_a_running_batch_and_still_get_exactly_their_adapters_answer(served):
+    """Continuous batching: a long request is decoding when three others arrive; they join its batch (their KV
+    caches are merged into the running one, left-padded) and each answer still equals PEFT's for its adapter."""
+    url, root = served["url"], served["root"]
+    joined_before = httpx.get(f"{url}/health").json()["joined_running_batch"]
+    with ThreadPoolExecutor(4) as pool:
+        long = pool.submit(_complete, url, "a0", PROMPTS["a0"], max_tokens=400)
+        time.sleep(1.0)  # the long one is decoding now (400 steps take far longer than this on the tiny model)
+        late = [pool.submit(_complete, url, name, PROMPTS[name]) for name in ("a1", "a2", "__base__")]
+        replies = [f.result() for f in late]
+        assert long.result().status_code == 200
+    assert httpx.get(f"{url}/health").json()["joined_running_batch"] > joined_before
+    for name, reply in zip(("a1", "a2", "__base__"), replies):
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == _reference(root, name,
+                                                                                            PROMPTS[name]), name
+
+
 def test_models_lists_every_adapter_and_the_base(served):
     body = httpx.get(f"{served['url']}/v1/models").json()
     ids = {m["id"] for m in body["data"]}

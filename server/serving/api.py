@@ -111,6 +111,7 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
     async def health() -> dict[str, Any]:
         return {"status": "ok", "base_model": base_name, "adapters": len(store.names()), "active": store.active(),
                 "max_loras": store.max_active, "batches": engine.batches, "rows": engine.rows,
+                "joined_running_batch": engine.joined, "forward_passes": engine.forward_passes,
                 "uptime_s": round(time.time() - started, 1)}
 
     @app.get("/v1/models")

@@ -1,26 +1,26 @@
 """One decoding loop for every adapter: requests for different adapters share each forward pass.
 
 PEFT runs a mixed batch in one pass when the forward gets ``adapter_names=[one name per row]`` (each LoRA layer
-applies each adapter to its own rows; ``__base__`` rows get none). The loop here takes whatever requests are
-waiting (up to ``max_batch``, after at most ``max_wait_s`` for more to arrive), prefills them together with left
-padding, then decodes one token per row per step with the KV cache, handing every new piece of text to its
-request's queue as it appears (that is what streaming reads). A row that is done (end of sequence, a stop string,
-its own ``max_tokens``) stops emitting; the batch ends when all rows are done. Requests arriving meanwhile wait for
-the next batch: iteration-level joining of a running batch (vLLM's continuous batching) is not done here.
+applies each adapter to its own rows; ``__base__`` rows get none). The loop here keeps one running batch with its
+KV cache and, at every iteration (continuous batching, as in Orca/vLLM), either admits the requests that arrived
+(their prompts are prefilled together, with left padding, and their cache is joined to the running one) or
+decodes one more token for every running row. Each new piece of text goes to its request's queue as it appears
+(that is what streaming reads). A row that is done (end of sequence, a stop string, its own ``max_tokens``, the
+model's context window) leaves the batch at once and frees its adapter slot.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from finlora.common.logs import get_logger
-from finlora.server.serving.adapters import AdapterStore
+from finlora.server.serving.adapters import BASE_MODEL, AdapterStore
 
 log = get_logger(__name__)
 
@@ -73,8 +73,10 @@ class GenerationEngine:
         self.max_prompt_tokens = max_prompt_tokens
         self._waiting: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="finlora-serve-engine", daemon=True)
+        self.context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.batches = 0
         self.rows = 0
+        self.joined = 0
         self.forward_passes = 0
 
     def start(self) -> None:
@@ -90,125 +92,156 @@ class GenerationEngine:
 
     # -- the loop --------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        running: list[_Row] = []
+        batch: _Batch | None = None
+        pending: deque[GenerationRequest] = deque()
         while True:
-            first = self._waiting.get()
-            if first is None:
+            if not self._collect(pending, block=not running and not pending):
+                for request in [*pending, *(r.request for r in running)]:
+                    self._fail(request, RuntimeError("the server is shutting down"))
                 return
-            batch = [first]
-            deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._waiting.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._waiting.put(None)
-                    break
-                batch.append(item)
-            for group in self._fit_adapters(batch):
-                self._run_group(group)
+            admitted = self._admit(pending, running)
+            try:
+                if admitted:
+                    new_rows, new_batch = self._prefill(admitted)
+                    self.joined += len(new_rows) if running else 0
+                    batch = new_batch if batch is None else batch.join(new_batch)
+                    running += new_rows
+                elif running and batch is not None:
+                    self._step(running, batch)
+            except Exception as exc:  # noqa: BLE001 - the batch's requests fail with the cause; the server goes on
+                log.exception("serve: a batch of %d failed", len(running) + len(admitted))
+                for row in [*running, *(_Row(r) for r in admitted if not r.result.done())]:
+                    self._fail(row.request, exc)
+                    self.store.release({row.request.adapter})
+                running, batch = [], None
+                continue
+            keep = [i for i, row in enumerate(running) if row.finish is None]
+            for row in running:
+                if row.finish is not None:
+                    self._complete(row)
+            if len(keep) < len(running):
+                running = [running[i] for i in keep]
+                batch = batch.select(keep) if keep and batch is not None else None
 
-    def _fit_adapters(self, batch: list[GenerationRequest]) -> list[list[GenerationRequest]]:
-        """Split a batch so that no group needs more distinct adapters than may be attached at once."""
-        groups: list[list[GenerationRequest]] = [[]]
-        names: set[str] = set()
-        for request in batch:
-            if request.adapter not in names and len(names) >= self.store.max_active:
-                groups.append([])
-                names = set()
+    def _collect(self, pending: deque[GenerationRequest], block: bool) -> bool:
+        """Move arrived requests to ``pending`` (waiting for one when idle); False once told to stop."""
+        try:
+            item = self._waiting.get(timeout=None) if block else self._waiting.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if item is None:
+                return False
+            pending.append(item)
+            try:
+                item = self._waiting.get(timeout=self.max_wait_s) if block else self._waiting.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _admit(self, pending: deque[GenerationRequest], running: list[_Row]) -> list[GenerationRequest]:
+        """Requests that fit now: batch room, and adapter slots not pinned by running rows. Unknown adapters fail."""
+        admitted: list[GenerationRequest] = []
+        names = {row.request.adapter for row in running} - {BASE_MODEL}
+        waiting: deque[GenerationRequest] = deque()
+        while pending:
+            request = pending.popleft()
+            fits = len(running) + len(admitted) < self.max_batch and (
+                request.adapter == BASE_MODEL or request.adapter in names or len(names) < self.store.max_active)
+            if not fits:
+                waiting.append(request)
+                continue
+            try:
+                self.store.attach({request.adapter})
+            except Exception as exc:  # noqa: BLE001 - an unknown or removed adapter fails this request only
+                self._fail(request, exc)
+                continue
             names.add(request.adapter)
-            groups[-1].append(request)
-        return groups
+            names.discard(BASE_MODEL)
+            admitted.append(request)
+        pending.extend(waiting)
+        return admitted
 
-    def _run_group(self, group: list[GenerationRequest]) -> None:
-        names = {r.adapter for r in group}
+    def _prefill(self, requests: list[GenerationRequest]) -> tuple[list[_Row], _Batch]:
+        import torch
+
+        tok = self.tokenizer
+        device = next(self.model.parameters()).device
+        sides = tok.padding_side, tok.truncation_side
+        tok.padding_side = tok.truncation_side = "left"  # a too-long prompt loses its start, not its question
         try:
-            self.store.attach(names)
-        except Exception as exc:  # noqa: BLE001 - an unknown/removed adapter fails these requests, not the server
-            for request in group:
-                self._fail(request, exc)
-            return
-        try:
-            self._decode(group)
-        except Exception as exc:  # noqa: BLE001 - reported to each waiting request
-            log.exception("serve: a batch of %d failed", len(group))
-            for request in group:
-                self._fail(request, exc)
+            enc = tok([r.prompt for r in requests], return_tensors="pt", padding=True, truncation=True,
+                      max_length=min(self.max_prompt_tokens, self.context - 1))
         finally:
-            self.store.release(names)
+            tok.padding_side, tok.truncation_side = sides
+        attention = enc["attention_mask"].to(device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        rows = []
+        for request, mask in zip(requests, attention):
+            request.prompt_tokens = int(mask.sum())
+            rows.append(_Row(request, generator=self._generator(request, device)))
+        with torch.inference_mode():
+            out = self.model(input_ids=enc["input_ids"].to(device), attention_mask=attention, position_ids=positions,
+                             use_cache=True, adapter_names=[r.adapter for r in requests])
+        self.forward_passes += 1
+        self.batches += 1
+        self.rows += len(rows)
+        next_ids = self._advance(rows, out.logits[:, -1, :], positions[:, -1:])
+        return rows, _Batch(out.past_key_values, attention, positions[:, -1:], next_ids)
+
+    def _step(self, rows: list[_Row], batch: _Batch) -> None:
+        import torch
+
+        batch.attention = torch.cat([batch.attention, torch.ones_like(batch.attention[:, :1])], dim=1)
+        batch.positions = batch.positions + 1
+        with torch.inference_mode():
+            out = self.model(input_ids=batch.next_ids, attention_mask=batch.attention, position_ids=batch.positions,
+                             past_key_values=batch.cache, use_cache=True,
+                             adapter_names=[r.request.adapter for r in rows])
+        self.forward_passes += 1
+        batch.cache = out.past_key_values
+        batch.next_ids = self._advance(rows, out.logits[:, -1, :], batch.positions)
+
+    def _advance(self, rows: list[_Row], logits: Any, positions: Any) -> Any:
+        """Pick each row's next token, emit its new text, mark finished rows; returns the next input ids."""
+        import torch
+
+        tok = self.tokenizer
+        next_ids = torch.stack([self._pick(logits[i].float(), row.request.temperature, row.generator)
+                                for i, row in enumerate(rows)])
+        for i, row in enumerate(rows):
+            token = int(next_ids[i])
+            request = row.request
+            if token == tok.eos_token_id:
+                row.finish = "stop"
+                continue
+            row.generated.append(token)
+            text = tok.decode(row.generated, skip_special_tokens=True)
+            cut = _first_stop(text, request.stop)
+            if cut is not None:
+                text, row.finish = text[:cut], "stop"
+            elif len(row.generated) >= request.max_tokens or int(positions[i]) + 2 >= self.context:
+                row.finish = "length"
+            # hold back a trailing replacement char (a multi-byte character still being completed)
+            stable = text if row.finish else text.rstrip("\ufffd")
+            if len(stable) > len(row.emitted) and stable.startswith(row.emitted):
+                request.pieces.put(stable[len(row.emitted):])
+                row.emitted = stable
+        return next_ids[:, None]
+
+    def _complete(self, row: _Row) -> None:
+        request = row.request
+        self.store.release({request.adapter})
+        if not request.result.done():
+            request.result.set_result(GenerationResult(row.emitted, request.prompt_tokens, len(row.generated),
+                                                       row.finish or "length"))
+        request.pieces.put(DONE)
 
     @staticmethod
     def _fail(request: GenerationRequest, exc: BaseException) -> None:
         if not request.result.done():
             request.result.set_exception(exc)
         request.pieces.put(DONE)
-
-    def _decode(self, group: list[GenerationRequest]) -> None:
-        import torch
-
-        tok = self.tokenizer
-        device = next(self.model.parameters()).device
-        context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
-        sides = tok.padding_side, tok.truncation_side
-        tok.padding_side = tok.truncation_side = "left"  # a too-long prompt loses its start, not its question
-        try:
-            enc = tok([r.prompt for r in group], return_tensors="pt", padding=True, truncation=True,
-                      max_length=min(self.max_prompt_tokens, context - 1))
-        finally:
-            tok.padding_side, tok.truncation_side = sides
-        input_ids = enc["input_ids"].to(device)
-        attention = enc["attention_mask"].to(device)
-        for request, mask in zip(group, attention):
-            request.prompt_tokens = int(mask.sum())
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        adapter_names = [r.adapter for r in group]
-        eos = tok.eos_token_id
-        generators = [self._generator(r, device) for r in group]
-        generated: list[list[int]] = [[] for _ in group]
-        emitted = [""] * len(group)
-        finish: list[str | None] = [None] * len(group)
-        past = None
-        self.batches += 1
-        self.rows += len(group)
-        with torch.inference_mode():
-            room = context - input_ids.shape[1]  # never decode past the model's context window
-            for _step in range(min(max(r.max_tokens for r in group), room)):
-                out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                                 past_key_values=past, use_cache=True, adapter_names=adapter_names)
-                self.forward_passes += 1
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float()
-                next_ids = torch.empty(len(group), dtype=torch.long, device=device)
-                for i, request in enumerate(group):
-                    next_ids[i] = self._pick(logits[i], request.temperature, generators[i])
-                for i, request in enumerate(group):
-                    if finish[i]:
-                        continue
-                    token = int(next_ids[i])
-                    if token == eos:
-                        finish[i] = "stop"
-                        continue
-                    generated[i].append(token)
-                    text = tok.decode(generated[i], skip_special_tokens=True)
-                    cut = _first_stop(text, request.stop)
-                    if cut is not None:
-                        text, finish[i] = text[:cut], "stop"
-                    elif len(generated[i]) >= request.max_tokens:
-                        finish[i] = "length"
-                    # hold back a trailing replacement char (a multi-byte character still being completed)
-                    stable = text if finish[i] else text.rstrip("\ufffd")
-                    if len(stable) > len(emitted[i]) and stable.startswith(emitted[i]):
-                        request.pieces.put(stable[len(emitted[i]):])
-                        emitted[i] = stable
-                if all(finish):
-                    break
-                input_ids = next_ids[:, None]
-                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-                positions = positions[:, -1:] + 1
-        for i, request in enumerate(group):
-            reason = finish[i] or "length"
-            request.result.set_result(GenerationResult(emitted[i], request.prompt_tokens, len(generated[i]), reason))
-            request.pieces.put(DONE)
 
     @staticmethod
     def _generator(request: GenerationRequest, device: Any) -> Any:
@@ -231,6 +264,62 @@ class GenerationEngine:
             return torch.argmax(logits)
         probs = torch.softmax(logits / temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+@dataclass
+class _Row:
+    """A running request: what it generated, what was sent, why it ended."""
+
+    request: GenerationRequest
+    generator: Any = None
+    generated: list[int] = field(default_factory=list)
+    emitted: str = ""
+    finish: str | None = None
+
+
+@dataclass
+class _Batch:
+    """The running batch's tensors: KV cache, attention mask (left-padded), last positions, next input ids."""
+
+    cache: Any
+    attention: Any
+    positions: Any
+    next_ids: Any
+
+    def join(self, other: _Batch) -> _Batch:
+        """Append ``other``'s rows: both caches are left-padded to one length (the padding is masked out)."""
+        import torch
+        import torch.nn.functional as F
+
+        width = max(self.attention.shape[1], other.attention.shape[1])
+
+        def pad(t: Any, dim_from_end: int) -> Any:
+            missing = width - t.shape[-dim_from_end]
+            if not missing:
+                return t
+            spec = [0, 0] * (dim_from_end - 1) + [missing, 0]
+            return F.pad(t, spec)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)], dim=0)
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)], dim=0)
+        self.attention = torch.cat([pad(self.attention, 1), pad(other.attention, 1)], dim=0)
+        self.positions = torch.cat([self.positions, other.positions], dim=0)
+        self.next_ids = torch.cat([self.next_ids, other.next_ids], dim=0)
+        return self
+
+    def select(self, keep: list[int]) -> _Batch:
+        """Only the rows in ``keep``; leading columns that every remaining row masks out are dropped."""
+        import torch
+
+        index = torch.tensor(keep, device=self.attention.device)
+        attention = self.attention.index_select(0, index)
+        start = int(attention.any(dim=0).float().argmax())
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        return _Batch(self.cache, attention[:, start:], self.positions.index_select(0, index),
+                      self.next_ids.index_select(0, index))
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
