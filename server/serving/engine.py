@@ -182,7 +182,7 @@ class GenerationEngine:
             rows.append(_Row(request, generator=self._generator(request, device)))
         with torch.inference_mode():
             out = self.model(input_ids=enc["input_ids"].to(device), attention_mask=attention, position_ids=positions,
-                             use_cache=True, adapter_names=[r.adapter for r in requests])
+                             use_cache=True, adapter_names=[self.store.slot(r.adapter) for r in requests])
         self.forward_passes += 1
         self.batches += 1
         self.rows += len(rows)
@@ -197,7 +197,7 @@ class GenerationEngine:
         with torch.inference_mode():
             out = self.model(input_ids=batch.next_ids, attention_mask=batch.attention, position_ids=batch.positions,
                              past_key_values=batch.cache, use_cache=True,
-                             adapter_names=[r.request.adapter for r in rows])
+                             adapter_names=[self.store.slot(r.request.adapter) for r in rows])
         self.forward_passes += 1
         batch.cache = out.past_key_values
         batch.next_ids = self._advance(rows, out.logits[:, -1, :], batch.positions)
