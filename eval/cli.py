@@ -98,6 +98,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.moe and not (Path(args.moe).expanduser() / MOE_CONFIG).is_file():
         raise EvalError(f"--moe {args.moe}: no {MOE_CONFIG} there (expected a 'finlora moe train' directory)")
     mode = args.mode or cfg.eval.mode
+    batch_size, names, data_dir, out = _run_inputs(args, cfg)
+    what = args.adapter or (f"mixture {args.moe}" if args.moe else "no adapter")
+    print(f"finlora eval: model {model_name} + {what}, mode {mode}, {len(names)} task(s) ({', '.join(names)}), "
+          f"data {resolve_test_dir(data_dir)}, max samples {args.max_samples or 'all'}, batch {batch_size}\n"
+          f"  output: {out}", flush=True)
+    model, tokenizer = load_eval_model(model_name, args.quantization or cfg.model.quantization, args.adapter,
+                                       args.moe)
+    title = f"{model_name} + {what} ({mode} mode)"
+    evaluate_model(model, tokenizer, names, data_dir or None, args.max_samples, mode, batch_size, out,
+                   progress=not args.no_progress, title=title)
+    print((out / TABLE_FILE).read_text(), end="")
+    print(f"finlora eval: results in {out}/results.json, predictions in {out}/predictions/")
+    return 0
+
+
+def _run_inputs(args: argparse.Namespace, cfg: Any) -> tuple[int, list[str], str | None, Path]:
+    """Batch size, task names, data directory and output directory, each checked (errors name the flag)."""
     batch_size = args.batch_size or cfg.eval.batch_size
     if args.max_samples < 0 or batch_size < 1:
         raise EvalError("--max-samples must be >= 0 and --batch-size >= 1")
@@ -106,18 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if data_dir and not Path(data_dir).expanduser().is_dir():
         raise EvalError(f"--data-dir {data_dir}: no such directory")
     out = Path(args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")).expanduser().resolve()
-    print(f"finlora eval: model {model_name}, adapter {args.adapter or (f'mixture {args.moe}' if args.moe else 'none')}, "
-          f"mode {mode}, "
-          f"{len(names)} task(s) ({', '.join(names)}), data {resolve_test_dir(data_dir)}, "
-          f"max samples {args.max_samples or 'all'}, batch {batch_size}\n  output: {out}", flush=True)
-    model, tokenizer = load_eval_model(model_name, args.quantization or cfg.model.quantization, args.adapter,
-                                       args.moe)
-    title = f"{model_name} + {args.adapter or (f'mixture {args.moe}' if args.moe else 'no adapter')} ({mode} mode)"
-    evaluate_model(model, tokenizer, names, data_dir or None, args.max_samples, mode, batch_size, out,
-                   progress=not args.no_progress, title=title)
-    print((out / TABLE_FILE).read_text(), end="")
-    print(f"finlora eval: results in {out}/results.json, predictions in {out}/predictions/")
-    return 0
+    return batch_size, names, data_dir or None, out
 
 
 def _eval_endpoint(args: argparse.Namespace, cfg: Any) -> int:
@@ -128,16 +134,9 @@ def _eval_endpoint(args: argparse.Namespace, cfg: Any) -> int:
     if args.mode == "fast":
         raise EvalError("--mode fast needs label log-likelihoods, which a completions endpoint does not return; "
                         "use --mode finlora with --endpoint")
-    batch_size = args.batch_size or cfg.eval.batch_size
-    if args.max_samples < 0 or batch_size < 1:
-        raise EvalError("--max-samples must be >= 0 and --batch-size >= 1")
-    names = resolve_task_names(args.tasks)
-    data_dir = args.data_dir or cfg.eval.data_dir
-    if data_dir and not Path(data_dir).expanduser().is_dir():
-        raise EvalError(f"--data-dir {data_dir}: no such directory")
+    batch_size, names, data_dir, out = _run_inputs(args, cfg)
     model = EndpointModel(args.endpoint, args.adapter)
     model.check()
-    out = Path(args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")).expanduser().resolve()
     print(f"finlora eval: endpoint {model.url}, adapter {args.adapter}, mode finlora, {len(names)} task(s) "
           f"({', '.join(names)}), data {resolve_test_dir(data_dir)}, max samples {args.max_samples or 'all'}, "
           f"{batch_size} concurrent requests\n  output: {out}", flush=True)
