@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,12 +99,24 @@ def test_requests_join_a_running_batch_and_still_get_exactly_their_adapters_answ
     caches are merged into the running one, left-padded) and each answer still equals PEFT's for its adapter."""
     url, root = served["url"], served["root"]
     joined_before = httpx.get(f"{url}/health").json()["joined_running_batch"]
+    decoding = threading.Event()
+
+    def long_request() -> str:
+        pieces = []
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
+                "model": "a0", "prompt": PROMPTS["a0"], "max_tokens": 1000, "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    decoding.set()  # its first token is out: it is in the running batch now
+                    pieces.append(json.loads(line[6:])["choices"][0]["text"])
+        return "".join(pieces)
+
     with ThreadPoolExecutor(4) as pool:
-        long = pool.submit(_complete, url, "a0", PROMPTS["a0"], max_tokens=400)
-        time.sleep(1.0)  # the long one is decoding now (400 steps take far longer than this on the tiny model)
+        long = pool.submit(long_request)
+        assert decoding.wait(60)
         late = [pool.submit(_complete, url, name, PROMPTS[name]) for name in ("a1", "a2", "__base__")]
         replies = [f.result() for f in late]
-        assert long.result().status_code == 200
+        assert len(long.result()) > 0
     assert httpx.get(f"{url}/health").json()["joined_running_batch"] > joined_before
     for name, reply in zip(("a1", "a2", "__base__"), replies):
         assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == _reference(root, name,
