@@ -25,6 +25,8 @@ PINNED_DIGEST = "d0c1a800c47e7c2492ba6440a1c8688112479d6b8a39e9da833b6ca1e655643
 """sha256 over the compressed bytes of G_0..G_2047 then H; recomputed and checked once per process."""
 
 _GENERATOR_CACHE: dict[str, tuple[tuple[G1Point, ...], G1Point]] = {}
+_EXTRA_CACHE: dict[str, list[G1Point]] = {"extra": []}
+"""Generators beyond ROW_SIZE, derived on demand (the norm proof's bit rows can be wider than a value row)."""
 
 
 def derive_generators() -> tuple[tuple[G1Point, ...], G1Point]:
@@ -52,3 +54,30 @@ def generators(n: int = ROW_SIZE) -> tuple[tuple[G1Point, ...], G1Point]:
         _GENERATOR_CACHE["pinned"] = (gens, h)
     gens, h = _GENERATOR_CACHE["pinned"]
     return gens[:n], h
+
+
+def wide_generators(n: int) -> tuple[G1Point, ...]:
+    """G_0..G_{n-1} of the same hash-to-curve family: the pinned first ``ROW_SIZE``, then G_j = H2C("G" || j).
+
+    The norm proof commits bit rows up to 32x wider than a value row so that its bit-row commitments stay few
+    (proof size); the extra generators cost ~0.3 ms each to derive, once per process.
+    """
+    if n <= ROW_SIZE:
+        return generators(n)[0]
+    gens = generators()[0]
+    extra = _EXTRA_CACHE["extra"]
+    for j in range(ROW_SIZE + len(extra), n):
+        extra.append(G1Point.hash_to_curve(b"G" + j.to_bytes(4, "big"), DST))
+    return (*gens, *extra[: n - ROW_SIZE])
+
+
+def proof_points() -> tuple[G1Point, G1Point]:
+    """(S, U): the base of scalar commitments v*S + r*H and the inner-product argument's extra base.
+
+    Both from hash-to-curve with their own labels, so nobody knows a discrete-log relation between them and
+    the G_j or H.
+    """
+    if "proof" not in _GENERATOR_CACHE:
+        _GENERATOR_CACHE["proof"] = ((G1Point.hash_to_curve(b"S", DST),), G1Point.hash_to_curve(b"U", DST))
+    (s,), u = _GENERATOR_CACHE["proof"]
+    return s, u

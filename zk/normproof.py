@@ -1,0 +1,560 @@
+"""A zero-knowledge proof that a committed update is in range and within the L2 bound.
+
+Statement (public): the row commitments C_0..C_{m0-1} of an integer vector x of length N (rows of ROW_SIZE
+values, the ragged last row padded with zeros), the range bits k, the bound B^2 in fixed-point units, and the
+context the proof is bound to (run id, round, institution). Claim: the prover knows openings (x, r_j) of the
+C_j with (1) every x_i in [-2^(k-1), 2^(k-1)) and (2) sum_i x_i^2 <= B^2. Nothing else about x is revealed.
+
+Construction (docs/zk.md has the argument, references and parameters):
+- the bits of u = x + 2^(k-1) are committed in rows ("bit rows") of W = w * ROW_SIZE bits;
+- one batched sumcheck proves sum eq(tau, .) * b(b - 1) = 0 over every bit (each is 0 or 1) together with
+  sum x^2 = s for a committed s; every sumcheck message is a Pedersen commitment to its coefficients
+  (Hyrax-style), so the messages reveal nothing;
+- the sumcheck ends at a random point; the values there are committed, tied to the row commitments by two
+  zero-knowledge dot-product arguments (one for x, one for the bits, which also gives sum_t 2^t b_t at the
+  point and so ties the bits to x: u~(r) = x~(r) + 2^(k-1)), and squared with Sigma-protocol square proofs;
+- B^2 - s is shown to lie in [0, 2^K) by K committed bits with OR proofs;
+- every linear relation between committed values (sumcheck round consistency, the final check, the link,
+  B^2 - s) is batched with a random challenge into one equation whose H-part the prover reveals.
+Everything is non-interactive over one Transcript that starts with the parameters and the whole statement.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+import numpy as np
+from py_arkworks_bls12381 import G1Point, Scalar
+
+from finlora.zk.commit import POINT_BYTES, SCALAR_BYTES, combine_rows, decode_points, num_rows
+from finlora.zk.field import P, as_field, coeffs_from_evals, eq_factors, eq_table, inv, msm, poly_eval, tensor
+from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE, generators, proof_points, wide_generators
+from finlora.zk.ipa import DotProof, prove_dot, verify_dot
+from finlora.zk.sigma import (BitProof, OpeningProof, SquareProof, commit_scalar, prove_bits, prove_openings,
+                              prove_square, verify_bits, verify_openings, verify_square)
+from finlora.zk.transcript import Transcript
+
+PROTOCOL = b"finlora-zk/norm-proof/v1"
+MAX_BIT_ROWS = 768
+"""Bit rows are widened (w doubles) until at most this many are needed: 768 * 48 bytes = 36 kB of the proof."""
+DEGREE = 3
+"""eq * b * (b - 1) has degree 3 in each variable; x^2 degree 2."""
+
+
+class ProofError(ValueError):
+    """A proof that does not verify or does not parse; the message says which check failed."""
+
+
+@dataclass(frozen=True)
+class Statement:
+    """What the proof is about and bound to. ``institution`` is the prover's public key (or another unique id)."""
+
+    run_id: str
+    round_num: int
+    institution: bytes
+    length: int
+    bits: int
+    bound_sq: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 16):
+            raise ValueError(f"bits must be 8 or 16, got {self.bits}")
+        if self.length <= 0:
+            raise ValueError(f"length must be positive, got {self.length}")
+        if self.bound_sq <= 0 or self.bound_sq.bit_length() > 128:
+            raise ValueError(f"bound_sq must be in 1..2^128, got {self.bound_sq}")
+        if self.round_num < 0:
+            raise ValueError(f"round_num must be >= 0, got {self.round_num}")
+
+
+def bound_sq(norm_bound: float, frac_bits: int) -> int:
+    """floor((norm_bound * 2^frac_bits)^2): s <= this integer exactly when ||x||_2 <= norm_bound * 2^f."""
+    return int((Fraction(norm_bound) * (1 << frac_bits)) ** 2)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes every proof for a statement has; the verifier derives them, so lengths are never read from the proof."""
+
+    rows: int          # m0, committed value rows
+    rows_padded: int   # m, a power of two
+    bits: int          # k
+    bit_row_factor: int  # w: a bit row holds w * ROW_SIZE bits
+    d_bits: int        # K, bits of B^2 - s
+
+    @classmethod
+    def of(cls, st: Statement) -> Shape:
+        m0 = num_rows(st.length)
+        m = 1 << (m0 - 1).bit_length()
+        w = 1
+        while st.bits * m0 > w * MAX_BIT_ROWS and w < st.bits * m:
+            w *= 2
+        return cls(m0, m, st.bits, w, max(1, st.bound_sq.bit_length()))
+
+    @property
+    def width(self) -> int:
+        return self.bit_row_factor * ROW_SIZE
+
+    @property
+    def log_rows(self) -> int:
+        return self.rows_padded.bit_length() - 1
+
+    @property
+    def vars_x(self) -> int:
+        return self.log_rows + ROW_SIZE.bit_length() - 1
+
+    @property
+    def vars_b(self) -> int:
+        return self.vars_x + self.bits.bit_length() - 1
+
+    @property
+    def bit_rows_total(self) -> int:
+        return self.bits * self.rows_padded // self.bit_row_factor
+
+    @property
+    def bit_rows_sent(self) -> int:
+        """Bit rows holding any real value row; the rest hold padding only and are public."""
+        return min(self.bit_rows_total, -(-self.rows * self.bits // self.bit_row_factor))
+
+    @property
+    def vars_high(self) -> int:
+        return self.bit_rows_total.bit_length() - 1
+
+    def counts(self) -> tuple[int, int]:
+        """(points, scalars) in a serialised proof."""
+        log_w = self.width.bit_length() - 1
+        points = (self.bit_rows_sent + 1 + (DEGREE + 1) * self.vars_b + 5 + 2 * 2
+                  + (2 + 2 * 12) + (2 + 2 * log_w) + 3 * self.d_bits + 1)
+        scalars = 2 * 3 + 2 * 4 + 3 * self.d_bits + 2 + 1
+        return points, scalars
+
+
+@dataclass(frozen=True)
+class NormProof:
+    bit_rows: tuple[G1Point, ...]
+    c_s: G1Point
+    rounds: tuple[tuple[G1Point, ...], ...]
+    c_vb: G1Point
+    c_vx: G1Point
+    c_vu: G1Point
+    c_wb: G1Point
+    c_wx: G1Point
+    sq_b: SquareProof
+    sq_x: SquareProof
+    dot_x: DotProof
+    dot_b: DotProof
+    d_bits: tuple[G1Point, ...]
+    bit_proofs: tuple[BitProof, ...]
+    openings: OpeningProof
+    zeta: int
+
+    def _points(self) -> list[G1Point]:
+        out = [*self.bit_rows, self.c_s, *(p for rnd in self.rounds for p in rnd),
+               self.c_vb, self.c_vx, self.c_vu, self.c_wb, self.c_wx,
+               self.sq_b.a1, self.sq_b.a2, self.sq_x.a1, self.sq_x.a2]
+        for dp in (self.dot_x, self.dot_b):
+            out += [dp.c_d, dp.c_delta, *dp.lefts, *dp.rights]
+        out += [*self.d_bits, *(p for bp in self.bit_proofs for p in (bp.a0, bp.a1)), self.openings.t]
+        return out
+
+    def _scalars(self) -> list[int]:
+        out = [self.sq_b.z, self.sq_b.z1, self.sq_b.z2, self.sq_x.z, self.sq_x.z1, self.sq_x.z2]
+        for dp in (self.dot_x, self.dot_b):
+            out += [dp.zeta_z, dp.w, dp.zeta_w, dp.a_final]
+        out += [v for bp in self.bit_proofs for v in (bp.c0, bp.z0, bp.z1)]
+        return out + [self.openings.z1, self.openings.z2, self.zeta]
+
+    def to_bytes(self) -> bytes:
+        return (b"".join(p.to_compressed_bytes() for p in self._points())
+                + b"".join(int(v).to_bytes(SCALAR_BYTES, "little") for v in self._scalars()))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, shape: Shape) -> NormProof:
+        """Parse with the sizes the statement implies; raises ProofError on a wrong length, a point off the curve
+        or outside the subgroup, or a scalar that is not reduced mod r."""
+        n_points, n_scalars = shape.counts()
+        expected = n_points * POINT_BYTES + n_scalars * SCALAR_BYTES
+        if len(data) != expected:
+            raise ProofError(f"malformed: proof of {len(data)} bytes, this statement needs {expected}")
+        try:
+            pts = decode_points([data[i * POINT_BYTES:(i + 1) * POINT_BYTES] for i in range(n_points)])
+        except (ValueError, Exception) as exc:  # the library raises its own exception type on a bad point
+            raise ProofError(f"malformed: a point does not decode ({exc})") from exc
+        base = n_points * POINT_BYTES
+        scs = [int.from_bytes(data[base + i * SCALAR_BYTES: base + (i + 1) * SCALAR_BYTES], "little")
+               for i in range(n_scalars)]
+        if any(v >= P for v in scs):
+            raise ProofError("malformed: a scalar is not reduced mod the group order")
+        pt, sc = iter(pts), iter(scs)
+
+        def take(it, n):  # noqa: ANN001, ANN202 - local reader
+            return tuple(next(it) for _ in range(n))
+
+        bit_rows = take(pt, shape.bit_rows_sent)
+        c_s = next(pt)
+        rounds = tuple(take(pt, DEGREE + 1) for _ in range(shape.vars_b))
+        c_vb, c_vx, c_vu, c_wb, c_wx = take(pt, 5)
+        sq_pts = take(pt, 4)
+        dots_pts = []
+        for log_n in (ROW_SIZE.bit_length() - 1, shape.width.bit_length() - 1):
+            c_d, c_delta = take(pt, 2)
+            dots_pts.append((c_d, c_delta, take(pt, log_n), take(pt, log_n)))
+        d_bits = take(pt, shape.d_bits)
+        bit_a = take(pt, 2 * shape.d_bits)
+        open_t = next(pt)
+        sq_b = SquareProof(sq_pts[0], sq_pts[1], *take(sc, 3))
+        sq_x = SquareProof(sq_pts[2], sq_pts[3], *take(sc, 3))
+        dots = [DotProof(c_d, c_delta, *take(sc, 3), lefts, rights, next(sc))
+                for c_d, c_delta, lefts, rights in dots_pts]
+        bit_proofs = tuple(BitProof(bit_a[2 * i], bit_a[2 * i + 1], *take(sc, 3)) for i in range(shape.d_bits))
+        openings = OpeningProof(open_t, *take(sc, 2))
+        return cls(bit_rows, c_s, rounds, c_vb, c_vx, c_vu, c_wb, c_wx, sq_b, sq_x, dots[0], dots[1], d_bits,
+                   bit_proofs, openings, next(sc))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared by prover and verifier
+
+
+def _start(st: Statement, commitments: Sequence[G1Point], shape: Shape) -> Transcript:
+    """Parameters, then the whole statement: nothing a challenge depends on is left out."""
+    tr = Transcript(PROTOCOL)
+    s, u = proof_points()
+    tr.absorb(b"params/generators", bytes.fromhex(PINNED_DIGEST))
+    tr.absorb_points(b"params/s-u", [s, u])
+    tr.absorb_int(b"params/bit-row-width", shape.width)
+    tr.absorb(b"statement/run", st.run_id.encode())
+    tr.absorb_int(b"statement/round", st.round_num)
+    tr.absorb(b"statement/institution", st.institution)
+    tr.absorb_int(b"statement/length", st.length)
+    tr.absorb_int(b"statement/bits", st.bits)
+    tr.absorb_int(b"statement/bound-sq", st.bound_sq)
+    tr.absorb_points(b"statement/commitments", commitments)
+    return tr
+
+
+def _padding_bit_row(shape: Shape) -> G1Point:
+    """A bit row of padding only: every value is 0, so u = 2^(k-1): only bit k-1 of each value is set."""
+    gens = wide_generators(shape.width)
+    return G1Point.multiexp_unchecked([g for p, g in enumerate(gens) if p % shape.bits == shape.bits - 1],
+                                      [Scalar(1)] * (shape.width // shape.bits))
+
+
+def _link_factors(shape: Shape, point: Sequence[int]) -> list[tuple[int, int]]:
+    """Per-variable weights of sum_t 2^t b~(r_jc, t): eq on value-index variables, (1, 2^(2^e)) on bit e."""
+    out = []
+    for g, z in enumerate(point):
+        if g < shape.vars_x:
+            out.append(((1 - z) % P, z % P))
+        else:
+            e = shape.vars_b - 1 - g
+            out.append((1, pow(2, 1 << e, P)))
+    return out
+
+
+def _eq_at(a: Sequence[int], b: Sequence[int]) -> int:
+    acc = 1
+    for x, y in zip(a, b):
+        acc = acc * ((x * y + (1 - x) * (1 - y)) % P) % P
+    return acc
+
+
+@dataclass
+class _Relations:
+    """Linear relations sum_i coeff_i * point_i - const * S = rho * H, batched with powers of psi."""
+
+    items: list[tuple[list[tuple[G1Point, int]], int]]
+
+    def point(self, psi: int) -> G1Point:
+        s, _ = proof_points()
+        points, coeffs, weight, const = [], [], 1, 0
+        for terms, c in self.items:
+            for pnt, coeff in terms:
+                points.append(pnt)
+                coeffs.append(coeff * weight % P)
+            const = (const + c * weight) % P
+            weight = weight * psi % P
+        return msm([*points, s], [*coeffs, -const])
+
+
+def _relations(shape: Shape, st: Statement, proof: NormProof, tau: Sequence[int], mu: int,
+               rs: Sequence[int]) -> _Relations:
+    items: list[tuple[list[tuple[G1Point, int]], int]] = []
+
+    def sum01(rnd: Sequence[G1Point]) -> list[tuple[G1Point, int]]:  # h(0) + h(1) = 2 c0 + c1 + ... + cd
+        return [(rnd[0], 2)] + [(c, 1) for c in rnd[1:]]
+
+    def at(rnd: Sequence[G1Point], r: int, sign: int) -> list[tuple[G1Point, int]]:
+        return [(c, sign * pow(r, e, P)) for e, c in enumerate(rnd)]
+
+    items.append((sum01(proof.rounds[0]) + [(proof.c_s, -mu)], 0))
+    for i in range(1, shape.vars_b):
+        items.append((sum01(proof.rounds[i]) + at(proof.rounds[i - 1], rs[i - 1], -1), 0))
+    eq_final = _eq_at(tau, rs)
+    items.append((at(proof.rounds[-1], rs[-1], 1) + [(proof.c_wb, -eq_final), (proof.c_vb, eq_final),
+                                                     (proof.c_wx, -mu * inv(st.bits))], 0))
+    items.append(([(proof.c_vu, 1), (proof.c_vx, -1)], 1 << (st.bits - 1)))
+    items.append(([(c, 1 << e) for e, c in enumerate(proof.d_bits)] + [(proof.c_s, 1)], st.bound_sq))
+    return _Relations(items)
+
+
+def _scalar_commitments(proof: NormProof) -> list[G1Point]:
+    return [*(p for rnd in proof.rounds for p in rnd), proof.c_s, proof.c_vb, proof.c_vx, proof.c_vu,
+            proof.c_wb, proof.c_wx, *proof.d_bits]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prover
+
+
+def _rand() -> int:
+    return secrets.randbelow(P)
+
+
+def _bit_table(x: np.ndarray, shape: Shape) -> np.ndarray:
+    """Bits of u = x + 2^(k-1) for every padded position, index (j * ROW_SIZE + c) * k + t (int64 0/1)."""
+    u = np.full(shape.rows_padded * ROW_SIZE, 1 << (shape.bits - 1), dtype=np.int64)
+    u[: len(x)] += x
+    return ((u[:, None] >> np.arange(shape.bits, dtype=np.int64)) & 1).reshape(-1)
+
+
+def prove(st: Statement, values: Sequence[int] | np.ndarray, blindings: Sequence[int],
+          commitments: Sequence[bytes] | None = None, progress=None) -> bytes:  # noqa: ANN001
+    """Prove the statement for the update ``values`` committed row by row with ``blindings``.
+
+    ``commitments`` (the row commitments already made, checked here) saves recomputing them; ``progress``
+    is called with a line of text at each stage of long proofs.
+
+    Refuses (ValueError) a vector the statement does not hold for: an honest prover never makes a bad proof.
+    """
+    x = np.asarray(values, dtype=np.int64).reshape(-1)
+    if len(x) != st.length:
+        raise ValueError(f"values: {len(x)} values, the statement is about {st.length}")
+    half = 1 << (st.bits - 1)
+    if len(x) and (int(x.min()) < -half or int(x.max()) >= half):
+        raise ValueError(f"values: outside [-2^{st.bits - 1}, 2^{st.bits - 1})")
+    s = int(np.dot(x, x))
+    if s > st.bound_sq:
+        raise ValueError(f"values: squared norm {s} exceeds the bound {st.bound_sq}")
+    shape = Shape.of(st)
+    if len(blindings) != shape.rows:
+        raise ValueError(f"blindings: {len(blindings)} for {shape.rows} rows")
+    return _prove(st, x.tolist(), list(blindings), _bit_table(x, shape), s, st.bound_sq - s, progress,
+                  commitments).to_bytes()
+
+
+def _prove(st: Statement, x: list[int], row_blindings: list[int], beta: np.ndarray, s: int, d: int,
+           progress=None, commitments: Sequence[bytes] | None = None) -> NormProof:  # noqa: ANN001
+    """The prover on an explicit witness. Tests call it directly with forged witnesses (a cheating prover)."""
+    shape = Shape.of(st)
+    report = progress or (lambda _msg: None)
+    h = generators(1)[1]
+    gens_x = wide_generators(ROW_SIZE)
+    gens_b = wide_generators(shape.width)
+    total = shape.rows_padded * ROW_SIZE
+    x_pad = [int(v) for v in x] + [0] * (total - len(x))
+    x_rows_int = [x_pad[j * ROW_SIZE:(j + 1) * ROW_SIZE] for j in range(shape.rows_padded)]
+    if commitments is None:
+        row_points = [msm([*gens_x, h], [*x_rows_int[j], row_blindings[j]]) for j in range(shape.rows)]
+    else:
+        row_points = decode_points(commitments)
+    tr = _start(st, row_points, shape)
+
+    # Bit rows: rows of padding only are public (blinding 0) and not sent.
+    beta_rows = beta.reshape(shape.bit_rows_total, shape.width)
+    bit_blind = [_rand() for _ in range(shape.bit_rows_sent)] + [0] * (shape.bit_rows_total - shape.bit_rows_sent)
+    one = Scalar(1)
+    bit_rows = []
+    for r_idx in range(shape.bit_rows_sent):
+        row = beta_rows[r_idx]
+        if np.all((row == 0) | (row == 1)):
+            idx = np.flatnonzero(row)
+            bit_rows.append(G1Point.multiexp_unchecked([gens_b[i] for i in idx] + [h],
+                                                       [one] * len(idx) + [Scalar(bit_blind[r_idx])]))
+        else:  # a cheating witness with non-bits: commit it faithfully so the sumcheck is what catches it
+            bit_rows.append(msm([*gens_b, h], [*row.tolist(), bit_blind[r_idx]]))
+    report(f"committed {shape.bit_rows_sent} bit rows")
+    r_s = _rand()
+    c_s = commit_scalar(s, r_s)
+    tr.absorb_points(b"bit-rows", bit_rows)
+    tr.absorb_points(b"c_s", [c_s])
+    tau = tr.challenges(b"tau", shape.vars_b)
+    mu = tr.challenge(b"mu")
+
+    # Batched sumcheck: sum eq(tau, z) b(z)(b(z) - 1) + mu k^-1 x(z_jc)^2 = mu s.
+    eq = eq_table(tau)
+    bt = as_field(beta)
+    xt = as_field(x_pad)
+    inv_k = inv(st.bits)
+    rounds, round_vals, round_blinds, rs = [], [], [], []
+    vx = None
+    u_table = None
+    for i in range(shape.vars_b):
+        half = len(bt) // 2
+        bl, bh, el, eh = bt[:half], bt[half:], eq[:half], eq[half:]
+        db, de = (bh - bl) % P, (eh - el) % P
+        evals = []
+        b_cur, e_cur = bl, el
+        for xv in range(DEGREE + 1):
+            if xv == 1:
+                b_cur, e_cur = bh, eh
+            elif xv > 1:
+                b_cur, e_cur = (b_cur + db) % P, (e_cur + de) % P
+            evals.append(int(np.sum((b_cur * (b_cur - 1) % P) * e_cur % P) % P))
+        if i < shape.vars_x:
+            xl, xh = xt[: len(xt) // 2], xt[len(xt) // 2:]
+            dx = (xh - xl) % P
+            x_cur = xl
+            for xv in range(DEGREE + 1):
+                if xv == 1:
+                    x_cur = xh
+                elif xv > 1:
+                    x_cur = (x_cur + dx) % P
+                evals[xv] = (evals[xv] + mu * int(np.sum(x_cur * x_cur % P) % P)) % P
+        else:
+            const = mu * inv_k % P * pow(2, shape.vars_b - i - 1, P) % P * vx % P * vx % P
+            evals = [(e + const) % P for e in evals]
+        coeffs = coeffs_from_evals(evals)
+        blinds = [_rand() for _ in coeffs]
+        coms = [commit_scalar(c, b) for c, b in zip(coeffs, blinds)]
+        tr.absorb_points(b"round", coms)
+        r = tr.challenge(b"r")
+        rounds.append(tuple(coms))
+        round_vals.append(coeffs)
+        round_blinds.append(blinds)
+        rs.append(r)
+        bt = (bl + r * db) % P
+        eq = (el + r * de) % P
+        if i < shape.vars_x:
+            xt = (xl + r * dx) % P
+            if i == shape.vars_x - 1:
+                vx = int(xt[0])
+                u_table = bt.copy()
+        if (i + 1) % 4 == 0:
+            report(f"sumcheck round {i + 1}/{shape.vars_b}")
+    vb = int(bt[0])
+    vu = sum((1 << t) * int(v) for t, v in enumerate(u_table)) % P
+    opened = {"vb": (vb, _rand()), "vx": (vx, _rand()), "vu": (vu, _rand()),
+              "wb": (vb * vb % P, _rand()), "wx": (vx * vx % P, _rand())}
+    com = {k: commit_scalar(v, b) for k, (v, b) in opened.items()}
+    tr.absorb_points(b"evaluations", [com[k] for k in ("vb", "vx", "vu", "wb", "wx")])
+    sq_b = prove_square(tr, com["vb"], vb, opened["vb"][1], opened["wb"][1])
+    sq_x = prove_square(tr, com["vx"], vx, opened["vx"][1], opened["wx"][1])
+    gamma = tr.challenge(b"gamma")
+
+    # Dot-product arguments at the sumcheck's point.
+    lr = shape.log_rows
+    l_x = eq_table(rs[:lr])
+    y_x = _combine(x_rows_int, l_x)
+    yb_x = sum(int(lw) * b for lw, b in zip(l_x, row_blindings)) % P
+    dot_x = prove_dot(tr, gens_x, y_x, yb_x, eq_table(rs[lr:shape.vars_x]).tolist(), vx, opened["vx"][1])
+    hv = shape.vars_high
+    l_b = eq_table(rs[:hv])
+    y_b = _combine(beta_rows, l_b)
+    yb_b = sum(int(lw) * b for lw, b in zip(l_b, bit_blind)) % P
+    a_b = (eq_table(rs[hv:]) + gamma * tensor(_link_factors(shape, rs)[hv:])) % P
+    dot_b = prove_dot(tr, gens_b, y_b, yb_b, a_b.tolist(), (vb + gamma * vu) % P,
+                      (opened["vb"][1] + gamma * opened["vu"][1]) % P)
+    report("dot-product arguments done")
+
+    # B^2 - s in [0, 2^K).
+    d_vals = [(d >> e) & 1 if d >= 0 else ((d % P) >> e) & 1 for e in range(shape.d_bits)]
+    d_blinds = [_rand() for _ in d_vals]
+    d_coms = [commit_scalar(v, b) for v, b in zip(d_vals, d_blinds)]
+    tr.absorb_points(b"d-bits", d_coms)
+    bit_proofs = prove_bits(tr, d_coms, d_vals, d_blinds)
+
+    partial = NormProof(tuple(bit_rows), c_s, tuple(rounds), com["vb"], com["vx"], com["vu"], com["wb"],
+                        com["wx"], sq_b, sq_x, dot_x, dot_b, tuple(d_coms), tuple(bit_proofs),
+                        OpeningProof(G1Point.identity(), 0, 0), 0)
+    values = [*(c for cs in round_vals for c in cs), s, vb, vx, vu, opened["wb"][0], opened["wx"][0], *d_vals]
+    blinds_all = [*(b for bs in round_blinds for b in bs), r_s, *(opened[k][1] for k in ("vb", "vx", "vu", "wb",
+                                                                                        "wx")), *d_blinds]
+    openings = prove_openings(tr, _scalar_commitments(partial), values, blinds_all)
+    psi = tr.challenge(b"psi")
+
+    # The H-part of the batched relations: the same combination applied to the blindings.
+    blind_of = {id(p): b for p, b in zip(_scalar_commitments(partial), blinds_all)}
+    rel = _relations(shape, st, partial, tau, mu, rs)
+    zeta, weight = 0, 1
+    for terms, _const in rel.items:
+        zeta = (zeta + weight * sum(coeff * blind_of[id(pnt)] for pnt, coeff in terms)) % P
+        weight = weight * psi % P
+    report("proof complete")
+    return replace(partial, openings=openings, zeta=zeta)
+
+
+def _combine(rows: Sequence[Sequence[int]] | np.ndarray, weights: np.ndarray) -> list[int]:
+    """sum_j weights_j * rows_j mod r; exact float64 limbs when the rows fit in int64 (bits, honest values)."""
+    arr = np.asarray(rows, dtype=object)
+    try:
+        ints = np.asarray(rows, dtype=np.int64)
+    except OverflowError:
+        ints = None
+    if ints is not None and ints.dtype == np.int64 and np.all(np.abs(ints) < (1 << 31)):
+        return [v % P for v in combine_rows(ints, [int(w) for w in weights])]
+    out = np.zeros(arr.shape[1], dtype=object)
+    for w, row in zip(weights, arr):
+        out = (out + int(w) * row) % P
+    return [int(v) for v in out]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Verifier
+
+
+def verify(st: Statement, commitments: Sequence[bytes], proof_bytes: bytes) -> None:
+    """Check ``proof_bytes`` for ``st`` against the row commitments; raises ProofError naming the failed check."""
+    shape = Shape.of(st)
+    if len(commitments) != shape.rows:
+        raise ProofError(f"malformed: {len(commitments)} row commitments, the statement needs {shape.rows}")
+    try:
+        rows = decode_points(commitments)
+    except Exception as exc:  # noqa: BLE001 - the library raises its own type on a bad point
+        raise ProofError(f"malformed: a row commitment does not decode ({exc})") from exc
+    proof = NormProof.from_bytes(bytes(proof_bytes), shape)
+    tr = _start(st, rows, shape)
+    tr.absorb_points(b"bit-rows", proof.bit_rows)
+    tr.absorb_points(b"c_s", [proof.c_s])
+    tau = tr.challenges(b"tau", shape.vars_b)
+    mu = tr.challenge(b"mu")
+    rs = []
+    for rnd in proof.rounds:
+        tr.absorb_points(b"round", rnd)
+        rs.append(tr.challenge(b"r"))
+    tr.absorb_points(b"evaluations", [proof.c_vb, proof.c_vx, proof.c_vu, proof.c_wb, proof.c_wx])
+    if not verify_square(tr, proof.c_vb, proof.c_wb, proof.sq_b):
+        raise ProofError("square: the bit evaluation's square proof fails")
+    if not verify_square(tr, proof.c_vx, proof.c_wx, proof.sq_x):
+        raise ProofError("square: the value evaluation's square proof fails")
+    gamma = tr.challenge(b"gamma")
+    lr = shape.log_rows
+    l_x = eq_table(rs[:lr])
+    c_yx = msm(rows, l_x[: shape.rows].tolist())
+    if not verify_dot(tr, wide_generators(ROW_SIZE), c_yx, eq_table(rs[lr:shape.vars_x]).tolist(), proof.c_vx,
+                      proof.dot_x):
+        raise ProofError("evaluation: the value rows' dot-product argument fails")
+    hv = shape.vars_high
+    l_b = eq_table(rs[:hv])
+    points = list(proof.bit_rows)
+    weights = l_b[: shape.bit_rows_sent].tolist()
+    if shape.bit_rows_total > shape.bit_rows_sent:
+        points.append(_padding_bit_row(shape))
+        weights.append(int(np.sum(l_b[shape.bit_rows_sent:]) % P))
+    c_yb = msm(points, weights)
+    a_b = (eq_table(rs[hv:]) + gamma * tensor(_link_factors(shape, rs)[hv:])) % P
+    c_v = proof.c_vb + proof.c_vu * Scalar(gamma)
+    if not verify_dot(tr, wide_generators(shape.width), c_yb, a_b.tolist(), c_v, proof.dot_b):
+        raise ProofError("evaluation: the bit rows' dot-product argument fails")
+    tr.absorb_points(b"d-bits", proof.d_bits)
+    if not verify_bits(tr, proof.d_bits, proof.bit_proofs):
+        raise ProofError("bound: a bit of B^2 - s is not a bit")
+    if not verify_openings(tr, _scalar_commitments(proof), proof.openings):
+        raise ProofError("openings: the proof of knowledge of the committed values fails")
+    psi = tr.challenge(b"psi")
+    h = generators(1)[1]
+    if _relations(shape, st, proof, tau, mu, rs).point(psi) != h * Scalar(proof.zeta):
+        raise ProofError("relations: the sumcheck, link or bound equations do not hold")
