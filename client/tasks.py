@@ -98,11 +98,11 @@ def update_records(cfg: FinloraConfig, node: NodeSettings, run_id: int, local: A
                              {"update-norm": encoded.norm, "update-clipped": int(encoded.clipped)})
     run_name = cfg.run_name(run_id)
     keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / run_name / "keys"
-    record, zk_record = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk,
+    record, zk_record, zk_metrics = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk,
                                          signing_key_file(node, keys_dir), cfg.signed_run_id(run_id),
                                          server_round, node.institution_name, num_examples, seed)
     return UpdateRecords(record, {ZK_RECORD: zk_record},
-                         sum(len(v) for v in zk_record.values() if isinstance(v, bytes)), {})
+                         sum(len(v) for v in zk_record.values() if isinstance(v, bytes)), zk_metrics)
 
 
 def train_content(content: RecordDict, context: Context) -> RecordDict:

@@ -8,6 +8,7 @@ institution, commitments and example count.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,15 +36,21 @@ def signing_key_file(node: NodeSettings, keys_dir: Path) -> Path:
 
 def zk_reply_records(local: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], zk: ZkConfig,
                      key_file: Path, run_id: str, server_round: int, institution: str, num_examples: int,
-                     seed: int) -> tuple[Any, Any]:
-    """(ArrayRecord of int update tensors, ConfigRecord :data:`zk.codec.ZK_RECORD`) for the reply of a training
-    round, laid out by :func:`zk.codec.encode`."""
+                     seed: int) -> tuple[Any, Any, dict[str, float]]:
+    """(ArrayRecord of int update tensors, ConfigRecord :data:`zk.codec.ZK_RECORD`, metrics) for the reply of a
+    training round, laid out by :func:`zk.codec.encode`. With ``zk.proof`` the record carries the zero-knowledge
+    range + norm proof, and the metrics say how long it took and how big it is."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
     delta = {k: np.asarray(local[k], np.float64) - np.asarray(global_arrays[k], np.float64) for k in local}
     values, layout = quantize_update(delta, zk.norm_bound, zk.frac_bits, zk.bits, np.random.default_rng(seed))
     if not key_file.is_file():
         raise FileNotFoundError(f"zk signing key of {institution} not found: {key_file}")
-    sub = make_submission(values, num_examples, load_private_key(key_file), run_id, server_round, institution)
+    start = time.perf_counter()
+    proof_params = (zk.bits, zk.norm_bound, zk.frac_bits) if zk.proof else None
+    sub = make_submission(values, num_examples, load_private_key(key_file), run_id, server_round, institution,
+                          proof_params)
+    metrics = ({"zk-prove-seconds": time.perf_counter() - start, "zk-proof-bytes": len(sub.proof)}
+               if zk.proof else {})
     tensors, fields = codec.encode(sub, layout, zk.bits, institution)
-    return ArrayRecord({key: Array(value) for key, value in tensors.items()}), ConfigRecord(fields)
+    return ArrayRecord({key: Array(value) for key, value in tensors.items()}), ConfigRecord(fields), metrics

@@ -285,6 +285,10 @@ class ZkConfig:
     keys_dir : str
         Directory of the institutions' signing keys and the public-key registry; empty means
         ``<run dir>/keys`` (simulation creates them there).
+    proof : bool
+        Each institution also sends a zero-knowledge proof that its committed update is in the ``bits`` range and
+        within ``norm_bound`` (``zk/normproof.py``); the server verifies it before aggregating and rejects that
+        update on a bad or missing proof, and the ledger keeps the proofs for ``finlora zk audit``.
     run_nonce : str
         Random hex chosen once per deployment (``finlora server`` and ``finlora simulate`` pick it and keep it in
         their state, so a resumed run keeps it): every signature is over ``<run name>#<nonce>``, so an update signed
@@ -300,6 +304,7 @@ class ZkConfig:
     frac_bits: int = _range(ge=0, le=30)
     bits: Literal[8, 16]
     keys_dir: str
+    proof: bool
     run_nonce: str
     registry: str
 

@@ -35,6 +35,19 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "kept_previous": r.get("kept_previous") or ""} for r in sorted(records, key=lambda r: r["round"])]
 
 
+def zk_proof_costs(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean prove seconds (institutions' own report), verify seconds (the server's) and proof bytes per accepted
+    client and round; empty when the run made no zero-knowledge proofs."""
+    prove = [c["zk_prove_seconds"] for r in records for c in (r.get("clients") or {}).values()
+             if "zk_prove_seconds" in c]
+    size = [c["zk_proof_bytes"] for r in records for c in (r.get("clients") or {}).values() if "zk_proof_bytes" in c]
+    verify = [s for r in records for s in (r.get("zk_verify_seconds") or {}).values()]
+    if not prove or not verify:
+        return {}
+    return {"proofs": len(verify), "prove_seconds": sum(prove) / len(prove),
+            "verify_seconds": sum(verify) / len(verify), "proof_bytes": sum(size) / max(1, len(size))}
+
+
 def print_summary(run_dir: Path) -> None:
     """Print the per-round table and write ``summary.json`` beside ``metrics.jsonl``."""
     rows = summary_rows(read_jsonl_records(run_dir / "metrics.jsonl"))
@@ -51,6 +64,11 @@ def print_summary(run_dir: Path) -> None:
     if bits:
         print("base model really loaded as: " + ", ".join(f"{b}-bit (bitsandbytes)" if b else "unquantized float"
                                                           for b in bits))
+    proofs = zk_proof_costs(read_jsonl_records(run_dir / "metrics.jsonl"))
+    if proofs:
+        print(f"zk range/norm proofs: {proofs['proofs']} verified; per client and round: prove "
+              f"{proofs['prove_seconds']:.2f} s, verify {proofs['verify_seconds']:.2f} s, "
+              f"{proofs['proof_bytes']:,.0f} bytes")
     for r in rows:
         if r["rejected"] or r["errors"] or r["kept_previous"]:
             print(f"round {r['round']}: {r['rejected']} update(s) rejected, {r['errors']} institution(s) failed"

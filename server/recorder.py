@@ -57,6 +57,7 @@ def round_summary(server_round: int, outcome: RoundOutcome | None, heldout_loss:
         "eval_rejected": dict(outcome.eval_rejected) if outcome else {},
         "weighting": weighting,
         "kept_previous": outcome.kept_previous if outcome else "",
+        "zk_verify_seconds": dict(outcome.zk.proof_seconds) if outcome and outcome.zk else {},
         "errors": errors,
     }
 

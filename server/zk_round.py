@@ -55,6 +55,8 @@ class ZkRoundResult:
     aggregate: np.ndarray
     blindings: list[int]
     total_weight: int
+    proof_seconds: dict[str, float] = field(default_factory=dict)
+    """Node id -> seconds the server took to verify that node's zero-knowledge proof (``zk.proof``)."""
 
 
 @dataclass
@@ -130,12 +132,15 @@ class ZkVerifier:
             else:
                 subs.append(sub)
                 names[institution] = node_id
+        proof_seconds: dict[str, float] = {}
         accepted, failed = verify_round(subs, self.run_id, server_round, self.public_keys, self.cfg.norm_bound,
                                         self.cfg.frac_bits, self.cfg.bits, self.seen_digests,
-                                        expected_size=layout.size)
+                                        expected_size=layout.size, require_proof=self.cfg.proof,
+                                        proof_seconds=proof_seconds)
+        proof_seconds = {names.get(inst, inst): sec for inst, sec in proof_seconds.items()}
         rejected.update({names.get(inst, inst): f"{inst}: {why}" for inst, why in failed.items()})
         if not accepted:
-            return None, ZkRoundResult(layout, [], rejected, np.zeros(0, np.int64), [], 0)
+            return None, ZkRoundResult(layout, [], rejected, np.zeros(0, np.int64), [], 0, proof_seconds)
         self.seen_digests.update(s.digest for s in accepted)
         for sub in accepted:  # a valid signature binds the institution to its node for the rest of the run
             if self.node_of.get(sub.node_id) is None:
@@ -143,7 +148,7 @@ class ZkVerifier:
         total, blindings, weight = aggregate(accepted, self.equal_weights)
         new_global = apply_aggregate({k: np.asarray(v) for k, v in global_arrays.items()}, total, layout, weight,
                                      self.cfg.frac_bits)
-        return new_global, ZkRoundResult(layout, accepted, rejected, total, blindings, weight)
+        return new_global, ZkRoundResult(layout, accepted, rejected, total, blindings, weight, proof_seconds)
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,8 @@ class ZkLedger:
         append_entry(self.run_dir, header_entry(self.run_id, dict(self.public_keys),
                                                 file_sha256(self.run_dir / adapter_relpath(0)), self.cfg.norm_bound,
                                                 self.cfg.frac_bits, self.cfg.bits,
-                                                weighting="equal" if self.equal_weights else "examples"))
+                                                weighting="equal" if self.equal_weights else "examples",
+                                                proofs=self.cfg.proof))
 
     def record(self, server_round: int, result: ZkRoundResult) -> None:
         """Ledger line of a round (call after its adapter file is saved: the line holds the file's hash)."""

@@ -30,7 +30,7 @@ from finlora.server.checkpoint import RunDirectory
 from finlora.server.deploy import ServerOptions, run_server
 from finlora.server.serving.cli import add_serve_parser
 from finlora.simulation.keys import provision_simulation_keys
-from finlora.simulation.launcher import run_simulation
+from finlora.simulation.launcher import PROJECT_ROOT, run_simulation
 from finlora.zk.cli import add_zk_parser
 from finlora.zk.signing import write_key_pair
 
@@ -110,8 +110,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{f', DP ({cfg.dp.level} level, epsilon {cfg.dp.epsilon:g})' if cfg.dp.enabled else ', no DP'}"
           f"{', zk commitments' if cfg.zk.enabled else ''}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} "
           f"on {cfg.lora.target_modules}\n  output: {run_dir}", flush=True)
-    result = run_simulation(args.clients, overrides, cpus_per_client=args.cpus_per_client,
-                            gpus_per_client=args.gpus_per_client)
+    result = run_simulation(args.clients, overrides, app_dir=Path(args.app) if args.app else PROJECT_ROOT,
+                            cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     problems = round_problems(run_dir, cfg.num_rounds)
     print_run_report(run_dir)
     if not result.ok or problems:
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last completed round")
     sim.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per simulated client")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="Ray GPUs per simulated client")
+    sim.add_argument("--app", help="Flower app directory to run (default: this finlora installation), e.g. one whose "
+                                    "ClientApp is your own variant of finlora's")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="any config key of pyproject [tool.flwr.app.config], e.g. --set lora.r=16")
     sim.set_defaults(func=cmd_simulate)

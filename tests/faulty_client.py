@@ -3,7 +3,10 @@
 The test copies this file next to finlora's packages as a top-level module of a separate Flower app (it is
 never part of finlora's own app). An institution whose name ends in ``-<fault>`` sends, instead of a trained
 update, the global adapter it received made bad in that way; ``late-nan`` is honest in round 1 and sends NaN
-from round 2 on. Every other institution runs finlora's real ClientApp code.
+from round 2 on. A simulation names its institutions ``institution-<partition>``, so a test can also write
+``fault_plan.py`` (``PLAN = {institution: fault}``) beside this file. The zk faults (``bad-proof``: one byte of the
+zero-knowledge proof flipped; ``no-proof``) train honestly and break only the proof. Every other institution runs
+finlora's real ClientApp code.
 """
 
 from __future__ import annotations
@@ -16,14 +19,23 @@ from finlora.client.app import evaluate as honest_evaluate
 from finlora.client.app import train as honest_train
 from finlora.client.zk_update import institution_name
 from finlora.common.adapter import from_array_record, to_array_record
+from finlora.zk.codec import PROOF, ZK_RECORD
+
+try:
+    from fault_plan import PLAN  # written beside this file by a test: institution name -> fault
+except ImportError:
+    PLAN: dict[str, str] = {}
 
 FAULTS = ("nan", "shape", "extra-key", "huge-norm", "zero-examples", "no-loss", "late-nan")
+ZK_FAULTS = ("bad-proof", "no-proof")
 
 app = ClientApp()
 
 
 def fault_of(context: Context) -> str:
     name = institution_name(context.node_config)
+    if name in PLAN:
+        return PLAN[name]
     return next((f for f in sorted(FAULTS, key=len, reverse=True) if name.endswith(f"-{f}")), "")
 
 
@@ -49,6 +61,14 @@ def bad_update(fault: str, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.
 def train(msg: Message, context: Context) -> Message:
     fault = fault_of(context)
     server_round = int(msg.content["config"]["server-round"])
+    if fault in ZK_FAULTS:
+        reply = honest_train(msg, context)
+        zk = reply.content[ZK_RECORD]
+        proof = bytearray(zk[PROOF])
+        if fault == "bad-proof":
+            proof[len(proof) // 2] ^= 0x01
+        zk[PROOF] = bytes(proof) if fault == "bad-proof" else b""
+        return reply
     if not fault or (fault == "late-nan" and server_round < 2):
         return honest_train(msg, context)
     arrays, examples = bad_update(fault, from_array_record(msg.content["arrays"]))

@@ -160,8 +160,8 @@ def _zk_content(setup: dict, claimed: str, key_of: str, server_round: int, globa
     """A zk reply claiming to be ``claimed``, signed with ``key_of``'s key (the sender holds only its own)."""
     cfg = load_config()
     local = _update(global_, rng, 0.5)
-    arrays, zk_record = zk_reply_records(local, global_, cfg.zk, setup["keys_dir"] / f"{key_of}.key", RUN_ID,
-                                         server_round, key_of, examples, seed=int(rng.integers(1 << 30)))
+    arrays, zk_record, _ = zk_reply_records(local, global_, cfg.zk, setup["keys_dir"] / f"{key_of}.key", RUN_ID,
+                                              server_round, key_of, examples, seed=int(rng.integers(1 << 30)))
     zk_record["institution"] = claimed
     metrics = MetricRecord({"num-examples": examples if metric_examples is None else metric_examples,
                             "train-loss": 1.0})

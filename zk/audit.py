@@ -4,8 +4,8 @@ The institutions' public keys come from outside the ledger (``finlora zk audit R
 institution published, or the operator's registry), because the server writes the ledger: a server that made up
 a round under keys of its own must not audit OK. The ledger header's keys must equal them.
 
-Per round: every signature against those keys, sum_i n_i C_i == Com(A, R) row by row (batched), the
-aggregate's norm, and global_k == apply_aggregate(global_{k-1}, A) bit for bit, plus the file hash chain.
+Per round: every signature against those keys, every client's zero-knowledge range + norm proof against its
+commitments (runs with ``zk.proof``), sum_i n_i C_i == Com(A, R) row by row (batched), the aggregate's norm, and global_k == apply_aggregate(global_{k-1}, A) bit for bit, plus the file hash chain.
 No individual update is needed.
 """
 
@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from finlora.zk import signing
+from finlora.zk import normproof, signing
 from finlora.zk.commit import commitments_digest, decode_points, opening_terms, rows_of
 from finlora.zk.encoding import Layout, apply_aggregate
 from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE
 from finlora.zk.ledger import file_sha256, load_aggregate, read_ledger
-from finlora.zk.verify import client_weights
+from finlora.zk.verify import client_weights, proof_statement
+from finlora.zk.wire import unpack_blindings, unpack_commitments
 
 WEIGHTINGS = ("examples", "equal")
-from finlora.zk.wire import unpack_blindings, unpack_commitments
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,30 @@ def _check_signatures(header: dict[str, Any], entry: dict[str, Any],
     return problems, points
 
 
+def _check_proofs(header: dict[str, Any], entry: dict[str, Any], keys: Mapping[str, Ed25519PublicKey],
+                  layout: Layout) -> list[str]:
+    """Every accepted client's zero-knowledge proof that its committed update was in range and within the bound,
+    checked against its commitments alone (a run whose header says ``proofs``; without, nothing to check)."""
+    if not header.get("proofs"):
+        return []
+    problems = []
+    for client in entry["clients"]:
+        node, key = client["node_id"], keys.get(client["node_id"])
+        if key is None:
+            continue  # already a problem: no key given with --keys
+        if not client.get("proof"):
+            problems.append(f"node {node}: no range/norm proof")
+            continue
+        st = proof_statement(header["run_id"], entry["round"], key, layout.size, header["bits"],
+                             header["norm_bound"], header["frac_bits"])
+        commitments = unpack_commitments(base64.b64decode(client["commitments"]))
+        try:
+            normproof.verify(st, commitments, base64.b64decode(client["proof"]))
+        except normproof.ProofError as exc:
+            problems.append(f"node {node}: range/norm proof fails ({exc})")
+    return problems
+
+
 def _hash_chain_problems(run_dir: Path, entry: dict[str, Any], prev_path: Path, prev_sha: str) -> list[str] | None:
     """The previous adapter still has its recorded hash and this round's adapter has its own (``None``: the
     round's adapter file is missing, so nothing more can be checked)."""
@@ -131,6 +155,7 @@ def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], p
         return _check_kept_round(run_dir, entry, prev_path, prev_sha)
     problems, points = _check_signatures(header, entry, keys)
     layout = Layout.from_json(entry["layout"])
+    problems += _check_proofs(header, entry, keys, layout)
     weights = client_weights([int(c["num_examples"]) for c in entry["clients"]],
                              header.get("weighting", "examples") == "equal")
     if sum(weights) != entry["total_weight"] or entry["total_weight"] <= 0:

@@ -25,7 +25,8 @@ NUM_EXAMPLES = "num_examples"
 COMMITMENTS = "commitments"
 BLINDINGS = "blindings"
 SIGNATURE = "signature"
-FIELDS = (INSTITUTION, NUM_EXAMPLES, COMMITMENTS, BLINDINGS, SIGNATURE)
+PROOF = "proof"
+FIELDS = (INSTITUTION, NUM_EXAMPLES, COMMITMENTS, BLINDINGS, SIGNATURE, PROOF)
 """Every field of :data:`ZK_RECORD`."""
 
 
@@ -50,5 +51,6 @@ def decode(tensors: Mapping[str, np.ndarray], fields: Mapping[str, Any], layout:
                          f"tensors)")
     institution = str(fields[INSTITUTION])
     record = {"values": layout.flatten(dict(tensors)), NUM_EXAMPLES: fields[NUM_EXAMPLES],
-              COMMITMENTS: fields[COMMITMENTS], BLINDINGS: fields[BLINDINGS], SIGNATURE: fields[SIGNATURE]}
+              COMMITMENTS: fields[COMMITMENTS], BLINDINGS: fields[BLINDINGS], SIGNATURE: fields[SIGNATURE],
+              PROOF: fields.get(PROOF, b"")}
     return institution, Submission.from_wire(institution, record)

@@ -80,20 +80,24 @@ def load_aggregate(path: Path) -> np.ndarray:
 
 def header_entry(run_id: str, public_keys: Mapping[str, Ed25519PublicKey], round0_adapter_sha256: str,
                  norm_bound: float, frac_bits: int, bits: int, round0_adapter: str = adapter_relpath(0),
-                 weighting: str = "examples") -> dict[str, Any]:
+                 weighting: str = "examples", proofs: bool = False) -> dict[str, Any]:
     """The first ledger line of a run (write it once, before round 1). ``weighting``: how the aggregate weighs
-    each accepted client (``examples``: its signed count; ``equal``: 1 each), which the audit re-derives."""
+    each accepted client (``examples``: its signed count; ``equal``: 1 each), which the audit re-derives;
+    ``proofs``: every accepted update carries a range + norm proof, which the audit verifies."""
     return {"type": "header", "version": VERSION, "run_id": run_id, "row_size": ROW_SIZE, "weighting": weighting,
             "generators_digest": PINNED_DIGEST, "norm_bound": float(norm_bound), "frac_bits": int(frac_bits),
-            "bits": int(bits), "adapter_file": round0_adapter, "adapter_sha256": round0_adapter_sha256,
+            "bits": int(bits), "proofs": bool(proofs), "adapter_file": round0_adapter, "adapter_sha256": round0_adapter_sha256,
             "public_keys": {str(k): public_key_raw(v).hex() for k, v in sorted(public_keys.items())}}
 
 
 def client_record(sub: Submission) -> dict[str, Any]:
-    """What the ledger keeps of an accepted client: no values, no blindings."""
-    return {"node_id": sub.node_id, "num_examples": int(sub.num_examples),
-            "commitments": base64.b64encode(pack_commitments(sub.commitments)).decode(),
-            "signature": bytes(sub.signature).hex()}
+    """What the ledger keeps of an accepted client: no values, no blindings; its zero-knowledge proof if any."""
+    record = {"node_id": sub.node_id, "num_examples": int(sub.num_examples),
+              "commitments": base64.b64encode(pack_commitments(sub.commitments)).decode(),
+              "signature": bytes(sub.signature).hex()}
+    if sub.proof:
+        record["proof"] = base64.b64encode(bytes(sub.proof)).decode()
+    return record
 
 
 def record_round(run_dir: Path, round_num: int, layout: Layout, accepted: Sequence[Submission],

@@ -30,7 +30,7 @@ import numpy as np
 from py_arkworks_bls12381 import G1Point, Scalar
 
 from finlora.zk.commit import POINT_BYTES, SCALAR_BYTES, combine_rows, decode_points, num_rows
-from finlora.zk.field import P, as_field, coeffs_from_evals, eq_factors, eq_table, inv, msm, poly_eval, tensor
+from finlora.zk.field import P, as_field, coeffs_from_evals, eq_table, inv, msm, tensor
 from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE, generators, proof_points, wide_generators
 from finlora.zk.ipa import DotProof, prove_dot, verify_dot
 from finlora.zk.sigma import (BitProof, OpeningProof, SquareProof, commit_scalar, prove_bits, prove_openings,
