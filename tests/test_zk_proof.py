@@ -13,7 +13,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from finlora.zk import normproof
+from finlora.zk import normproof, sumcheck
 from finlora.zk.commit import GROUP_ORDER, commit_rows, random_blindings
 from finlora.zk.field import msm
 from finlora.zk.generators import ROW_SIZE, generators
@@ -221,3 +221,26 @@ def test_the_cheating_harness_makes_valid_proofs_from_an_honest_witness() -> Non
     coms, blinds = commit_rows(np.array(x))
     beta = _bits_of([v + (1 << (BITS - 1)) for v in x], BITS, Shape.of(st).rows_padded * ROW_SIZE)
     verify(st, coms, _forged(st, x, blinds, beta, s, 0))
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_the_small_integer_sumcheck_sends_exactly_the_textbook_messages(bits: int) -> None:
+    """The fast prover path (bit patterns, weighted histograms, Gram matrices) against the plain one on object
+    arrays, with the same challenges: every round message and the final values must be identical."""
+    rng = np.random.default_rng(bits)
+    x = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), 2 * ROW_SIZE)
+    beta = ((x[:, None] + (1 << (bits - 1))) >> np.arange(bits)) & 1
+    tau = [int(v) for v in rng.integers(1, 1 << 62, (2 * ROW_SIZE * bits - 1).bit_length())]
+    challenges = iter(int(v) for v in rng.integers(1, 1 << 62, 64))
+    fixed = list(challenges)
+
+    def run(small: int) -> tuple[list[list[int]], tuple]:
+        sent, it = [], iter(fixed)
+
+        def send(evals: list[int]) -> int:
+            sent.append(evals)
+            return next(it)
+        out = sumcheck.prove_rounds(beta.reshape(-1), x, bits, tau, 12345, send, small_rounds=small)
+        return sent, out
+    fast, plain = run(4), run(0)
+    assert fast == plain

@@ -30,11 +30,12 @@ import numpy as np
 from py_arkworks_bls12381 import G1Point, Scalar
 
 from finlora.zk.commit import POINT_BYTES, SCALAR_BYTES, combine_rows, decode_points, num_rows
-from finlora.zk.field import P, as_field, coeffs_from_evals, eq_table, inv, msm, tensor
+from finlora.zk.field import P, coeffs_from_evals, eq_table, inv, msm, tensor
 from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE, generators, proof_points, wide_generators
 from finlora.zk.ipa import DotProof, prove_dot, verify_dot
 from finlora.zk.sigma import (BitProof, OpeningProof, SquareProof, commit_scalar, prove_bits, prove_openings,
                               prove_square, verify_bits, verify_openings, verify_square)
+from finlora.zk.sumcheck import prove_rounds
 from finlora.zk.transcript import Transcript
 
 PROTOCOL = b"finlora-zk/norm-proof/v1"
@@ -315,10 +316,13 @@ def _rand() -> int:
 
 
 def _bit_table(x: np.ndarray, shape: Shape) -> np.ndarray:
-    """Bits of u = x + 2^(k-1) for every padded position, index (j * ROW_SIZE + c) * k + t (int64 0/1)."""
+    """Bits of u = x + 2^(k-1) for every padded position, index (j * ROW_SIZE + c) * k + t (uint8 0/1)."""
     u = np.full(shape.rows_padded * ROW_SIZE, 1 << (shape.bits - 1), dtype=np.int64)
     u[: len(x)] += x
-    return ((u[:, None] >> np.arange(shape.bits, dtype=np.int64)) & 1).reshape(-1)
+    out = np.empty((len(u), shape.bits), dtype=np.uint8)
+    for t in range(shape.bits):
+        out[:, t] = (u >> t) & 1
+    return out.reshape(-1)
 
 
 def prove(st: Statement, values: Sequence[int] | np.ndarray, blindings: Sequence[int],
@@ -355,10 +359,12 @@ def _prove(st: Statement, x: list[int], row_blindings: list[int], beta: np.ndarr
     gens_x = wide_generators(ROW_SIZE)
     gens_b = wide_generators(shape.width)
     total = shape.rows_padded * ROW_SIZE
-    x_pad = [int(v) for v in x] + [0] * (total - len(x))
-    x_rows_int = [x_pad[j * ROW_SIZE:(j + 1) * ROW_SIZE] for j in range(shape.rows_padded)]
+    small = all(abs(int(v)) < (1 << 62) for v in x)
+    x_table = np.zeros(total, dtype=np.int64 if small else object)
+    x_table[: len(x)] = [int(v) for v in x]
+    x_rows = x_table.reshape(shape.rows_padded, ROW_SIZE)
     if commitments is None:
-        row_points = [msm([*gens_x, h], [*x_rows_int[j], row_blindings[j]]) for j in range(shape.rows)]
+        row_points = [msm([*gens_x, h], [*x_rows[j].tolist(), row_blindings[j]]) for j in range(shape.rows)]
     else:
         row_points = decode_points(commitments)
     tr = _start(st, row_points, shape)
@@ -384,59 +390,20 @@ def _prove(st: Statement, x: list[int], row_blindings: list[int], beta: np.ndarr
     tau = tr.challenges(b"tau", shape.vars_b)
     mu = tr.challenge(b"mu")
 
-    # Batched sumcheck: sum eq(tau, z) b(z)(b(z) - 1) + mu k^-1 x(z_jc)^2 = mu s.
-    eq = eq_table(tau)
-    bt = as_field(beta)
-    xt = as_field(x_pad)
-    inv_k = inv(st.bits)
-    rounds, round_vals, round_blinds, rs = [], [], [], []
-    vx = None
-    u_table = None
-    for i in range(shape.vars_b):
-        half = len(bt) // 2
-        bl, bh, el, eh = bt[:half], bt[half:], eq[:half], eq[half:]
-        db, de = (bh - bl) % P, (eh - el) % P
-        evals = []
-        b_cur, e_cur = bl, el
-        for xv in range(DEGREE + 1):
-            if xv == 1:
-                b_cur, e_cur = bh, eh
-            elif xv > 1:
-                b_cur, e_cur = (b_cur + db) % P, (e_cur + de) % P
-            evals.append(int(np.sum((b_cur * (b_cur - 1) % P) * e_cur % P) % P))
-        if i < shape.vars_x:
-            xl, xh = xt[: len(xt) // 2], xt[len(xt) // 2:]
-            dx = (xh - xl) % P
-            x_cur = xl
-            for xv in range(DEGREE + 1):
-                if xv == 1:
-                    x_cur = xh
-                elif xv > 1:
-                    x_cur = (x_cur + dx) % P
-                evals[xv] = (evals[xv] + mu * int(np.sum(x_cur * x_cur % P) % P)) % P
-        else:
-            const = mu * inv_k % P * pow(2, shape.vars_b - i - 1, P) % P * vx % P * vx % P
-            evals = [(e + const) % P for e in evals]
+    # Batched sumcheck: sum eq(tau, z) b(z)(b(z) - 1) + mu k^-1 x(z_jc)^2 = mu s; messages are committed.
+    round_vals, round_blinds, rounds = [], [], []
+
+    def send(evals: list[int]) -> int:
         coeffs = coeffs_from_evals(evals)
         blinds = [_rand() for _ in coeffs]
         coms = [commit_scalar(c, b) for c, b in zip(coeffs, blinds)]
         tr.absorb_points(b"round", coms)
-        r = tr.challenge(b"r")
-        rounds.append(tuple(coms))
         round_vals.append(coeffs)
         round_blinds.append(blinds)
-        rs.append(r)
-        bt = (bl + r * db) % P
-        eq = (el + r * de) % P
-        if i < shape.vars_x:
-            xt = (xl + r * dx) % P
-            if i == shape.vars_x - 1:
-                vx = int(xt[0])
-                u_table = bt.copy()
-        if (i + 1) % 4 == 0:
-            report(f"sumcheck round {i + 1}/{shape.vars_b}")
-    vb = int(bt[0])
-    vu = sum((1 << t) * int(v) for t, v in enumerate(u_table)) % P
+        rounds.append(tuple(coms))
+        return tr.challenge(b"r")
+
+    rs, vb, vx, vu = prove_rounds(np.asarray(beta), x_table, st.bits, tau, mu, send, progress=report)
     opened = {"vb": (vb, _rand()), "vx": (vx, _rand()), "vu": (vu, _rand()),
               "wb": (vb * vb % P, _rand()), "wx": (vx * vx % P, _rand())}
     com = {k: commit_scalar(v, b) for k, (v, b) in opened.items()}
@@ -448,7 +415,7 @@ def _prove(st: Statement, x: list[int], row_blindings: list[int], beta: np.ndarr
     # Dot-product arguments at the sumcheck's point.
     lr = shape.log_rows
     l_x = eq_table(rs[:lr])
-    y_x = _combine(x_rows_int, l_x)
+    y_x = _combine(x_rows, l_x)
     yb_x = sum(int(lw) * b for lw, b in zip(l_x, row_blindings)) % P
     dot_x = prove_dot(tr, gens_x, y_x, yb_x, eq_table(rs[lr:shape.vars_x]).tolist(), vx, opened["vx"][1])
     hv = shape.vars_high
@@ -487,17 +454,13 @@ def _prove(st: Statement, x: list[int], row_blindings: list[int], beta: np.ndarr
     return replace(partial, openings=openings, zeta=zeta)
 
 
-def _combine(rows: Sequence[Sequence[int]] | np.ndarray, weights: np.ndarray) -> list[int]:
-    """sum_j weights_j * rows_j mod r; exact float64 limbs when the rows fit in int64 (bits, honest values)."""
-    arr = np.asarray(rows, dtype=object)
-    try:
-        ints = np.asarray(rows, dtype=np.int64)
-    except OverflowError:
-        ints = None
-    if ints is not None and ints.dtype == np.int64 and np.all(np.abs(ints) < (1 << 31)):
-        return [v % P for v in combine_rows(ints, [int(w) for w in weights])]
-    out = np.zeros(arr.shape[1], dtype=object)
-    for w, row in zip(weights, arr):
+def _combine(rows: np.ndarray, weights: np.ndarray) -> list[int]:
+    """sum_j weights_j * rows_j mod r; exact float64 limbs when the rows are machine integers (bits, honest
+    values), Python integers otherwise (a cheating witness's huge values)."""
+    if rows.dtype != object:
+        return [v % P for v in combine_rows(rows, [int(w) for w in weights])]
+    out = np.zeros(rows.shape[1], dtype=object)
+    for w, row in zip(weights, rows):
         out = (out + int(w) * row) % P
     return [int(v) for v in out]
 
