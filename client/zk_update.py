@@ -8,6 +8,7 @@ institution, commitments and example count.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,8 @@ from finlora.zk import codec
 from finlora.zk.encoding import quantize_update
 from finlora.zk.signing import load_private_key
 from finlora.zk.verify import make_submission
+
+log = logging.getLogger(__name__)
 
 
 def institution_name(node_config: Mapping[str, Any] | NodeSettings) -> str:
@@ -49,7 +52,8 @@ def zk_reply_records(local: Mapping[str, np.ndarray], global_arrays: Mapping[str
     start = time.perf_counter()
     proof_params = (zk.bits, zk.norm_bound, zk.frac_bits) if zk.proof else None
     sub = make_submission(values, num_examples, load_private_key(key_file), run_id, server_round, institution,
-                          proof_params)
+                          proof_params, progress=lambda msg: log.info("%s round %d: zk proof of %d values: %s",
+                                                                       institution, server_round, len(values), msg))
     metrics = ({"zk-prove-seconds": time.perf_counter() - start, "zk-proof-bytes": len(sub.proof)}
                if zk.proof else {})
     tensors, fields = codec.encode(sub, layout, zk.bits, institution)

@@ -8,11 +8,14 @@ two rows (4,096 values each, the second ragged) so a proof takes a few seconds.
 
 from __future__ import annotations
 
+import hashlib
 from fractions import Fraction
 
 import numpy as np
 import pytest
+from py_arkworks_bls12381 import G1Point
 
+from finlora.zk import generators as zk_generators
 from finlora.zk import normproof, sumcheck
 from finlora.zk.commit import GROUP_ORDER, commit_rows, random_blindings
 from finlora.zk.field import msm
@@ -240,7 +243,32 @@ def test_the_small_integer_sumcheck_sends_exactly_the_textbook_messages(bits: in
         def send(evals: list[int]) -> int:
             sent.append(evals)
             return next(it)
-        out = sumcheck.prove_rounds(beta.reshape(-1), x, bits, tau, 12345, send, small_rounds=small)
+        out = sumcheck.prove_rounds(beta.reshape(-1), x, bits, tau, 12345, 12345 * int(np.dot(x, x)), send,
+                                     small_rounds=small)
         return sent, out
     fast, plain = run(4), run(0)
     assert fast == plain
+
+
+def test_wide_generators_come_from_a_digest_checked_cache_and_a_tampered_one_is_rebuilt(tmp_path, monkeypatch):
+    """Mechanics at a small width (the real one, 2^17 generators, takes ~36 s to derive): the first call derives
+    and writes the cache, the next process-equivalent loads it, and a flipped byte makes it derive again."""
+    g = zk_generators
+    width = 2 * ROW_SIZE
+    derived = [G1Point.hash_to_curve(b"G" + j.to_bytes(4, "big"), g.DST) for j in range(ROW_SIZE, width)]
+    digest = hashlib.sha256(b"".join(p.to_xy_bytes_be() for p in (*g.generators()[0], *derived))).hexdigest()
+    monkeypatch.setattr(g, "WIDE_MAX", width)
+    monkeypatch.setattr(g, "WIDE_CACHED_FROM", ROW_SIZE)
+    monkeypatch.setattr(g, "WIDE_DIGEST", digest)
+    monkeypatch.setitem(g._EXTRA_CACHE, "extra", [])
+    assert list(g.wide_generators(width, tmp_path)[ROW_SIZE:]) == derived
+    cache = tmp_path / f"generators-{width}.xy"
+    assert cache.is_file()
+    monkeypatch.setitem(g._EXTRA_CACHE, "extra", [])
+    assert list(g.wide_generators(width, tmp_path)[ROW_SIZE:]) == derived
+    data = bytearray(cache.read_bytes())
+    data[-5] ^= 1
+    cache.write_bytes(bytes(data))
+    monkeypatch.setitem(g._EXTRA_CACHE, "extra", [])
+    assert list(g.wide_generators(width, tmp_path)[ROW_SIZE:]) == derived
+    assert hashlib.sha256(cache.read_bytes()).hexdigest() == digest

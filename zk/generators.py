@@ -7,8 +7,12 @@ Deriving them as scalar * G with known scalars would let anyone open a commitmen
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 
 from py_arkworks_bls12381 import G1Point
+
+from finlora.common.io import cache_root
 
 ROW_SIZE = 4096
 """Values per Hyrax row: each row gets one commitment over G_0..G_{ROW_SIZE-1} plus H.
@@ -56,19 +60,53 @@ def generators(n: int = ROW_SIZE) -> tuple[tuple[G1Point, ...], G1Point]:
     return gens[:n], h
 
 
-def wide_generators(n: int) -> tuple[G1Point, ...]:
+WIDE_MAX = 1 << 17
+"""The widest bit row a norm proof uses (4.7 M values at 16 bits: 32 value rows per bit row)."""
+WIDE_DIGEST = "86082ce3ed7cae160bdfdff83539ed571ceea4183e1108bc357dcd6578b9bfa2"
+"""sha256 over the uncompressed (x, y) bytes of G_0..G_{WIDE_MAX-1}: checks the on-disk cache, and the derivation."""
+WIDE_CACHED_FROM = 1 << 14
+"""Widths above this load all WIDE_MAX generators from the on-disk cache (0.1 s) instead of deriving them (~36 s)."""
+
+
+def wide_generators(n: int, cache_dir: Path | None = None) -> tuple[G1Point, ...]:
     """G_0..G_{n-1} of the same hash-to-curve family: the pinned first ``ROW_SIZE``, then G_j = H2C("G" || j).
 
     The norm proof commits bit rows up to 32x wider than a value row so that its bit-row commitments stay few
-    (proof size); the extra generators cost ~0.3 ms each to derive, once per process.
+    (proof size). Extra generators cost ~0.3 ms each to derive; widths above WIDE_CACHED_FROM take all of them
+    from ``cache_dir/generators-131072.xy`` (written after the first derivation on this machine, read only when its
+    sha256 is the pinned WIDE_DIGEST, so a tampered cache is never used; default: ``$FINLORA_HOME/zk``).
     """
     if n <= ROW_SIZE:
         return generators(n)[0]
+    if n > WIDE_MAX:
+        raise ValueError(f"at most {WIDE_MAX} generators, asked for {n}")
     gens = generators()[0]
     extra = _EXTRA_CACHE["extra"]
+    if n > WIDE_CACHED_FROM and len(extra) < WIDE_MAX - ROW_SIZE:
+        _load_or_build_wide(cache_dir or cache_root() / "zk", gens, extra)
     for j in range(ROW_SIZE + len(extra), n):
         extra.append(G1Point.hash_to_curve(b"G" + j.to_bytes(4, "big"), DST))
     return (*gens, *extra[: n - ROW_SIZE])
+
+
+def _load_or_build_wide(cache_dir: Path, gens: tuple[G1Point, ...], extra: list[G1Point]) -> None:
+    path = Path(cache_dir) / f"generators-{WIDE_MAX}.xy"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = b""
+    if data and hashlib.sha256(data).hexdigest() == WIDE_DIGEST:
+        extra[:] = [G1Point.from_xy_bytes_unchecked_be(data[i * 96:(i + 1) * 96]) for i in range(ROW_SIZE, WIDE_MAX)]
+        return
+    for j in range(ROW_SIZE + len(extra), WIDE_MAX):
+        extra.append(G1Point.hash_to_curve(b"G" + j.to_bytes(4, "big"), DST))
+    data = b"".join(p.to_xy_bytes_be() for p in (*gens, *extra))
+    if hashlib.sha256(data).hexdigest() != WIDE_DIGEST:
+        raise RuntimeError("wide Pedersen generators differ from the pinned digest: library or code drift")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def proof_points() -> tuple[G1Point, G1Point]:

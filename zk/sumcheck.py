@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from finlora.zk.commit import combine_rows
-from finlora.zk.field import P, as_field, eq_table
+from finlora.zk.field import P, as_field, coeffs_from_evals, eq_table, poly_eval
 
 DEGREE = 3
 SMALL_ROUNDS = 4
@@ -105,10 +105,11 @@ FAST_FROM = 1 << 18
 """Bit tables at least this long take the small-integer rounds (below, their fixed costs outweigh the gain)."""
 
 
-def prove_rounds(beta: np.ndarray, x: np.ndarray, k: int, tau: Sequence[int], mu: int,
+def prove_rounds(beta: np.ndarray, x: np.ndarray, k: int, tau: Sequence[int], mu: int, claim: int,
                  send: Callable[[list[int]], int], small_rounds: int | None = None,
                  progress: Callable[[str], None] | None = None) -> tuple[list[int], int, int, int]:
-    """Run every round: ``send(evals at 0..3)`` commits the message and returns the challenge.
+    """Run every round: ``send(evals at 0..3)`` commits the message and returns the challenge. ``claim`` is the
+    sum the prover claims (mu * s); each h(1) is derived from it, as a verifier would check h(0) + h(1).
 
     ``small_rounds``: how many rounds take the small-integer path (default SMALL_ROUNDS on big honest tables,
     else 0). Returns (challenges, b~(r), x~(r_jc), sum_t 2^t b~(r_jc, t)).
@@ -120,7 +121,9 @@ def prove_rounds(beta: np.ndarray, x: np.ndarray, k: int, tau: Sequence[int], mu
         small_rounds = SMALL_ROUNDS if len(beta) >= FAST_FROM else 0
     small = min(small_rounds, vars_x) if _fits(beta, x) else 0
     for _ in range(small):
-        rs.append(send(_small_round(beta, x, rs, tau, mu, k)))
+        message = _small_round(beta, x, rs, tau, mu, k)
+        rs.append(send(message))
+        claim = poly_eval(coeffs_from_evals(message), rs[-1])
     if small:
         # Fold the original tables through the bound prefix at once: an entry is a pattern of 2^small bits.
         eqr = eq_table(rs)
@@ -133,44 +136,41 @@ def prove_rounds(beta: np.ndarray, x: np.ndarray, k: int, tau: Sequence[int], mu
         bt = table[idx]
         xt = np.array([v % P for v in combine_rows(x.reshape(1 << small, -1), [int(w) for w in eqr])],
                       dtype=object)
-        prefix = 1
-        for t, r in zip(tau, rs):
-            prefix = prefix * _eq_lin(t, r) % P
-        eq = eq_table(tau[small:]) * prefix % P
     else:
-        bt, xt, eq = as_field(beta), as_field(x), eq_table(tau)
+        bt, xt = as_field(beta), as_field(x)
+    prefix = 1
+    for t, r in zip(tau, rs):
+        prefix = prefix * _eq_lin(t, r) % P
     inv_k = pow(k, P - 2, P)
     vx = int(xt[0]) if len(xt) == 1 else None
     u_table = None
     for i in range(len(rs), n_vars):
+        # h(X) = prefix * eq(tau_i, X) * sum_rest eq(tau_>i, rest) q(b(X, rest)) + mu * (x part); h(1) follows
+        # from the running claim (h(0) + h(1) = claim), so only X = 0, 2, 3 are summed, with one reduction each.
         half = len(bt) // 2
-        bl, bh, el, eh = bt[:half], bt[half:], eq[:half], eq[half:]
-        db, de = (bh - bl) % P, (eh - el) % P
-        evals = []
-        b_cur, e_cur = bl, el
-        for xv in range(DEGREE + 1):
-            if xv == 1:
-                b_cur, e_cur = bh, eh
-            elif xv > 1:
-                b_cur, e_cur = (b_cur + db) % P, (e_cur + de) % P
-            evals.append(int(np.sum((b_cur * (b_cur - 1) % P) * e_cur % P) % P))
+        bl, bh = bt[:half], bt[half:]
+        db = bh - bl
+        eq_rest = eq_table(tau[i + 1:])
+        b2 = bh + db
+        b3 = b2 + db
+        sums = {xv: int(np.sum(b * (b - 1) * eq_rest) % P) for xv, b in ((0, bl), (2, b2), (3, b3))}
+        evals = {xv: prefix * _eq_lin(tau[i], xv) % P * sums[xv] % P for xv in sums}
         if i < vars_x:
             xl, xh = xt[: len(xt) // 2], xt[len(xt) // 2:]
-            dx = (xh - xl) % P
-            x_cur = xl
-            for xv in range(DEGREE + 1):
-                if xv == 1:
-                    x_cur = xh
-                elif xv > 1:
-                    x_cur = (x_cur + dx) % P
-                evals[xv] = (evals[xv] + mu * int(np.sum(x_cur * x_cur % P) % P)) % P
+            dx = xh - xl
+            x2 = xh + dx
+            for xv, xc in ((0, xl), (2, x2), (3, x2 + dx)):
+                evals[xv] = (evals[xv] + mu * int(np.sum(xc * xc) % P)) % P
         else:
             const = mu * inv_k % P * pow(2, n_vars - i - 1, P) % P * vx % P * vx % P
-            evals = [(e + const) % P for e in evals]
-        r = send(evals)
+            evals = {xv: (e + const) % P for xv, e in evals.items()}
+        evals[1] = (claim - evals[0]) % P
+        message = [evals[xv] for xv in range(DEGREE + 1)]
+        r = send(message)
         rs.append(r)
+        claim = poly_eval(coeffs_from_evals(message), r)
+        prefix = prefix * _eq_lin(tau[i], r) % P
         bt = (bl + r * db) % P
-        eq = (el + r * de) % P
         if i < vars_x:
             xt = (xl + r * dx) % P
             if i == vars_x - 1:
