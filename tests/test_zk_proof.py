@@ -9,6 +9,7 @@ two rows (4,096 values each, the second ragged) so a proof takes a few seconds.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -16,11 +17,12 @@ import pytest
 from py_arkworks_bls12381 import G1Point
 
 from finlora.zk import generators as zk_generators
-from finlora.zk import normproof, sumcheck
+from finlora.zk import normproof, signing, sumcheck
 from finlora.zk.commit import GROUP_ORDER, commit_rows, random_blindings
 from finlora.zk.field import msm
 from finlora.zk.generators import ROW_SIZE, generators
 from finlora.zk.normproof import NormProof, ProofError, Shape, Statement, bound_sq, prove, verify
+from finlora.zk.verify import BAD_PROOF, make_submission, verify_round
 
 N_RAGGED = ROW_SIZE + 904  # two rows, the last ragged
 BITS = 8
@@ -272,3 +274,22 @@ def test_wide_generators_come_from_a_digest_checked_cache_and_a_tampered_one_is_
     monkeypatch.setitem(g._EXTRA_CACHE, "extra", [])
     assert list(g.wide_generators(width, tmp_path)[ROW_SIZE:]) == derived
     assert hashlib.sha256(cache.read_bytes()).hexdigest() == digest
+
+
+def test_the_server_rejects_a_missing_a_foreign_and_a_garbage_proof_and_keeps_the_honest_update() -> None:
+    """verify_round with require_proof, as the server runs it: each bad proof costs only its sender the round."""
+    keys = {f"inst-{i}": signing.generate_key() for i in range(4)}
+    public = {name: key.public_key() for name, key in keys.items()}
+    rng = np.random.default_rng(5)
+    params = (8, 1.0, 6)  # bits, norm bound, fraction bits
+    subs = [make_submission(rng.integers(-3, 4, 300), 10, keys[f"inst-{i}"], "run", 2, f"inst-{i}", params)
+            for i in range(4)]
+    subs[1] = replace(subs[1], proof=b"")
+    subs[2] = replace(subs[2], proof=subs[0].proof)            # someone else's valid proof
+    subs[3] = replace(subs[3], proof=bytes(len(subs[3].proof)))  # all zero bytes: not even points
+    seconds: dict[str, float] = {}
+    accepted, rejected = verify_round(subs, "run", 2, public, 1.0, 6, 8, require_proof=True, proof_seconds=seconds)
+    assert [s.node_id for s in accepted] == ["inst-0"]
+    assert set(rejected) == {"inst-1", "inst-2", "inst-3"} and all(r.startswith(BAD_PROOF) for r in rejected.values())
+    assert "no range/norm proof" in rejected["inst-1"] and "malformed" in rejected["inst-3"]
+    assert set(seconds) == {"inst-0", "inst-1", "inst-2", "inst-3"}

@@ -151,6 +151,9 @@ def proof_problem(sub: Submission, run_id: str, round_num: int, key: Ed25519Publ
         normproof.verify(st, sub.commitments, sub.proof)
     except normproof.ProofError as exc:
         return f"{BAD_PROOF}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - whatever a crafted proof triggers, it costs only its sender the round
+        log.exception("zk: proof of %s raised while verifying", sub.node_id)
+        return f"{BAD_PROOF}: verification failed ({type(exc).__name__}: {exc})"
     return None
 
 
