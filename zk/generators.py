@@ -84,9 +84,14 @@ def wide_generators(n: int, cache_dir: Path | None = None) -> tuple[G1Point, ...
     extra = _EXTRA_CACHE["extra"]
     if n > WIDE_CACHED_FROM and len(extra) < WIDE_MAX - ROW_SIZE:
         _load_or_build_wide(cache_dir or cache_root() / "zk", gens, extra)
+    _derive_extra(extra, n)
+    return (*gens, *extra[: n - ROW_SIZE])
+
+
+def _derive_extra(extra: list[G1Point], n: int) -> None:
+    """Extend ``extra`` (G_ROW_SIZE, ...) by hash-to-curve until it reaches G_{n-1}."""
     for j in range(ROW_SIZE + len(extra), n):
         extra.append(G1Point.hash_to_curve(b"G" + j.to_bytes(4, "big"), DST))
-    return (*gens, *extra[: n - ROW_SIZE])
 
 
 def _load_or_build_wide(cache_dir: Path, gens: tuple[G1Point, ...], extra: list[G1Point]) -> None:
@@ -98,8 +103,7 @@ def _load_or_build_wide(cache_dir: Path, gens: tuple[G1Point, ...], extra: list[
     if data and hashlib.sha256(data).hexdigest() == WIDE_DIGEST:
         extra[:] = [G1Point.from_xy_bytes_unchecked_be(data[i * 96:(i + 1) * 96]) for i in range(ROW_SIZE, WIDE_MAX)]
         return
-    for j in range(ROW_SIZE + len(extra), WIDE_MAX):
-        extra.append(G1Point.hash_to_curve(b"G" + j.to_bytes(4, "big"), DST))
+    _derive_extra(extra, WIDE_MAX)
     data = b"".join(p.to_xy_bytes_be() for p in (*gens, *extra))
     if hashlib.sha256(data).hexdigest() != WIDE_DIGEST:
         raise RuntimeError("wide Pedersen generators differ from the pinned digest: library or code drift")

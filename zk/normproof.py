@@ -37,14 +37,12 @@ from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE, generators, proof_poi
 from finlora.zk.ipa import DotProof, prove_dot, verify_dot
 from finlora.zk.sigma import (BitProof, OpeningProof, SquareProof, commit_scalar, prove_bits, prove_openings,
                               prove_square, verify_bits, verify_openings, verify_square)
-from finlora.zk.sumcheck import prove_rounds
+from finlora.zk.sumcheck import DEGREE, prefix_eq, prove_rounds
 from finlora.zk.transcript import Transcript
 
 PROTOCOL = b"finlora-zk/norm-proof/v1"
 MAX_BIT_ROWS = 768
 """Bit rows are widened (w doubles) until at most this many are needed: 768 * 48 bytes = 36 kB of the proof."""
-DEGREE = 3
-"""eq * b * (b - 1) has degree 3 in each variable; x^2 degree 2."""
 
 
 class ProofError(ValueError):
@@ -130,7 +128,7 @@ class Shape:
         """(points, scalars) in a serialised proof."""
         log_w = self.width.bit_length() - 1
         points = (self.bit_rows_sent + 1 + (DEGREE + 1) * self.vars_b + 5 + 2 * 2
-                  + (2 + 2 * 12) + (2 + 2 * log_w) + 3 * self.d_bits + 1)
+                  + (2 + 2 * (ROW_SIZE.bit_length() - 1)) + (2 + 2 * log_w) + 3 * self.d_bits + 1)
         scalars = 2 * 3 + 2 * 4 + 3 * self.d_bits + 2 + 1
         return points, scalars
 
@@ -184,7 +182,7 @@ class NormProof:
             raise ProofError(f"malformed: proof of {len(data)} bytes, this statement needs {expected}")
         try:
             pts = decode_points([data[i * POINT_BYTES:(i + 1) * POINT_BYTES] for i in range(n_points)])
-        except (ValueError, Exception) as exc:  # the library raises its own exception type on a bad point
+        except Exception as exc:  # noqa: BLE001 - the library raises its own exception type on a bad point
             raise ProofError(f"malformed: a point does not decode ({exc})") from exc
         base = n_points * POINT_BYTES
         scs = [int.from_bytes(data[base + i * SCALAR_BYTES: base + (i + 1) * SCALAR_BYTES], "little")
@@ -239,8 +237,11 @@ def _start(st: Statement, commitments: Sequence[G1Point], shape: Shape) -> Trans
     return tr
 
 
+@functools.lru_cache(maxsize=4)
 def _padding_bit_row(shape: Shape) -> G1Point:
-    """A bit row of padding only: every value is 0, so u = 2^(k-1): only bit k-1 of each value is set."""
+    """A bit row of padding only: every value is 0, so u = 2^(k-1): only bit k-1 of each value is set.
+
+    Cached (a named, bounded cache): the server verifies every institution's proof of a round at one shape."""
     gens = wide_generators(shape.width)
     return G1Point.multiexp_unchecked([g for p, g in enumerate(gens) if p % shape.bits == shape.bits - 1],
                                       [Scalar(1)] * (shape.width // shape.bits))
@@ -256,13 +257,6 @@ def _link_factors(shape: Shape, point: Sequence[int]) -> list[tuple[int, int]]:
             e = shape.vars_b - 1 - g
             out.append((1, pow(2, 1 << e, P)))
     return out
-
-
-def _eq_at(a: Sequence[int], b: Sequence[int]) -> int:
-    acc = 1
-    for x, y in zip(a, b):
-        acc = acc * ((x * y + (1 - x) * (1 - y)) % P) % P
-    return acc
 
 
 @dataclass
@@ -296,7 +290,7 @@ def _relations(shape: Shape, st: Statement, proof: NormProof, tau: Sequence[int]
     items.append((sum01(proof.rounds[0]) + [(proof.c_s, -mu)], 0))
     for i in range(1, shape.vars_b):
         items.append((sum01(proof.rounds[i]) + at(proof.rounds[i - 1], rs[i - 1], -1), 0))
-    eq_final = _eq_at(tau, rs)
+    eq_final = prefix_eq(tau, rs)
     items.append((at(proof.rounds[-1], rs[-1], 1) + [(proof.c_wb, -eq_final), (proof.c_vb, eq_final),
                                                      (proof.c_wx, -mu * inv(st.bits))], 0))
     items.append(([(proof.c_vu, 1), (proof.c_vx, -1)], 1 << (st.bits - 1)))

@@ -52,13 +52,29 @@ def _weighted_hist(idx: np.ndarray, point: Sequence[int], values: int) -> list[i
     return [int(v) for v in total]
 
 
-def _pattern_values(eqr: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """(lo(v), hi(v)) for every pattern v of 2^i bits: slot s = 2*prefix + half holds bit s of v."""
-    n = 1 << (1 << i)
-    bits = (np.arange(n, dtype=np.int64)[:, None] >> np.arange(1 << i, dtype=np.int64)) & 1
-    lo = np.array([sum(int(w) for w, b in zip(eqr, row[0::2]) if b) % P for row in bits], dtype=object)
-    hi = np.array([sum(int(w) for w, b in zip(eqr, row[1::2]) if b) % P for row in bits], dtype=object)
-    return lo, hi
+def _patterns(beta: np.ndarray, slots: int) -> np.ndarray:
+    """For every position of the table cut into ``slots`` equal slices, the pattern of its bits across the slices
+    (bit s = slice s): after binding log2(slots) variables an entry depends on exactly this pattern."""
+    sliced = beta.reshape(slots, -1)
+    idx = np.zeros(sliced.shape[1], dtype=np.uint32)
+    for s in range(slots):
+        idx |= sliced[s].astype(np.uint32) << np.uint32(s)
+    return idx
+
+
+def _pattern_sums(slot_weights: Sequence[int]) -> np.ndarray:
+    """sum_s slot_weights[s] * bit s of v, for every pattern v of len(slot_weights) bits (mod r)."""
+    n = len(slot_weights)
+    bits = (np.arange(1 << n, dtype=np.int64)[:, None] >> np.arange(n, dtype=np.int64)) & 1
+    return np.array([sum(int(w) for w, b in zip(slot_weights, row) if b) % P for row in bits], dtype=object)
+
+
+def prefix_eq(tau: Sequence[int], rs: Sequence[int]) -> int:
+    """eq(tau, r) over the variables bound so far."""
+    acc = 1
+    for t, r in zip(tau, rs):
+        acc = acc * _eq_lin(t, r) % P
+    return acc
 
 
 def _small_round(beta: np.ndarray, x: np.ndarray, rs: list[int], tau: Sequence[int], mu: int, k: int
@@ -66,16 +82,11 @@ def _small_round(beta: np.ndarray, x: np.ndarray, rs: list[int], tau: Sequence[i
     """Round i = len(rs) + 1 from the original tables (bits 0/1, x int64)."""
     i = len(rs) + 1
     eqr = eq_table(rs)  # weights of the bound prefixes, most significant first
-    rest = len(beta) >> i
-    slots = beta.reshape(1 << i, rest)
-    idx = np.zeros(rest, dtype=np.uint32)
-    for s in range(1 << i):
-        idx |= slots[s].astype(np.uint32) << np.uint32(s)
-    weights = _weighted_hist(idx, list(tau[i:]), 1 << (1 << i))
-    lo, hi = _pattern_values(eqr, i)
-    prefix = 1
-    for t, r in zip(tau, rs):
-        prefix = prefix * _eq_lin(t, r) % P
+    weights = _weighted_hist(_patterns(beta, 1 << i), list(tau[i:]), 1 << (1 << i))
+    # slot s = 2 * prefix + half: the low half's value weighs the even slots, the high half's the odd ones
+    lo = _pattern_sums([w for e in eqr for w in (int(e), 0)])
+    hi = _pattern_sums([w for e in eqr for w in (0, int(e))])
+    prefix = prefix_eq(tau, rs)
     # Gram matrix of x's 2^i slices: sum_p x[s, p] x[s', p], exact in int64 (|x| < 2^31, slices short enough).
     xs = x.reshape(1 << i, -1)
     gram = (xs @ xs.T).tolist()
@@ -127,20 +138,12 @@ def prove_rounds(beta: np.ndarray, x: np.ndarray, k: int, tau: Sequence[int], mu
     if small:
         # Fold the original tables through the bound prefix at once: an entry is a pattern of 2^small bits.
         eqr = eq_table(rs)
-        slots = beta.reshape(1 << small, -1)
-        idx = np.zeros(slots.shape[1], dtype=np.uint32)
-        for s in range(1 << small):
-            idx |= slots[s].astype(np.uint32) << np.uint32(s)
-        bits = (np.arange(1 << (1 << small), dtype=np.int64)[:, None] >> np.arange(1 << small)) & 1
-        table = np.array([sum(int(w) for w, b in zip(eqr, row) if b) % P for row in bits], dtype=object)
-        bt = table[idx]
+        bt = _pattern_sums(eqr.tolist())[_patterns(beta, 1 << small)]
         xt = np.array([v % P for v in combine_rows(x.reshape(1 << small, -1), [int(w) for w in eqr])],
                       dtype=object)
     else:
         bt, xt = as_field(beta), as_field(x)
-    prefix = 1
-    for t, r in zip(tau, rs):
-        prefix = prefix * _eq_lin(t, r) % P
+    prefix = prefix_eq(tau, rs)
     inv_k = pow(k, P - 2, P)
     vx = int(xt[0]) if len(xt) == 1 else None
     u_table = None
