@@ -27,6 +27,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(_run_task("evaluate", msg.content, context), reply_to=msg)
 
 
+@app.query("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    """One secure-aggregation stage (``zk.secagg``): key shares, the masked update, a survivor-set signature or
+    the unmasking shares. Light work (no model) on what training left in this node's state, so it always runs in
+    this process, also when a resident trainer trains."""
+    return Message(TASKS["secagg"](msg.content, context), reply_to=msg)
+
+
 def _run_task(kind: str, content: RecordDict, context: Context) -> RecordDict:
     """Flower starts a fresh ClientApp process per message in a deployment; when the node config names a
     resident trainer (``trainer-socket``), the work goes to that long-lived process, which keeps the base model

@@ -70,6 +70,9 @@ class NodeSettings:
     num_partitions: int = 1
     institution: str = ""
     zk_key: str = ""
+    zk_peers: str = ""
+    """Directory of the institutions' public keys (``<name>.pub.pem``), this institution's own copy: secure
+    aggregation checks every peer's signed keys against it, never against keys the server hands out."""
     trainer_socket: str = ""
     trainer_authkey_file: str = ""
     progress_file: str = ""
@@ -90,6 +93,7 @@ class NodeSettings:
                    num_partitions=_int(raw, "num-partitions", 1, 1),
                    institution=_text(raw, "institution"),
                    zk_key=_text(raw, "zk-key"),
+                   zk_peers=_text(raw, "zk-peers"),
                    trainer_socket=_text(raw, "trainer-socket"),
                    trainer_authkey_file=_text(raw, "trainer-authkey-file"),
                    progress_file=_text(raw, PROGRESS_KEY),

@@ -20,6 +20,7 @@ from finlora.client.dp_setup import enforce_policy
 from finlora.client.local_data import LocalData, local_data
 from finlora.client.node_settings import NodeSettings
 from finlora.client.privacy_engine import InstitutionPrivacyEngine
+from finlora.client.secagg_stage import peer_keys, secagg_stage
 from finlora.client.train import TrainStats, round_learning_rate, train_round
 from finlora.client.zk_update import signing_key_file, zk_reply_records
 from finlora.common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, load_lora_state, lora_state,
@@ -29,6 +30,8 @@ from finlora.common.evaluation import answer_loss
 from finlora.common.model import LOAD_COUNTS, ModelBundle, QUANTIZATION_BITS, get_model_bundle
 from finlora.common.transport import TRANSPORT_RECORD, encode_update
 from finlora.zk.codec import ZK_RECORD
+from finlora.zk.secagg_codec import SECAGG_RECORD
+from finlora.zk.signing import load_private_key
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def train_locally(cfg: FinloraConfig, node: NodeSettings, bundle: ModelBundle, d
 
 
 def update_records(cfg: FinloraConfig, node: NodeSettings, run_id: int, local: Arrays, received: Arrays,
-                   server_round: int, num_examples: int, seed: int) -> UpdateRecords:
+                   server_round: int, num_examples: int, seed: int, state: Any = None) -> UpdateRecords:
     """The float update clipped to ``strategy.max-update-norm`` and encoded as ``transport.dtype``, or with zk
     the committed, signed quantized update."""
     if not cfg.zk.enabled:
@@ -96,11 +99,10 @@ def update_records(cfg: FinloraConfig, node: NodeSettings, run_id: int, local: A
         extra = {TRANSPORT_RECORD: ConfigRecord(encoded.record)} if encoded.record else {}
         return UpdateRecords(to_array_record(encoded.arrays), extra, sum(r.count_bytes() for r in extra.values()),
                              {"update-norm": encoded.norm, "update-clipped": int(encoded.clipped)})
-    run_name = cfg.run_name(run_id)
-    keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / run_name / "keys"
+    keys_dir = zk_keys_dir(cfg, run_id)
     record, zk_record, zk_metrics = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk,
                                          signing_key_file(node, keys_dir), cfg.signed_run_id(run_id),
-                                         server_round, node.institution_name, num_examples, seed)
+                                         server_round, node.institution_name, num_examples, seed, state)
     return UpdateRecords(record, {ZK_RECORD: zk_record},
                          sum(len(v) for v in zk_record.values() if isinstance(v, bytes)), zk_metrics)
 
@@ -117,7 +119,8 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
     stats, privacy = train_locally(cfg, node, bundle, data, context.state, config, received, lr, seed)
     start = time.perf_counter()
     local = select_keys(lora_state(bundle.model), cfg.lora.ffa)
-    update = update_records(cfg, node, context.run_id, local, received, server_round, len(data.train), seed)
+    update = update_records(cfg, node, context.run_id, local, received, server_round, len(data.train), seed,
+                            context.state)
     serialize_seconds = time.perf_counter() - start
     metrics = MetricRecord({
         "num-examples": len(data.train),
@@ -140,6 +143,23 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
     return RecordDict({"arrays": update.arrays, "metrics": metrics, **update.extra})
 
 
+def secagg_content(content: RecordDict, context: Context) -> RecordDict:
+    """One secure-aggregation stage (``query.secagg``): light crypto on what training left in the node's state."""
+    cfg = FinloraConfig.from_flat(context.run_config)
+    node = NodeSettings.parse(context.node_config)
+    keys_dir = zk_keys_dir(cfg, context.run_id)
+    key = load_private_key(signing_key_file(node, keys_dir))
+    fields = dict(content.config_records[SECAGG_RECORD])
+    reply = secagg_stage(fields, context.state, key, peer_keys(node.zk_peers, keys_dir), cfg.zk.bits,
+                         cfg.strategy.weighting == "equal")
+    return RecordDict({SECAGG_RECORD: ConfigRecord(reply)})
+
+
+def zk_keys_dir(cfg: FinloraConfig, run_id: int) -> Path:
+    """Where this run's institution keys live: ``zk.keys-dir``, or the run directory's ``keys`` (simulation)."""
+    return Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / cfg.run_name(run_id) / "keys"
+
+
 def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     """Loss of the global adapter on this institution's validation rows (never trained on)."""
     prepared = prepare(content, context)
@@ -151,5 +171,5 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     return RecordDict({"metrics": metrics})
 
 
-TASKS = {"train": train_content, "evaluate": evaluate_content}
+TASKS = {"train": train_content, "evaluate": evaluate_content, "secagg": secagg_content}
 """What a task kind runs, given the message content and the node's context (also used by the resident trainer)."""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from finlora.client.node_settings import NodeSettings
+from finlora.client.secagg_stage import remember_for_secagg
 from finlora.common.config import ZkConfig
 from finlora.zk import codec
 from finlora.zk.encoding import quantize_update
@@ -39,10 +40,14 @@ def signing_key_file(node: NodeSettings, keys_dir: Path) -> Path:
 
 def zk_reply_records(local: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], zk: ZkConfig,
                      key_file: Path, run_id: str, server_round: int, institution: str, num_examples: int,
-                     seed: int) -> tuple[Any, Any, dict[str, float]]:
+                     seed: int, state: Any = None) -> tuple[Any, Any, dict[str, float]]:
     """(ArrayRecord of int update tensors, ConfigRecord :data:`zk.codec.ZK_RECORD`, metrics) for the reply of a
     training round, laid out by :func:`zk.codec.encode`. With ``zk.proof`` the record carries the zero-knowledge
-    range + norm proof, and the metrics say how long it took and how big it is."""
+    range + norm proof, and the metrics say how long it took and how big it is.
+
+    With ``zk.secagg`` the reply carries no values and no blindings: the array record is empty and the zk record
+    holds the commitments, the proof and this round's secure-aggregation advertisement; the update itself waits in
+    the node's ``state`` (``client/secagg_stage.py``) until the server asks for the masked input."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
     delta = {k: np.asarray(local[k], np.float64) - np.asarray(global_arrays[k], np.float64) for k in local}
@@ -51,10 +56,14 @@ def zk_reply_records(local: Mapping[str, np.ndarray], global_arrays: Mapping[str
         raise FileNotFoundError(f"zk signing key of {institution} not found: {key_file}")
     start = time.perf_counter()
     proof_params = (zk.bits, zk.norm_bound, zk.frac_bits) if zk.proof else None
-    sub = make_submission(values, num_examples, load_private_key(key_file), run_id, server_round, institution,
+    key = load_private_key(key_file)
+    sub = make_submission(values, num_examples, key, run_id, server_round, institution,
                           proof_params, progress=lambda msg: log.info("%s round %d: zk proof of %d values: %s",
                                                                        institution, server_round, len(values), msg))
     metrics = ({"zk-prove-seconds": time.perf_counter() - start, "zk-proof-bytes": len(sub.proof)}
                if zk.proof else {})
+    if zk.secagg:
+        fields = remember_for_secagg(state, sub, key, run_id, server_round, institution)
+        return ArrayRecord(), ConfigRecord(fields), metrics
     tensors, fields = codec.encode(sub, layout, zk.bits, institution)
     return ArrayRecord({key: Array(value) for key, value in tensors.items()}), ConfigRecord(fields), metrics

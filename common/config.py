@@ -289,6 +289,13 @@ class ZkConfig:
         Each institution also sends a zero-knowledge proof that its committed update is in the ``bits`` range and
         within ``norm_bound`` (``zk/normproof.py``); the server verifies it before aggregating and rejects that
         update on a bad or missing proof, and the ledger keeps the proofs for ``finlora zk audit``.
+    secagg : bool
+        Secure aggregation (``zk/secagg.py``): institutions send their update only masked, and the server unmasks
+        only the round's weighted sum, which it checks against the weighted commitments. Needs ``zk.proof`` (the
+        server never sees an update to check its range and norm) and at least three institutions per round.
+    secagg_threshold : int
+        Shares needed to remove a dropped institution's masks (t of n); 0 means floor(2n/3) + 1. A round with fewer
+        than t institutions left at any stage is dropped and the previous global adapter kept.
     run_nonce : str
         Random hex chosen once per deployment (``finlora server`` and ``finlora simulate`` pick it and keep it in
         their state, so a resumed run keeps it): every signature is over ``<run name>#<nonce>``, so an update signed
@@ -305,6 +312,8 @@ class ZkConfig:
     bits: Literal[8, 16]
     keys_dir: str
     proof: bool
+    secagg: bool
+    secagg_threshold: int = _range(ge=0)
     run_nonce: str
     registry: str
 
@@ -428,6 +437,14 @@ class FinloraConfig:
         if self.zk.enabled and self.dp.enabled and self.dp.level == "client":
             raise ConfigError("zk.enabled cannot be combined with dp.level = client: server-added noise is not in "
                               "the committed aggregate (use dp.level = sample)")
+        if self.zk.secagg and not (self.zk.enabled and self.zk.proof):
+            raise ConfigError("zk.secagg needs zk.enabled = true and zk.proof = true: with masked updates only the "
+                              "zero-knowledge proofs can show the server that each update is in range and bound")
+        if self.zk.secagg and self.strategy.min_train_nodes < 3:
+            raise ConfigError(f"zk.secagg needs strategy.min-train-nodes >= 3 (got {self.strategy.min_train_nodes}): "
+                              f"with two institutions each could subtract its own update from the sum")
+        if self.zk.secagg and self.zk.secagg_threshold == 1:
+            raise ConfigError("zk.secagg-threshold = 1: one share would let anyone remove a mask (use 0 or >= 2)")
         if self.transport.dtype != "float32" and self.zk.enabled:
             raise ConfigError(f"transport.dtype = {self.transport.dtype} needs zk.enabled = false: zk updates travel "
                               f"as zk.bits-bit committed integers")

@@ -49,8 +49,9 @@ from flwr.supercore import log
 from finlora.common.adapter import AdapterError, Arrays, arrays_digest, check_arrays, from_array_record, to_array_record
 from finlora.common.config import StrategyConfig
 from finlora.common.transport import NORM_SLACK, TRANSPORT_RECORD, decode_update, delta_norm, wire_dtype
-from finlora.server.zk_round import ZkRoundResult, ZkVerifier
+from finlora.server.zk_round import ZkRoundResult, ZkVerifier, secure_aggregate
 from finlora.zk import codec
+from finlora.zk.secagg_codec import QUERY_ACTION, SECAGG_RECORD
 
 WEIGHT_KEY = "finlora-weight"
 """The only weight Flower aggregates by; the server sets it on every accepted reply and never reads it from one."""
@@ -189,6 +190,9 @@ def update_problem(content: RecordDict, expected_shapes: Mapping[str, tuple[int,
         if signed != metrics["num-examples"]:  # one weight: the signed count is what the aggregate uses
             return (f"metric 'num-examples' = {metrics['num-examples']!r} differs from the signed zk count "
                     f"{signed!r}"), None
+        if zk_record is not None and codec.BLINDINGS not in zk_record:  # secure aggregation: values come masked
+            return (None, None) if not received else ("a secure-aggregation reply must not carry update values",
+                                                      None)
         try:
             check_arrays(received, expected_shapes, "update", integer=True)
         except AdapterError as exc:
@@ -232,6 +236,7 @@ class LoraStrategy(Strategy):
         """What updates are deltas from: zk aggregation, float16/int8 decoding and the norm bound need it."""
         self._logs: dict[int, _RoundLog] = {}
         self._sent_messages: list[Message] = []
+        self._grid: Grid | None = None
 
     def __repr__(self) -> str:
         return f"finlora LoRA rounds around {self.strategy!r}"
@@ -281,6 +286,7 @@ class LoraStrategy(Strategy):
             absolute, arrays, config, _NodeWaitDeadline(grid, self.node_wait_timeout, needed, f"round {absolute}")))
         rec.wire += [describe_message(m, "server->client", absolute) for m in messages]
         self._sent_messages = messages  # Flower sets their message ids in place when it pushes them
+        self._grid = grid  # secure aggregation's stages talk to the same nodes after the training replies
         return messages
 
     def _reply_node(self, msg: Message) -> str:
@@ -350,17 +356,48 @@ class LoraStrategy(Strategy):
         exactly (FedAvg weighted by integer example counts); failing updates are excluded with their reason."""
         assert self.verifier is not None
         valid = [m for m in replies if not m.has_error()]
-        new_global, result = self.verifier.verify_and_aggregate(
-            server_round, [(str(m.metadata.src_node_id), m.content) for m in valid], self.current_global)
+        pairs = [(str(m.metadata.src_node_id), m.content) for m in valid]
+        if self.verifier.cfg.secagg:
+            new_global, result = secure_aggregate(self.verifier, server_round, pairs, self.current_global,
+                                                  lambda stage, requests: self._exchange(server_round, stage, requests))
+        else:
+            new_global, result = self.verifier.verify_and_aggregate(server_round, pairs, self.current_global)
         rec.zk = result
         for node, reason in result.rejected.items():
             log(WARNING, "round %d: rejected the update of node %s: %s", server_round, node, reason)
             rec.rejected[node] = reason
             rec.clients.pop(node, None)
         kept = [m.content for m in valid if str(m.metadata.src_node_id) not in result.rejected]
+        if result.kept_reason:
+            rec.kept_previous = f"{result.kept_reason}: the previous global adapter is kept"
+            log(WARNING, "round %d: %s", server_round, rec.kept_previous)
+            return None, None
         if new_global is None or len(kept) < self.min_valid:
             return self._keep_previous(server_round, rec, len(kept))
         return to_array_record(new_global), aggregate_metricrecords(kept, self.weighted_by_key)
+
+    def _exchange(self, server_round: int, stage: str, requests: Mapping[str, Mapping[str, Any]]
+                  ) -> dict[str, dict[str, Any]]:
+        """One secure-aggregation stage over Flower: a ``query.secagg`` message per node, the replies that came
+        back without error within ``strategy.round-timeout`` (the rest count as dropped), all in the wire log."""
+        if self._grid is None:
+            raise RuntimeError("secure aggregation needs the grid of configure_train")
+        rec = self._log(server_round)
+        messages = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(dict(fields))}), dst_node_id=int(node),
+                            message_type=f"query.{QUERY_ACTION}", group_id=str(server_round)) for node, fields in requests.items()]
+        rec.wire += [describe_message(m, "server->client", server_round) for m in messages]
+        answers: dict[str, dict[str, Any]] = {}
+        for reply in self._grid.send_and_receive(messages, timeout=self.node_wait_timeout):
+            node = str(reply.metadata.src_node_id)
+            if reply.has_error():
+                rec.errors.setdefault(node, f"secagg {stage}: {short_reason(reply.error.reason)}")
+                log(WARNING, "round %d: node %s failed secagg stage %s: %s", server_round, node, stage,
+                    short_reason(reply.error.reason))
+                continue
+            rec.wire.append(describe_message(reply, "client->server", server_round))
+            if SECAGG_RECORD in reply.content.config_records:
+                answers[node] = dict(reply.content.config_records[SECAGG_RECORD])
+        return answers
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

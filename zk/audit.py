@@ -156,8 +156,12 @@ def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], p
     problems, points = _check_signatures(header, entry, keys)
     layout = Layout.from_json(entry["layout"])
     problems += _check_proofs(header, entry, keys, layout)
-    weights = client_weights([int(c["num_examples"]) for c in entry["clients"]],
-                             header.get("weighting", "examples") == "equal")
+    counts = [int(c["num_examples"]) for c in entry["clients"]]
+    divisor = int(entry.get("weight_divisor", 1))
+    if divisor < 1 or any(n % divisor for n in counts):
+        problems.append(f"weight divisor {divisor} does not divide every signed example count")
+        divisor = 1
+    weights = client_weights([n // divisor for n in counts], header.get("weighting", "examples") == "equal")
     if sum(weights) != entry["total_weight"] or entry["total_weight"] <= 0:
         problems.append(f"total weight is not the sum of the clients' weights ({header.get('weighting', 'examples')})")
     agg_path = run_dir / entry["aggregate_file"]

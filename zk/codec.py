@@ -16,6 +16,7 @@ import numpy as np
 
 from finlora.zk.encoding import Layout
 from finlora.zk.verify import Submission
+from finlora.zk.wire import pack_commitments, unpack_commitments
 
 ZK_RECORD = "zk"
 """Name of the config record of a zk reply."""
@@ -54,3 +55,23 @@ def decode(tensors: Mapping[str, np.ndarray], fields: Mapping[str, Any], layout:
               COMMITMENTS: fields[COMMITMENTS], BLINDINGS: fields[BLINDINGS], SIGNATURE: fields[SIGNATURE],
               PROOF: fields.get(PROOF, b"")}
     return institution, Submission.from_wire(institution, record)
+
+
+def encode_committed(sub: Submission, institution: str, ad_fields: Mapping[str, bytes]) -> dict[str, Any]:
+    """Secure aggregation's training reply: the :data:`ZK_RECORD` fields without values or blindings (those reach
+    the server only masked), plus the round's advertisement (:mod:`zk.secagg_codec`)."""
+    return {INSTITUTION: institution, NUM_EXAMPLES: int(sub.num_examples),
+            COMMITMENTS: pack_commitments(sub.commitments), SIGNATURE: bytes(sub.signature),
+            PROOF: bytes(sub.proof), **{k: bytes(v) for k, v in ad_fields.items()}}
+
+
+def decode_committed(fields: Mapping[str, Any]) -> tuple[str, Submission]:
+    """(claimed institution, submission with no values and no blindings) from a secure-aggregation reply; raises
+    ``KeyError``/``ValueError``/``TypeError`` on one that does not parse. The advertisement is read with
+    :func:`zk.secagg_codec.ad_from_fields`."""
+    if fields.get(BLINDINGS):
+        raise ValueError("a secure-aggregation reply must not carry blindings")
+    institution = str(fields[INSTITUTION])
+    return institution, Submission(institution, int(fields[NUM_EXAMPLES]), np.zeros(0, dtype=np.int64), (),
+                                   tuple(unpack_commitments(fields[COMMITMENTS])), bytes(fields[SIGNATURE]),
+                                   bytes(fields.get(PROOF, b"")))

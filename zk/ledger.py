@@ -80,13 +80,13 @@ def load_aggregate(path: Path) -> np.ndarray:
 
 def header_entry(run_id: str, public_keys: Mapping[str, Ed25519PublicKey], round0_adapter_sha256: str,
                  norm_bound: float, frac_bits: int, bits: int, round0_adapter: str = adapter_relpath(0),
-                 weighting: str = "examples", proofs: bool = False) -> dict[str, Any]:
+                 weighting: str = "examples", proofs: bool = False, secagg: bool = False) -> dict[str, Any]:
     """The first ledger line of a run (write it once, before round 1). ``weighting``: how the aggregate weighs
     each accepted client (``examples``: its signed count; ``equal``: 1 each), which the audit re-derives;
     ``proofs``: every accepted update carries a range + norm proof, which the audit verifies."""
     return {"type": "header", "version": VERSION, "run_id": run_id, "row_size": ROW_SIZE, "weighting": weighting,
             "generators_digest": PINNED_DIGEST, "norm_bound": float(norm_bound), "frac_bits": int(frac_bits),
-            "bits": int(bits), "proofs": bool(proofs), "adapter_file": round0_adapter, "adapter_sha256": round0_adapter_sha256,
+            "bits": int(bits), "proofs": bool(proofs), "secagg": bool(secagg), "adapter_file": round0_adapter, "adapter_sha256": round0_adapter_sha256,
             "public_keys": {str(k): public_key_raw(v).hex() for k, v in sorted(public_keys.items())}}
 
 
@@ -102,10 +102,11 @@ def client_record(sub: Submission) -> dict[str, Any]:
 
 def record_round(run_dir: Path, round_num: int, layout: Layout, accepted: Sequence[Submission],
                  rejected: Mapping[str, str], aggregate_values: np.ndarray, aggregate_blindings: Sequence[int],
-                 total_weight: int, adapter_file: str | None = None) -> dict[str, Any]:
+                 total_weight: int, adapter_file: str | None = None, weight_divisor: int = 1) -> dict[str, Any]:
     """Server side, after the new global adapter is saved: write the aggregate file and append the round line.
 
     ``adapter_file`` is relative to ``run_dir`` (default ``round-<k>/adapter_model.safetensors``).
+    ``weight_divisor``: secure aggregation weighs each client by its signed count over this (their gcd).
     """
     run_dir = Path(run_dir)
     adapter_file = adapter_file or adapter_relpath(round_num)
@@ -115,6 +116,8 @@ def record_round(run_dir: Path, round_num: int, layout: Layout, accepted: Sequen
              "total_weight": int(total_weight), "aggregate_file": agg_file, "aggregate_sha256": agg_sha,
              "aggregate_blindings": base64.b64encode(pack_blindings(aggregate_blindings)).decode(),
              "adapter_file": adapter_file, "adapter_sha256": file_sha256(run_dir / adapter_file)}
+    if weight_divisor != 1:
+        entry["weight_divisor"] = int(weight_divisor)
     append_entry(run_dir, entry)
     return entry
 

@@ -27,6 +27,7 @@ See docs/zk.md ("Secure aggregation") for the statement and the argument.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -189,10 +190,11 @@ class Packing:
         return np.array(vals, dtype=object)
 
 
-def round_weights(ads: Mapping[str, Advertisement]) -> dict[str, int]:
-    """Each advertised client's FedAvg weight for the round (the same on every client and on the server)."""
+def round_weights(ads: Mapping[str, Advertisement], equal: bool = False) -> dict[str, int]:
+    """Each advertised client's FedAvg weight for the round (the same on every client and on the server): its
+    signed example count over the gcd of all of them, or 1 each with ``strategy.weighting = equal``."""
     names = sorted(ads)
-    return dict(zip(names, reduced_weights([ads[n].num_examples for n in names])))
+    return dict(zip(names, [1] * len(names) if equal else reduced_weights([ads[n].num_examples for n in names])))
 
 
 def reduced_weights(num_examples: Sequence[int]) -> list[int]:
@@ -374,6 +376,38 @@ class SecAggClient:
         self._dealers: tuple[str, ...] = ()
         self.complaints: dict[str, bytes] = {}
 
+    def to_state(self) -> bytes:
+        """Everything this round's client must remember between stages (its ephemeral secrets included), for the
+        institution's own node state; never sent to the server."""
+        ads = {n: [a.cipher_key.hex(), a.mask_key.hex(), a.num_examples, a.signature.hex()]
+               for n, a in self._ads.items()}
+        return json.dumps({"name": self.name, "run_id": self.ctx.run_id, "round": self.ctx.round_num,
+                           "num_examples": self.num_examples, "cipher": _raw(self._cipher).hex(),
+                           "mask": _raw(self._mask).hex(), "seed": hex(self._self_seed), "ads": ads,
+                           "received": {n: [hex(v) for v in vals] for n, vals in self._received.items()},
+                           "dealers": list(self._dealers), "answered": self._answered,
+                           "complaints": {n: k.hex() for n, k in self.complaints.items()}}).encode()
+
+    @classmethod
+    def from_state(cls, data: bytes, identity: Ed25519PrivateKey) -> SecAggClient:
+        raw = json.loads(bytes(data).decode())
+        client = cls(raw["name"], identity, RoundContext(raw["run_id"], int(raw["round"])), int(raw["num_examples"]))
+        client._cipher = X25519PrivateKey.from_private_bytes(bytes.fromhex(raw["cipher"]))
+        client._mask = X25519PrivateKey.from_private_bytes(bytes.fromhex(raw["mask"]))
+        client._self_seed = int(raw["seed"], 16)
+        client._ads = {n: Advertisement(n, bytes.fromhex(c), bytes.fromhex(m), int(k), bytes.fromhex(sig))
+                       for n, (c, m, k, sig) in raw["ads"].items()}
+        client._received = {n: [int(v, 16) for v in vals] for n, vals in raw["received"].items()}
+        client._dealers = tuple(raw["dealers"])
+        client._answered = None if raw["answered"] is None else tuple(raw["answered"])
+        client.complaints = {n: bytes.fromhex(k) for n, k in raw["complaints"].items()}
+        return client
+
+    @property
+    def advertised(self) -> dict[str, Advertisement]:
+        """The advertisements this client checked and shared with (stage 2)."""
+        return dict(self._ads)
+
     def advertise(self) -> Advertisement:
         cipher, mask = _raw(self._cipher.public_key()), _raw(self._mask.public_key())
         ad = Advertisement(self.name, cipher, mask, self.num_examples, b"")
@@ -516,9 +550,9 @@ class SecAggServer:
         self._enough(len(self.ads), "advertised keys")
         return dict(self.ads)
 
-    def weights(self) -> dict[str, int]:
-        """Each advertised client's FedAvg weight: its signed example count over the gcd of all of them."""
-        return round_weights(self.ads)
+    def weights(self, equal: bool = False) -> dict[str, int]:
+        """Each advertised client's FedAvg weight (:func:`round_weights`)."""
+        return round_weights(self.ads, equal)
 
     def route_shares(self, bundles: Iterable[ShareBundle]) -> dict[str, dict[str, ShareBundle]]:
         """Stage 2: keep the signed, well-formed bundles (U2); each recipient gets every kept bundle."""

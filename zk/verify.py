@@ -142,11 +142,13 @@ def _cheap_checks(sub: Submission, run_id: str, round_num: int, key: Ed25519Publ
 
 
 def proof_problem(sub: Submission, run_id: str, round_num: int, key: Ed25519PublicKey, norm_bound: float,
-                  frac_bits: int, bits: int) -> str | None:
-    """Why ``sub``'s zero-knowledge range + norm proof does not verify against its commitments, or None."""
+                  frac_bits: int, bits: int, length: int | None = None) -> str | None:
+    """Why ``sub``'s zero-knowledge range + norm proof does not verify against its commitments, or None.
+    ``length``: the update's number of values (default: the values the server received)."""
     if not sub.proof:
         return f"{BAD_PROOF}: no range/norm proof (the run requires one: zk.proof)"
-    st = proof_statement(run_id, round_num, key, sub.values.shape[0], bits, norm_bound, frac_bits)
+    length = sub.values.shape[0] if length is None else length
+    st = proof_statement(run_id, round_num, key, length, bits, norm_bound, frac_bits)
     try:
         normproof.verify(st, sub.commitments, sub.proof)
     except normproof.ProofError as exc:
@@ -229,6 +231,58 @@ def verify_round(submissions: Sequence[Submission], run_id: str, round_num: int,
     for node, reason in rejected.items():
         log.warning("zk: round %d: rejected update of node %s: %s", round_num, node, reason)
     return [s for s, _ in candidates if s.node_id not in rejected], rejected
+
+
+def verify_committed(submissions: Sequence[Submission], run_id: str, round_num: int,
+                     public_keys: Mapping[str, Ed25519PublicKey], norm_bound: float, frac_bits: int, bits: int,
+                     seen_digests: Collection[bytes], expected_size: int,
+                     proof_seconds: dict[str, float] | None = None) -> tuple[list[Submission], dict[str, str]]:
+    """Secure aggregation's check before masking starts: the server has no values, so each submission must carry
+    a valid signature over fresh commitments of the right number of rows *and* a zero-knowledge proof that they
+    commit to an in-range update within the bound. (accepted in input order, node id -> rejection reason)."""
+    rejected: dict[str, str] = {}
+    accepted: list[Submission] = []
+    counts: dict[str, int] = {}
+    for sub in submissions:
+        counts[sub.node_id] = counts.get(sub.node_id, 0) + 1
+    owner: dict[bytes, str] = {}
+    rows = num_rows(expected_size)
+    for sub in submissions:
+        key = public_keys.get(sub.node_id)
+        if counts[sub.node_id] > 1:
+            reason: str | None = f"{DUPLICATE}: node {sub.node_id} submitted {counts[sub.node_id]} updates"
+        elif key is None:
+            reason = f"{UNKNOWN_NODE}: no registered public key"
+        elif not isinstance(sub.num_examples, int) or not 0 < sub.num_examples <= MAX_EXAMPLES:
+            reason = f"{MALFORMED}: num_examples {sub.num_examples!r} is not an int in 1..{MAX_EXAMPLES}"
+        elif len(sub.commitments) != rows:
+            reason = f"{MALFORMED}: {len(sub.commitments)} commitments for {rows} rows"
+        else:
+            try:
+                digest = sub.digest
+            except ValueError as exc:
+                digest, reason = b"", f"{MALFORMED}: {exc}"
+            else:
+                reason = None
+            if reason is None and digest in seen_digests:
+                reason = f"{REPLAY}: commitments already seen in an earlier round"
+            elif reason is None and digest in owner:
+                reason = f"{DUPLICATE}: same commitments as node {owner[digest]} in this round"
+            elif reason is None and not signed_by(sub, key, run_id, round_num, digest):
+                reason = f"{BAD_SIGNATURE}: not signed by {sub.node_id} for run {run_id!r} round {round_num}"
+            if reason is None:
+                start = time.perf_counter()
+                reason = proof_problem(sub, run_id, round_num, key, norm_bound, frac_bits, bits, expected_size)
+                if proof_seconds is not None:
+                    proof_seconds[sub.node_id] = time.perf_counter() - start
+            if reason is None:
+                owner[digest] = sub.node_id
+        if reason is None:
+            accepted.append(sub)
+        else:
+            rejected[sub.node_id] = reason
+            log.warning("zk: round %d: rejected update of node %s: %s", round_num, sub.node_id, reason)
+    return accepted, rejected
 
 
 def aggregate(accepted: Sequence[Submission], equal_weights: bool = False) -> tuple[np.ndarray, list[int], int]:
