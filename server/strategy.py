@@ -131,6 +131,7 @@ def describe_message(msg: Message, direction: str, server_round: int) -> dict[st
         "records": sorted(content.keys()),
         "arrays": arrays,
         "array_bytes": sum(rec.count_bytes() for rec in content.array_records.values()),
+        "config_bytes": sum(rec.count_bytes() for rec in content.config_records.values()),
         "sha256": {name: arrays_digest(from_array_record(rec)) for name, rec in content.array_records.items()},
     }
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pytest
 
+from finlora.common.config import ConfigError, load_config
 from finlora.zk import signing
 from finlora.zk.commit import GROUP_ORDER, commit_rows, commitments_digest, num_rows
 from finlora.zk.secagg import (BAD_SHARE, BAD_SIGNATURE, FALSE_COMPLAINT, Packing, RoundContext, SecAggClient,
@@ -328,3 +329,14 @@ def test_a_client_refuses_a_survivor_set_too_few_survivors_signed_and_forged_adv
     impostor = SecAggClient("bank-1", signing.generate_key(), ctx, 10).advertise()  # the server swaps in its keys
     with pytest.raises(SecAggError, match="bank-1 is not signed by its registered key"):
         clients["bank-0"].share_keys({**ads, "bank-1": impostor}, 2, {n: p.key.public_key() for n, p in fresh.items()})
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"zk.secagg": True, "zk.proof": False, "strategy.min-train-nodes": 3}, "zk.secagg needs zk.enabled = true and zk.proof"),
+    ({"zk.secagg": True, "strategy.min-train-nodes": 2}, "zk.secagg needs strategy.min-train-nodes >= 3"),
+    ({"zk.secagg": True, "strategy.min-train-nodes": 3, "zk.secagg-threshold": 1}, "zk.secagg-threshold = 1"),
+    ({"zk.secagg-threshold": -1}, "zk.secagg-threshold"),
+])
+def test_secure_aggregation_settings_that_cannot_work_fail_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides).check_combinations()
