@@ -78,6 +78,9 @@ class ClientOptions:
     resident: bool = True
     app_hash: str = "auto"
     """``auto`` (this installation's FAB), a SHA-256 hex digest, or ``any`` (unpinned)."""
+    zk_peers: Path | None = None
+    """The institutions' public keys (secure aggregation checks peers against them); default: the signing key's
+    directory."""
     dp_delta: float | None = None
     dp_max_grad_norm: float | None = None
     dp_ledger_dir: Path | None = None
@@ -129,6 +132,10 @@ def preflight(opts: ClientOptions) -> dict[str, object]:
         if not sign_key.is_file():
             raise ConfigError(f"{sign_key}: zk signing key of '{opts.name}' not found ('finlora certs node' makes it)")
         node_config["zk-key"] = str(sign_key.resolve())
+        peers = opts.zk_peers or sign_key.parent
+        if opts.zk_peers is not None and not opts.zk_peers.is_dir():
+            raise ConfigError(f"--zk-peers {opts.zk_peers}: not a directory of the institutions' public keys")
+        node_config["zk-peers"] = str(peers.resolve())
     # the institution's own privacy policy (enforced by the ClientApp)
     node_config["dp-required"] = not opts.allow_no_dp
     for key, value in (("dp-epsilon", opts.dp_epsilon), ("dp-delta", opts.dp_delta),

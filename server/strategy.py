@@ -388,8 +388,11 @@ class LoraStrategy(Strategy):
                             message_type=f"query.{QUERY_ACTION}", group_id=str(server_round)) for node, fields in requests.items()]
         rec.wire += [describe_message(m, "server->client", server_round) for m in messages]
         answers: dict[str, dict[str, Any]] = {}
-        for reply in self._grid.send_and_receive(messages, timeout=self.node_wait_timeout):
-            node = str(reply.metadata.src_node_id)
+        replies = list(self._grid.send_and_receive(messages, timeout=self.node_wait_timeout))
+        addressee = {m.metadata.message_id: str(m.metadata.dst_node_id) for m in messages}
+        for reply in replies:
+            # a node that died is answered for by the SuperLink: name it through the message it answers
+            node = addressee.get(reply.metadata.reply_to_message_id, str(reply.metadata.src_node_id))
             if reply.has_error():
                 rec.errors.setdefault(node, f"secagg {stage}: {short_reason(reply.error.reason)}")
                 log(WARNING, "round %d: node %s failed secagg stage %s: %s", server_round, node, stage,
@@ -398,6 +401,10 @@ class LoraStrategy(Strategy):
             rec.wire.append(describe_message(reply, "client->server", server_round))
             if SECAGG_RECORD in reply.content.config_records:
                 answers[node] = dict(reply.content.config_records[SECAGG_RECORD])
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for message_id, node in addressee.items():
+            if message_id not in answered:
+                rec.errors.setdefault(node, f"secagg {stage}: no reply within strategy.round-timeout")
         return answers
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

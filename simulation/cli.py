@@ -192,6 +192,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     return run_client(ClientOptions(superlink=args.superlink, ca=Path(args.ca) if args.ca else None,
                                     key=Path(args.key) if args.key else None, data=Path(args.data), name=name,
                                     sign_key=Path(args.sign_key) if args.sign_key else None,
+                                    zk_peers=Path(args.zk_peers) if args.zk_peers else None,
                                     state=Path(args.state) if args.state else default_state_dir(name),
                                     insecure=args.insecure, gpu=args.gpu, dp_epsilon=args.dp_epsilon,
                                     max_wait_time=args.max_wait_time, resident=not args.no_resident,
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--data", required=True, help="this institution's private FinLoRA JSONL")
     client.add_argument("--name", help="institution name (default: from the key file name)")
     client.add_argument("--sign-key", help="zk signing key (default: <name>.key beside --key)")
+    client.add_argument("--zk-peers", help="directory of the institutions' public keys <name>.pub.pem, this "
+                                           "institution's own copy for secure aggregation (default: beside the "
+                                           "signing key)")
     client.add_argument("--state", help="local state directory (default $FINLORA_HOME/nodes/<name>)")
     client.add_argument("--gpu", type=int, help="CUDA device index to train on")
     client.add_argument("--dp-epsilon", type=float, help="this institution's own privacy budget")

@@ -37,7 +37,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert run_cli("certs", "init", "--out", str(root / "certs"), "--server-name", "localhost,127.0.0.1").returncode == 0
     # another federation's CA: a client holding it must not trust our server
     assert run_cli("certs", "init", "--out", str(root / "other-ca"), "--server-name", "localhost").returncode == 0
-    for name in ("bank-0", "bank-1", "bank-2", "intruder"):
+    for name in ("bank-0", "bank-1", "bank-2", "bank-3", "intruder"):
         out = root / ("outsider" if name == "intruder" else "nodes")
         assert run_cli("certs", "node", "--out", str(out), "--name", name).returncode == 0
     data = root / "all.jsonl"
@@ -75,7 +75,7 @@ class Processes:
 
     def client(self, name: str, *extra: str, key: Path | None = None, ca: Path | None = None,
                max_wait: float = 20) -> subprocess.Popen:
-        bank = name if name.startswith("bank-") else "bank-2"
+        bank = name if name in ("bank-0", "bank-1", "bank-2") else "bank-2"  # bank-3 shares bank-2's rows
         return self.cli("client", "--superlink", f"127.0.0.1:{self.port}", "--max-wait-time", str(max_wait),
                         "--ca", str(ca or self.federation / "certs" / "ca.crt"),
                         "--key", str(key or self.federation / "nodes" / f"{name}.auth.key"), "--name", name,
@@ -281,6 +281,41 @@ def test_a_supernode_killed_in_round_2_leaves_the_others_to_finish(federation, t
     assert not metrics[2]["kept_previous"] and not metrics[3]["kept_previous"]  # both rounds aggregated two updates
     assert str(dead) not in metrics[2]["clients"] and str(dead) in metrics[2]["errors"], metrics[2]["errors"]
     assert f"node {dead} failed" in processes.log("server.log")
+    _audit_ok(run_dir, federation / "nodes")
+
+
+def test_secure_aggregation_over_tls_survives_an_institution_killed_after_its_masked_update(federation, tmp_path,
+                                                                                           processes):
+    """zk.secagg in the TLS deployment: 4 institutions, and bank-3's SuperNode is SIGKILLed right after it sent its
+    masked update (its second query.secagg reply). The server gets its self-mask from the others' shares, the round
+    aggregates all four committed updates (bank-3's included: it is in the sum), and the audit checks the sum
+    against the four weighted commitments. No message to the server carried an update."""
+    server = processes.server('num-rounds = 1\n"strategy.round-timeout" = 240.0\n"train.local-steps" = 4\n'
+                              '"eval.heldout" = false\n"eval.every" = 0\n"strategy.fraction-evaluate" = 0.0\n'
+                              '"strategy.min-train-nodes" = 3\n"strategy.min-available-nodes" = 4\n"zk.secagg" = true\n')
+    clients = [processes.client(f"bank-{i}") for i in range(4)]
+
+    def masked_update_sent() -> bool:
+        log = processes.log("bank-3.log")
+        parts = log.split("Sending: query.secagg message")
+        return len(parts) >= 3 and "Sent successfully" in parts[2]
+
+    processes.wait_for(masked_update_sent, "bank-3 sent its masked update", 500, server)
+    supernodes = [p for p in psutil.Process(clients[3].pid).children(recursive=True)
+                  if "flower-supernode" in _cmdline(p)]
+    assert len(supernodes) == 1, supernodes
+    supernodes[0].send_signal(signal.SIGKILL)
+    assert processes.wait(server, 600) == 0, processes.tail()
+    assert all(processes.wait(c, 60) == 0 for c in clients[:3]), processes.tail()
+    run_dir = tmp_path / "state" / "runs" / "federation"
+    ledger = read_jsonl_records(run_dir / "ledger.jsonl")
+    assert ledger[0]["secagg"] is True and "kept_previous" not in ledger[1], ledger[1]
+    assert sorted(c["node_id"] for c in ledger[1]["clients"]) == ["bank-0", "bank-1", "bank-2", "bank-3"]
+    dead = str(_node_ids(processes.log("server.log"))["bank-3"])
+    assert "secagg" in _metrics(run_dir)[1]["errors"][dead], _metrics(run_dir)[1]["errors"]
+    for entry in read_jsonl_records(run_dir / "wire.jsonl"):
+        if entry["direction"] == "client->server":
+            assert entry["array_bytes"] == 0, entry  # masked vectors and keys travel as bytes, no tensors
     _audit_ok(run_dir, federation / "nodes")
 
 
