@@ -116,6 +116,24 @@ class ZkVerifier:
             return f"{IMPERSONATION}: node {node_id} claims to be {institution} without its signature"
         return None
 
+    def bind_identities(self, server_round: int, parsed: list[tuple[str, str, Any]], rejected: dict[str, str]
+                        ) -> tuple[list[Any], dict[str, str]]:
+        """Bind node <-> institution before verifying anything else: an impostor is rejected alone (into
+        ``rejected``) and its victim goes on. ``parsed``: (node id, claimed institution, submission). Returns the
+        submissions that may go on and institution -> node id."""
+        claims: dict[str, list[str]] = {}
+        for node_id, institution, _ in parsed:
+            claims.setdefault(institution, []).append(node_id)
+        subs, names = [], {}
+        for node_id, institution, sub in parsed:
+            problem = self._identity_problem(node_id, institution, sub, server_round, claims)
+            if problem is not None:
+                rejected[node_id] = problem
+            else:
+                subs.append(sub)
+                names[institution] = node_id
+        return subs, names
+
     def verify_and_aggregate(self, server_round: int, replies: list[tuple[str, Any]],
                              global_arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None,
                                                                                ZkRoundResult]:
@@ -132,18 +150,7 @@ class ZkVerifier:
                 parsed.append((str(node_id), institution, sub))
             except (KeyError, ValueError, TypeError) as exc:
                 rejected[node_id] = f"malformed zk submission: {exc}"
-        # bind node <-> institution before verifying: an impostor is rejected alone, its victim goes on
-        claims: dict[str, list[str]] = {}
-        for node_id, institution, _ in parsed:
-            claims.setdefault(institution, []).append(node_id)
-        subs, names = [], {}
-        for node_id, institution, sub in parsed:
-            problem = self._identity_problem(node_id, institution, sub, server_round, claims)
-            if problem is not None:
-                rejected[node_id] = problem
-            else:
-                subs.append(sub)
-                names[institution] = node_id
+        subs, names = self.bind_identities(server_round, parsed, rejected)
         proof_seconds: dict[str, float] = {}
         accepted, failed = verify_round(subs, self.run_id, server_round, self.public_keys, self.cfg.norm_bound,
                                         self.cfg.frac_bits, self.cfg.bits, self.seen_digests,
@@ -190,17 +197,8 @@ def secure_aggregate(verifier: ZkVerifier, server_round: int, replies: list[tupl
                                                                                       fields)))
         except (KeyError, ValueError, TypeError) as exc:
             rejected[str(node_id)] = f"malformed zk submission: {exc}"
-    claims: dict[str, list[str]] = {}
-    for node_id, institution, _, _ in parsed:
-        claims.setdefault(institution, []).append(node_id)
-    subs, node_of, ads = [], {}, {}
-    for node_id, institution, sub, ad in parsed:
-        problem = verifier._identity_problem(node_id, institution, sub, server_round, claims)
-        if problem is not None:
-            rejected[node_id] = problem
-        else:
-            subs.append(sub)
-            node_of[institution], ads[institution] = node_id, ad
+    subs, node_of = verifier.bind_identities(server_round, [(n, i, s) for n, i, s, _ in parsed], rejected)
+    ads = {institution: ad for node, institution, _, ad in parsed if node_of.get(institution) == node}
     proof_seconds: dict[str, float] = {}
     accepted, failed = verify_committed(subs, verifier.run_id, server_round, verifier.public_keys, cfg.norm_bound,
                                         cfg.frac_bits, cfg.bits, verifier.seen_digests, layout.size, proof_seconds)

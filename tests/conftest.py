@@ -27,6 +27,18 @@ TEST_RUN_MARKER = "FINLORA_TEST_RUN"
 TEST_RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
+SHARED_RUNS = ("fedavg_run", "dp_run", "secagg_run", "served", "experts")
+"""Fixtures that run something expensive once (a simulation, a federation's certificates, a server): every test
+using one is sent to the same pytest-xdist worker (``--dist loadgroup``), so it still runs once."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+
+
 def make_random_adapter(out: Path, seed: int, scale: float = 0.5) -> None:
     """A PEFT adapter directory for the tiny model whose B matrices are random (so it changes the outputs)."""
     import numpy as np
