@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from py_arkworks_bls12381 import G1Point, Scalar
 
-from finlora.zk.commit import GROUP_ORDER
+from finlora.zk.commit import GROUP_ORDER, to_scalar
 
 P = GROUP_ORDER
 
@@ -80,7 +80,7 @@ def coeffs_from_evals(evals: Sequence[int]) -> list[int]:
 
 
 def scalars(values: Sequence[int]) -> list[Scalar]:
-    return [Scalar(int(v) % P) for v in values]
+    return [to_scalar(v) for v in values]
 
 
 def msm(points: Sequence[G1Point], values: Sequence[int]) -> G1Point:

@@ -42,10 +42,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from py_arkworks_bls12381 import G1Point, Scalar
+from py_arkworks_bls12381 import G1Point
 
 from finlora.zk import signing
-from finlora.zk.commit import GROUP_ORDER, OpeningTerms, decode_points, opening_terms, rows_of
+from finlora.zk.commit import GROUP_ORDER, OpeningTerms, decode_points, opening_terms, rows_of, to_scalar
 
 PROTOCOL = b"finlora-secagg/v1"
 FIELD_BYTES = 32
@@ -226,7 +226,7 @@ def shamir_share(secret: int, threshold: int, xs: Iterable[int]) -> Sharing:
         for c in reversed(coeffs):
             acc = (acc * x + c) % GROUP_ORDER
         shares[int(x)] = acc
-    return Sharing(shares, tuple((FELDMAN_BASE * Scalar(c)).to_compressed_bytes() for c in coeffs))
+    return Sharing(shares, tuple((FELDMAN_BASE * to_scalar(c)).to_compressed_bytes() for c in coeffs))
 
 
 def share_valid(x: int, share: int, commitments: Sequence[bytes]) -> bool:
@@ -237,8 +237,8 @@ def share_valid(x: int, share: int, commitments: Sequence[bytes]) -> bool:
         points = decode_points(commitments)
     except ValueError:
         return False
-    powers = [Scalar(pow(x, k, GROUP_ORDER)) for k in range(len(points))]
-    return FELDMAN_BASE * Scalar(share) == G1Point.multiexp_unchecked(points, powers)
+    powers = [to_scalar(pow(x, k, GROUP_ORDER)) for k in range(len(points))]
+    return FELDMAN_BASE * to_scalar(share) == G1Point.multiexp_unchecked(points, powers)
 
 
 def reconstruct(shares: Mapping[int, int]) -> int:
@@ -255,7 +255,7 @@ def reconstruct(shares: Mapping[int, int]) -> int:
 
 
 def _secret_valid(secret: int, commitments: Sequence[bytes]) -> bool:
-    return (FELDMAN_BASE * Scalar(secret % GROUP_ORDER)).to_compressed_bytes() == bytes(commitments[0])
+    return (FELDMAN_BASE * to_scalar(secret)).to_compressed_bytes() == bytes(commitments[0])
 
 
 # ------------------------------------------------------------------------------------------------------ messages

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from py_arkworks_bls12381 import G1Point, Scalar
 
+from finlora.zk.commit import to_scalar
 from finlora.zk.field import P, msm
 from finlora.zk.generators import generators, proof_points
 from finlora.zk.transcript import Transcript
@@ -160,4 +161,4 @@ def verify_openings(tr: Transcript, commitments: Sequence[G1Point], proof: Openi
 
 
 def _sc(v: int) -> Scalar:
-    return Scalar(v % P)
+    return to_scalar(v)
