@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from finlora.common.config import ConfigError, load_config
 from finlora.zk import signing
@@ -276,8 +277,7 @@ def test_a_dealer_who_deals_a_wrong_share_is_named_and_a_false_complaint_names_t
         bad = dict(bundle.ciphertexts)
         victim = parties["bank-2"].client
         key = victim._message_key("bank-0", "bank-2", victim._ads["bank-0"])  # the dealer can derive it too
-        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-        bad["bank-2"] = ChaCha20Poly1305(key).encrypt(bytes(12), bytes(96), rnd_ctx.tag("share", "bank-0", "bank-2"))
+        bad["bank-2"] = ChaCha20Poly1305(key).encrypt(bytes(12), bytes(64), rnd_ctx.tag("share", "bank-0", "bank-2"))
         forged = replace(bundle, ciphertexts=bad)
         return replace(forged, signature=signing.sign(parties["bank-0"].key, forged.statement(rnd_ctx)))
 
@@ -340,3 +340,35 @@ def test_a_client_refuses_a_survivor_set_too_few_survivors_signed_and_forged_adv
 def test_secure_aggregation_settings_that_cannot_work_fail_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides).check_combinations()
+
+
+def test_a_client_refuses_a_minority_threshold_and_a_server_that_hides_its_honest_peers():
+    parties = make_parties(4, seed=13)
+    ctx = RoundContext("run-secagg", 1)
+    clients = {n: SecAggClient(n, p.key, ctx, 10) for n, p in parties.items()}
+    ads = {n: c.advertise() for n, c in clients.items()}
+    ids = {n: p.key.public_key() for n, p in parties.items()}
+    with pytest.raises(SecAggError, match="threshold 2 for 4 clients"):
+        clients["bank-0"].share_keys(ads, 2, ids)  # two colluders could then rebuild anyone's secrets
+    with pytest.raises(SecAggError, match="below a majority"):
+        SecAggServer(ctx, ids, threshold=2).collect_advertisements(ads.values())
+    bundles = {n: c.share_keys(ads, 3, ids) for n, c in clients.items()}
+    # the server shows bank-0 only itself and one (colluding) peer: masking would leave it exposed
+    clients["bank-0"].receive_shares({n: bundles[n] for n in ("bank-0", "bank-1")})
+    packing = Packing.for_round(LENGTH, num_rows(LENGTH), BITS, 4)
+    with pytest.raises(SecAggError, match="2 clients shared keys, 3 needed"):
+        clients["bank-0"].masked_input(parties["bank-0"].values, parties["bank-0"].blindings, packing,
+                                       commitments_digest(parties["bank-0"].commitments))
+
+
+def test_a_client_state_round_trips_between_stages():
+    parties = make_parties(3, seed=14)
+    ctx = RoundContext("run-secagg", 2)
+    clients = {n: SecAggClient(n, p.key, ctx, 10) for n, p in parties.items()}
+    ads = {n: c.advertise() for n, c in clients.items()}
+    ids = {n: p.key.public_key() for n, p in parties.items()}
+    bundles = {n: c.share_keys(ads, 2, ids) for n, c in clients.items()}
+    restored = SecAggClient.from_state(clients["bank-1"].to_state(), parties["bank-1"].key)
+    restored.receive_shares(bundles)
+    clients["bank-1"].receive_shares(bundles)
+    assert restored.to_state() == clients["bank-1"].to_state()

@@ -280,8 +280,10 @@ class Advertisement:
         return ctx.tag("advertise", self.name, self.cipher_key, self.mask_key, int(self.num_examples))
 
 
-SECRETS = ("self-mask", "mask-key-high", "mask-key-low")
-"""What every client Shamir-shares: its self-mask seed, and its pairwise-mask X25519 key as two 128-bit halves (each below r)."""
+SECRETS = ("self-mask", "mask-key")
+"""What every client Shamir-shares: its self-mask seed and its pairwise-mask X25519 key, each a uniform field element
+(the X25519 key is that element's 32 bytes). Full-size secrets matter: Feldman publishes secret * G, and a secret
+from a small range (a 128-bit half of a key, say) could be recovered from it by a kangaroo search."""
 
 
 @dataclass(frozen=True)
@@ -332,7 +334,7 @@ class UnmaskResponse:
 
     name: str
     self_mask: dict[str, int]
-    mask_key: dict[str, tuple[int, int]]
+    mask_key: dict[str, int]
 
 
 def _share_plain(values: Sequence[int]) -> bytes:
@@ -348,6 +350,16 @@ def _share_values(data: bytes) -> list[int]:
 def shamir_points(names: Iterable[str]) -> dict[str, int]:
     """Each advertised client's Shamir x-coordinate: its 1-based position in sorted name order."""
     return {name: i + 1 for i, name in enumerate(sorted(names))}
+
+
+def min_threshold(n: int) -> int:
+    """The least threshold a client accepts: a majority (and at least 2), so two different survivor sets can never
+    both be signed by enough honest clients, whatever the server asks for."""
+    return max(2, n // 2 + 1)
+
+
+def _mask_key(secret: int) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(int(secret).to_bytes(32, "little"))
 
 
 def default_threshold(n: int) -> int:
@@ -367,8 +379,11 @@ class SecAggClient:
 
     def __init__(self, name: str, identity: Ed25519PrivateKey, ctx: RoundContext, num_examples: int) -> None:
         self.name, self.identity, self.ctx, self.num_examples = name, identity, ctx, int(num_examples)
-        self._cipher, self._mask = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+        self._cipher = X25519PrivateKey.generate()
+        self._mask_secret = secrets.randbelow(GROUP_ORDER)
+        self._mask = _mask_key(self._mask_secret)
         self._self_seed = secrets.randbelow(GROUP_ORDER)
+        self._threshold = 0
         self._ads: dict[str, Advertisement] = {}
         self._received: dict[str, list[int]] = {}
         self._bundles: dict[str, ShareBundle] = {}
@@ -383,7 +398,8 @@ class SecAggClient:
                for n, a in self._ads.items()}
         return json.dumps({"name": self.name, "run_id": self.ctx.run_id, "round": self.ctx.round_num,
                            "num_examples": self.num_examples, "cipher": _raw(self._cipher).hex(),
-                           "mask": _raw(self._mask).hex(), "seed": hex(self._self_seed), "ads": ads,
+                           "mask": hex(self._mask_secret), "seed": hex(self._self_seed), "ads": ads,
+                           "threshold": self._threshold,
                            "received": {n: [hex(v) for v in vals] for n, vals in self._received.items()},
                            "dealers": list(self._dealers), "answered": self._answered,
                            "complaints": {n: k.hex() for n, k in self.complaints.items()}}).encode()
@@ -393,7 +409,9 @@ class SecAggClient:
         raw = json.loads(bytes(data).decode())
         client = cls(raw["name"], identity, RoundContext(raw["run_id"], int(raw["round"])), int(raw["num_examples"]))
         client._cipher = X25519PrivateKey.from_private_bytes(bytes.fromhex(raw["cipher"]))
-        client._mask = X25519PrivateKey.from_private_bytes(bytes.fromhex(raw["mask"]))
+        client._mask_secret = int(raw["mask"], 16)
+        client._mask = _mask_key(client._mask_secret)
+        client._threshold = int(raw["threshold"])
         client._self_seed = int(raw["seed"], 16)
         client._ads = {n: Advertisement(n, bytes.fromhex(c), bytes.fromhex(m), int(k), bytes.fromhex(sig))
                        for n, (c, m, k, sig) in raw["ads"].items()}
@@ -424,13 +442,13 @@ class SecAggClient:
             key = identities.get(name)
             if ad.name != name or key is None or not signing.verify(key, ad.statement(self.ctx), ad.signature):
                 raise SecAggError(f"{REFUSED}: advertisement of {name} is not signed by its registered key")
-        if self.name not in ads or not 2 <= threshold <= len(ads):
-            raise SecAggError(f"{REFUSED}: threshold {threshold} for {len(ads)} clients")
-        self._ads = dict(ads)
+        if self.name not in ads or not min_threshold(len(ads)) <= threshold <= len(ads):
+            raise SecAggError(f"{REFUSED}: threshold {threshold} for {len(ads)} clients (at least "
+                              f"{min_threshold(len(ads))}: a majority)")
+        self._ads, self._threshold = dict(ads), int(threshold)
         points = shamir_points(ads)
-        mask_raw = int.from_bytes(_raw(self._mask), "big")
         sharings = dict(zip(SECRETS, (shamir_share(v, threshold, points.values()) for v in
-                                      (self._self_seed, mask_raw >> 128, mask_raw & ((1 << 128) - 1)))))
+                                      (self._self_seed, self._mask_secret))))
         ciphertexts = {}
         for receiver, x in points.items():
             key = self._message_key(self.name, receiver, ads[receiver])
@@ -465,6 +483,9 @@ class SecAggClient:
                      commitments_digest: bytes) -> MaskedInput:
         """pack(w x, w r) + PRG(self seed) + sum_j +-PRG(s_ij) mod r, over every peer that shared (the server's
         routed set U2: the same set on both ends of every pair, so the pairwise masks cancel)."""
+        if self.name not in self._dealers or len(self._dealers) < self._threshold:
+            # fewer peers than t would let a server that controls the rest strip every pairwise mask of ours
+            raise SecAggError(f"{REFUSED}: {len(self._dealers)} clients shared keys, {self._threshold} needed")
         vector = packing.pack(weighted, weighted_blindings)
         vector = vector + mask_vector(_hkdf(self._self_seed.to_bytes(FIELD_BYTES, "big"),
                                             self.ctx.tag("self-mask", self.name)), packing.elements)
@@ -501,7 +522,7 @@ class SecAggClient:
             raise SecAggError(f"{REFUSED}: {len(valid)} survivors signed the set, {threshold} needed")
         self._answered = survivors
         self_mask = {n: v[0] for n, v in self._received.items() if n in survivors}
-        mask_key = {n: (v[1], v[2]) for n, v in self._received.items() if n not in survivors}
+        mask_key = {n: v[1] for n, v in self._received.items() if n not in survivors}
         return UnmaskResponse(self.name, self_mask, mask_key)
 
 
@@ -547,6 +568,9 @@ class SecAggServer:
                 self.ads[ad.name] = ad
         if self.threshold is None:
             self.threshold = default_threshold(len(self.ads))
+        elif self.threshold < min_threshold(len(self.ads)):
+            raise SecAggError(f"zk.secagg-threshold = {self.threshold} is below a majority of the {len(self.ads)} "
+                              f"institutions ({min_threshold(len(self.ads))}); they would refuse it", self.culprits)
         self._enough(len(self.ads), "advertised keys")
         return dict(self.ads)
 
@@ -573,22 +597,26 @@ class SecAggServer:
         return {receiver: dict(self.bundles) for receiver in self.bundles}
 
     def _judge(self, complainer: str, dealer: str, key: bytes) -> None:
-        """A complaint reveals one message key: decrypt the dealer's signed message and check it ourselves."""
+        """A complaint reveals one message key. If the dealer's signed message decrypts under it, the key is the one
+        the dealer encrypted with (AEAD), so what it holds is the dealer's doing: wrong shares name the dealer,
+        right ones the complainer. A key that does not open the message names the complainer."""
         bundle = self.bundles.get(dealer)
-        if bundle is None:
+        if bundle is None or complainer not in bundle.ciphertexts:
             return
         x = shamir_points(self.ads)[complainer]
         try:
-            values = _share_values(ChaCha20Poly1305(bytes(key)).decrypt(
-                bytes(12), bundle.ciphertexts[complainer], self.ctx.tag("share", dealer, complainer)))
-        except (InvalidTag, ValueError, KeyError):
-            # Either the dealer's message does not decrypt under the key the pair agreed on, or the complainer
-            # revealed a wrong key; the server cannot recompute the key, so it believes the signed key derivation
-            # check below.
-            values = None
-        if values is None:
-            self.culprits.setdefault(complainer, f"{FALSE_COMPLAINT}: the revealed key does not open {dealer}'s message")
-        elif all(share_valid(x, v, bundle.commitments[label]) for label, v in zip(SECRETS, values)):
+            plain = ChaCha20Poly1305(bytes(key)).decrypt(bytes(12), bundle.ciphertexts[complainer],
+                                                         self.ctx.tag("share", dealer, complainer))
+        except (InvalidTag, ValueError):
+            self.culprits.setdefault(complainer, f"{FALSE_COMPLAINT}: the revealed key does not open {dealer}'s "
+                                                 f"message")
+            return
+        try:
+            values = _share_values(plain)
+            valid = all(share_valid(x, v, bundle.commitments[label]) for label, v in zip(SECRETS, values))
+        except ValueError:
+            valid = False
+        if valid:
             self.culprits.setdefault(complainer, f"{FALSE_COMPLAINT}: {dealer}'s share to it is valid")
         else:
             self.culprits[dealer] = f"{BAD_SHARE}: its share to {complainer} does not match its commitments"
@@ -621,7 +649,7 @@ class SecAggServer:
         points = shamir_points(self.ads)
         dropped = sorted(set(self.bundles) - set(survivors))
         seeds: dict[str, dict[int, int]] = {n: {} for n in survivors}
-        keys: dict[str, dict[int, tuple[int, int]]] = {n: {} for n in dropped}
+        keys: dict[str, dict[int, int]] = {n: {} for n in dropped}
         for resp in responses:
             if resp.name not in survivors:
                 continue
@@ -631,11 +659,10 @@ class SecAggServer:
                     seeds[owner][x] = share
                 elif owner in seeds:
                     self.culprits[resp.name] = f"{BAD_SHARE}: its share of {owner}'s self-mask seed is wrong"
-            for owner, (high, low) in resp.mask_key.items():
+            for owner, share in resp.mask_key.items():
                 commitments = self.bundles[owner].commitments if owner in keys else None
-                if commitments and share_valid(x, high, commitments["mask-key-high"]) and share_valid(
-                        x, low, commitments["mask-key-low"]):
-                    keys[owner][x] = (high, low)
+                if commitments and share_valid(x, share, commitments["mask-key"]):
+                    keys[owner][x] = share
                 elif commitments:
                     self.culprits[resp.name] = f"{BAD_SHARE}: its share of {owner}'s mask key is wrong"
         total = sum((packing.from_bytes(self.inputs[n].vector) for n in survivors),
@@ -645,12 +672,7 @@ class SecAggServer:
             total = total - mask_vector(_hkdf(seed.to_bytes(FIELD_BYTES, "big"), self.ctx.tag("self-mask", owner)),
                                         packing.elements)
         for owner, shares in keys.items():
-            high = self._rebuild(owner, {x: s[0] for x, s in shares.items()}, "mask-key-high")
-            low = self._rebuild(owner, {x: s[1] for x, s in shares.items()}, "mask-key-low")
-            try:
-                key = X25519PrivateKey.from_private_bytes(((high << 128) | low).to_bytes(32, "big"))
-            except (ValueError, OverflowError) as exc:
-                raise SecAggError(f"{owner}'s rebuilt mask key is not a key: {exc}", self.culprits) from exc
+            key = _mask_key(self._rebuild(owner, shares, "mask-key"))
             for survivor in survivors:  # survivor added sign(survivor, owner) * PRG(seed): take it out
                 term = mask_vector(pair_seed(self.ctx, key, owner, survivor, self.ads[survivor].mask_key),
                                    packing.elements)

@@ -118,14 +118,14 @@ def masked_from_fields(fields: Mapping[str, Any]) -> MaskedInput:
 # ------------------------------------------------------------------------------------------- unmasking
 def unmask_to_bytes(resp: UnmaskResponse) -> bytes:
     return _pack_json({"name": resp.name, "self_mask": {k: hex(v) for k, v in resp.self_mask.items()},
-                       "mask_key": {k: [hex(a), hex(b)] for k, (a, b) in resp.mask_key.items()}})
+                       "mask_key": {k: hex(v) for k, v in resp.mask_key.items()}})
 
 
 def unmask_from_bytes(data: bytes) -> UnmaskResponse:
     raw = _unpack_json(data, "unmask response")
     try:
         return UnmaskResponse(str(raw["name"]), {str(k): int(v, 16) for k, v in raw["self_mask"].items()},
-                              {str(k): (int(a, 16), int(b, 16)) for k, (a, b) in raw["mask_key"].items()})
+                              {str(k): int(v, 16) for k, v in raw["mask_key"].items()})
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"secagg unmask response: {exc}") from exc
 
