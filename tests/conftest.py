@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -27,16 +28,25 @@ TEST_RUN_MARKER = "FINLORA_TEST_RUN"
 TEST_RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-SHARED_RUNS = ("fedavg_run", "dp_run", "secagg_run", "served", "experts")
-"""Fixtures that run something expensive once (a simulation, a federation's certificates, a server): every test
-using one is sent to the same pytest-xdist worker (``--dist loadgroup``), so it still runs once."""
+SPREAD_FILES = {"test_deployment.py"}
+"""Files whose tests go to any worker one by one: each federation test is long and its module fixture (certificates)
+is cheap, so two of them run at once."""
+SAME_GROUP = {"test_zk_simulation.py": "test_simulation.py"}
+"""Files that share a session fixture with another file (``fedavg_run``) run on that file's worker."""
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
+class SharedRunScheduling(LoadScopeScheduling):
+    """pytest-xdist scheduling: every other file's tests stay on one worker, so a module or session fixture that runs
+    a simulation (``fedavg_run``, ``dp_run``, ``secagg_run``, a served model) runs once. (xdist's own ``loadgroup``
+    marks are lost under pytest 9, whose node ids no longer take the group suffix.)"""
+
+    def _split_scope(self, nodeid: str) -> str:
+        file = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+        return nodeid if file in SPREAD_FILES else SAME_GROUP.get(file, file)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> SharedRunScheduling:  # noqa: ANN001 - xdist's Producer
+    return SharedRunScheduling(config, log)
 
 
 def make_random_adapter(out: Path, seed: int, scale: float = 0.5) -> None:
