@@ -1,8 +1,9 @@
 """finlora's round on the server: any Flower strategy (FedAvg / FedProx / FedAdam / FedYogi), made LoRA-aware.
 
 One round reads top to bottom as: :class:`LoraStrategy` (this wrapper) -> the wire codec (``common/transport.py``
-for float updates, ``zk/codec.py`` for committed ones) -> the verifier (``server/zk_round.py``, zk mode) -> the
-wrapped strategy's aggregation (Flower's own, or the exact integer aggregate in zk mode) -> the recorder
+for float updates, ``zk/codec.py`` for committed ones) -> the verifier (``server/zk_round.py``, zk mode;
+``server/secagg_round.py`` with ``zk.secagg``, whose masking stages the wrapper sends as ``query.secagg`` messages)
+-> the wrapped strategy's aggregation (Flower's own, or the exact integer aggregate in zk mode) -> the recorder
 (``server/recorder.py``), which receives the round's immutable :class:`RoundOutcome`.
 
 :class:`LoraStrategy` wraps a Flower strategy the way Flower's DP wrappers do and adds, without touching its
@@ -49,7 +50,8 @@ from flwr.supercore import log
 from finlora.common.adapter import AdapterError, Arrays, arrays_digest, check_arrays, from_array_record, to_array_record
 from finlora.common.config import StrategyConfig
 from finlora.common.transport import NORM_SLACK, TRANSPORT_RECORD, decode_update, delta_norm, wire_dtype
-from finlora.server.zk_round import ZkRoundResult, ZkVerifier, secure_aggregate
+from finlora.server.secagg_round import secure_aggregate
+from finlora.server.zk_round import ZkRoundResult, ZkVerifier
 from finlora.zk import codec
 from finlora.zk.secagg_codec import QUERY_ACTION, SECAGG_RECORD
 
@@ -385,7 +387,8 @@ class LoraStrategy(Strategy):
             raise RuntimeError("secure aggregation needs the grid of configure_train")
         rec = self._log(server_round)
         messages = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(dict(fields))}), dst_node_id=int(node),
-                            message_type=f"query.{QUERY_ACTION}", group_id=str(server_round)) for node, fields in requests.items()]
+                            message_type=f"query.{QUERY_ACTION}", group_id=str(server_round))
+                    for node, fields in requests.items()]
         rec.wire += [describe_message(m, "server->client", server_round) for m in messages]
         answers: dict[str, dict[str, Any]] = {}
         replies = list(self._grid.send_and_receive(messages, timeout=self.node_wait_timeout))

@@ -289,9 +289,11 @@ def test_a_dealer_who_deals_a_wrong_share_is_named_and_a_false_complaint_names_t
 
     honest = run_round(make_parties(4, seed=9))
     liar = honest.server.inputs["bank-1"]
-    key = honest.parties["bank-1"].client._message_key("bank-3", "bank-1", honest.parties["bank-1"].client._ads["bank-3"])
+    complainer = honest.parties["bank-1"].client
+    key = complainer._message_key("bank-3", "bank-1", complainer._ads["bank-3"])
     complaint = replace(liar, complaints={"bank-3": key})
-    complaint = replace(complaint, signature=signing.sign(honest.parties["bank-1"].key, complaint.statement(honest.ctx)))
+    complaint = replace(complaint,
+                        signature=signing.sign(honest.parties["bank-1"].key, complaint.statement(honest.ctx)))
     honest.server.collect_masked([complaint], honest.packing)
     assert honest.server.culprits["bank-1"].startswith(FALSE_COMPLAINT)
     assert "bank-3" not in honest.server.culprits
@@ -332,7 +334,8 @@ def test_a_client_refuses_a_survivor_set_too_few_survivors_signed_and_forged_adv
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"zk.secagg": True, "zk.proof": False, "strategy.min-train-nodes": 3}, "zk.secagg needs zk.enabled = true and zk.proof"),
+    ({"zk.secagg": True, "zk.proof": False, "strategy.min-train-nodes": 3},
+     "zk.secagg needs zk.enabled = true and zk.proof"),
     ({"zk.secagg": True, "strategy.min-train-nodes": 2}, "zk.secagg needs strategy.min-train-nodes >= 3"),
     ({"zk.secagg": True, "strategy.min-train-nodes": 3, "zk.secagg-threshold": 1}, "zk.secagg-threshold = 1"),
     ({"zk.secagg-threshold": -1}, "zk.secagg-threshold"),

@@ -429,7 +429,8 @@ class SecAggClient:
     def advertise(self) -> Advertisement:
         cipher, mask = _raw(self._cipher.public_key()), _raw(self._mask.public_key())
         ad = Advertisement(self.name, cipher, mask, self.num_examples, b"")
-        return Advertisement(self.name, cipher, mask, self.num_examples, signing.sign(self.identity, ad.statement(self.ctx)))
+        return Advertisement(self.name, cipher, mask, self.num_examples,
+                             signing.sign(self.identity, ad.statement(self.ctx)))
 
     def _message_key(self, sender: str, receiver: str, peer: Advertisement) -> bytes:
         shared = self._cipher.exchange(X25519PublicKey.from_public_bytes(peer.cipher_key))
