@@ -100,7 +100,7 @@ def test_no_message_to_the_server_carries_an_update_and_masked_vectors_are_unrel
         assert all(0 <= e < GROUP_ORDER for e in elements)
         low = np.array([e & 0xFFFF for e in elements[: packing.value_elements]], dtype=np.float64)
         first_slot = plain[:: packing.slots][: len(low)].astype(np.float64)
-        assert abs(np.corrcoef(low, first_slot)[0, 1]) < 0.2
+        assert abs(np.corrcoef(low, first_slot)[0, 1]) < 5 / np.sqrt(len(low))  # chance stays within ~3/sqrt(n)
 
 
 def test_a_mismatched_masked_vector_and_too_many_dropouts_drop_the_round_and_keep_the_adapter(secagg_run):
