@@ -45,9 +45,9 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
              "dp.enabled": args.dp, "dp.epsilon": args.epsilon, "dp.delta": args.delta,
              "dp.max-grad-norm": args.max_grad_norm, "dp.level": args.dp_level,
              "eval.every": args.eval_every, "eval.tasks": args.eval_tasks, "eval.max-samples": args.eval_max_samples,
-             "eval.final": args.final_eval or None, "zk.enabled": args.zk}
+             "eval.final": args.final_eval or None, "zk.enabled": args.zk, "zk.secagg": args.secagg or None}
     overrides.update({k: v for k, v in pairs.items() if v is not None})
-    min_nodes = min(2, args.clients)
+    min_nodes = min(3 if args.secagg else 2, args.clients)  # secure aggregation hides nothing with two
     overrides.update({"strategy.min-train-nodes": min_nodes, "strategy.min-evaluate-nodes": min_nodes,
                       "strategy.min-available-nodes": args.clients})
     for text in args.set or []:
@@ -89,6 +89,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Run a local multi-process simulation (Flower + Ray), then print and plot its summary."""
     check_positive("--clients", args.clients, "simulated institutions")
     check_positive("--rounds", args.rounds, "federated rounds in total")
+    if args.secagg and args.clients < 3:
+        raise ConfigError(f"--secagg needs --clients 3 or more (got {args.clients}): with two institutions each "
+                          f"could subtract its own update from the sum")
     out_dir, run_id = _run_location(args)
     overrides = _absolute_paths(_overrides_from_args(args))
     if args.resume:  # continue the run as it was started; flags given now still win
@@ -108,7 +111,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"data {cfg.data.source} ({cfg.data.partitioner}), strategy {cfg.strategy.name}"
           f"{' + FFA-LoRA' if cfg.lora.ffa else ''}"
           f"{f', DP ({cfg.dp.level} level, epsilon {cfg.dp.epsilon:g})' if cfg.dp.enabled else ', no DP'}"
-          f"{', zk commitments' if cfg.zk.enabled else ''}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} "
+          f"{', zk commitments' if cfg.zk.enabled else ''}{' + secure aggregation' if cfg.zk.secagg else ''}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} "
           f"on {cfg.lora.target_modules}\n  output: {run_dir}", flush=True)
     result = run_simulation(args.clients, overrides, app_dir=Path(args.app) if args.app else PROJECT_ROOT,
                             cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
@@ -227,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dp-level", choices=["sample", "client"], help="what DP protects (dp.level)")
     sim.add_argument("--zk", action=argparse.BooleanOptionalAction, default=None,
                      help="commit to, sign and verify every update; write ledger.jsonl (config zk.enabled)")
+    sim.add_argument("--secagg", action="store_true",
+                     help="secure aggregation (zk.secagg): the server sees only masked updates and their sum; "
+                          "needs 3+ clients")
     sim.add_argument("--eval-every", type=int, metavar="K", help="benchmark-evaluate every K rounds (eval.every)")
     sim.add_argument("--eval-tasks", help="tasks for those evaluations, comma-separated or 'all' (eval.tasks)")
     sim.add_argument("--eval-max-samples", type=int, help="rows per task for those evaluations (eval.max-samples)")

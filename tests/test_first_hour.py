@@ -49,6 +49,7 @@ def test_simulate_input_mistakes_fail_fast_with_one_line(tmp_path, bad_jsonl):
                     "no such directory")
     _one_line_error(run_cli("simulate", "--clients", "0", *out), "--clients 0: must be at least 1")
     _one_line_error(run_cli("simulate", "--rounds", "-1", *out), "--rounds -1: must be at least 1")
+    _one_line_error(run_cli("simulate", "--secagg", "--clients", "2", *out), "--secagg needs --clients 3 or more")
     _one_line_error(run_cli("simulate", "--set", "dp.level=samples", *out), "dp.level", "samples")
     (tmp_path / "file").write_text("")
     _one_line_error(run_cli("simulate", "--out", str(tmp_path / "file" / "runs")), "--out", "not writable")

@@ -35,7 +35,7 @@ def secagg_run(tmp_path_factory):
     spy = root / "spy"
     (app / "fault_plan.py").write_text(f"SECAGG_PLAN = {PLAN!r}\nSPY_DIR = {str(spy)!r}\n")
     proc = run_cli("simulate", "--app", str(app), "--clients", "4", "--rounds", "4", "--out", str(root), "--run-id",
-                   "sa", "--set", "zk.secagg=true", "--set", "strategy.min-train-nodes=3", "--set", "eval.every=0",
+                   "sa", "--secagg", "--set", "eval.every=0",
                    "--set", "train.local-steps=4", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = root / "sa"
