@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from finlora.zk import signing
-from finlora.zk.commit import GROUP_ORDER, commit_rows, commitments_digest, num_rows
-from finlora.zk.secagg import (FIELD_BYTES, Packing, RoundContext, SecAggClient, SecAggServer, aggregate_opens,
+from finlora.zk.commit import GROUP_ORDER, SCALAR_BYTES, commit_rows, commitments_digest, num_rows
+from finlora.zk.secagg import (Packing, RoundContext, SecAggClient, SecAggServer, aggregate_opens,
                                round_weights)
 
 LLAMA_8B_R8_QKV = 4_718_592
@@ -88,7 +88,7 @@ def one_round(size: int, n: int, drop: str | None, check: bool, seed: int = 0) -
            "slot_bits": packing.slot_bits, "values_per_element": packing.slots,
            "client_s_mean": float(np.mean([client_s[nm] for nm in names if nm != drop])),
            "client_s_max": float(max(client_s[nm] for nm in names if nm != drop)),
-           "masked_bytes": packing.elements * FIELD_BYTES, "share_bytes": _bundle_bytes(bundles[0]),
+           "masked_bytes": packing.elements * SCALAR_BYTES, "share_bytes": _bundle_bytes(bundles[0]),
            "int16_bytes": 2 * size, "server_unmask_s": server_s, "plaintext_sum_s": baseline_s,
            "exact": bool(np.array_equal(aggregate, expected))}
     row["bytes_ratio"] = (row["masked_bytes"] + row["share_bytes"]) / row["int16_bytes"]
@@ -112,8 +112,8 @@ def main() -> None:
         for drop in (None, "bank-01"):
             print(f"secagg: {n} institutions{', one drops before masking' if drop else ''} ...", flush=True)
             rows.append(one_round(args.size, n, drop, args.check and n == 4 and drop is None))
-    print(f"\n| institutions | dropped | client s (mean/max) | bytes vs int16 | server unmask s | plaintext sum s"
-          f" | exact |")
+    print("\n| institutions | dropped | client s (mean/max) | bytes vs int16 | server unmask s | plaintext sum s"
+          " | exact |")
     print("|---:|---|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['institutions']} | {r['dropped'] or '-'} | {r['client_s_mean']:.2f} / {r['client_s_max']:.2f}"

@@ -9,7 +9,6 @@ only the weighted sum, and accepts it only if it opens the weighted row commitme
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,16 +37,13 @@ def secure_aggregate(verifier: ZkVerifier, server_round: int, replies: list[tupl
     the four masking stages with the verified institutions, unmask only the weighted sum, and accept it only if it
     opens the weighted row commitments. Any :class:`SecAggError` drops the round (previous adapter kept) with the
     culprits named where the protocol knows them."""
-    start = time.perf_counter()
     cfg = verifier.cfg
     layout = Layout.from_tensors({k: np.asarray(v) for k, v in global_arrays.items()})
     rejected: dict[str, str] = {}
     parsed: list[tuple[str, str, Any, Any]] = []
     for node_id, content in replies:
         try:
-            fields = dict(content.config_records[codec.ZK_RECORD])
-            if any(len(rec) for rec in content.array_records.values()):
-                raise ValueError("a secure-aggregation reply must not carry update values")
+            fields = dict(content.config_records[codec.ZK_RECORD])  # no values: update_problem saw to that
             institution, sub = codec.decode_committed(fields)
             parsed.append((str(node_id), institution, sub, secagg_wire.ad_from_fields(institution, sub.num_examples,
                                                                                       fields)))
@@ -65,8 +61,7 @@ def secure_aggregate(verifier: ZkVerifier, server_round: int, replies: list[tupl
         for inst, why in culprits.items():
             rejected[node_of.get(inst, inst)] = f"{inst}: {why}"
         return None, ZkRoundResult(layout, [], rejected, np.zeros(0, np.int64), [], 0, proof_seconds,
-                                   kept_reason=f"secure aggregation: {reason}",
-                                   secagg_seconds=time.perf_counter() - start)
+                                   kept_reason=f"secure aggregation: {reason}")
 
     identities = {s.node_id: verifier.public_keys[s.node_id] for s in accepted}
     server = SecAggServer(RoundContext(verifier.run_id, server_round), identities, cfg.secagg_threshold or None)
@@ -81,41 +76,24 @@ def secure_aggregate(verifier: ZkVerifier, server_round: int, replies: list[tupl
 
         all_ads = secagg_wire.ads_to_bytes(server.ads)
         shares = ask(secagg_wire.SHARE, {n: {"ads": all_ads, "threshold": server.threshold} for n in server.ads})
-        bundles = []
-        for inst, reply in shares.items():
-            try:
-                bundles.append(secagg_wire.bundle_from_bytes(reply["bundle"]))
-            except (KeyError, ValueError) as exc:
-                server.culprits[inst] = f"{secagg.MALFORMED}: {exc}"
-        routed = server.route_shares([b for b in bundles if b.name in shares])
+        routed = server.route_shares(_decoded(server, shares, lambda r: secagg_wire.bundle_from_bytes(r["bundle"])))
         weights = server.weights(verifier.equal_weights)
         packing = Packing.for_round(layout.size, num_rows(layout.size), cfg.bits, sum(weights.values()))
         masked = ask(secagg_wire.MASK, {n: {"bundles": secagg_wire.bundles_to_bytes(routed[n])} for n in routed})
+        digests = {s.node_id: s.digest for s in accepted}
         inputs = []
-        for inst, reply in masked.items():
-            try:
-                item = secagg_wire.masked_from_fields(reply)
-                if item.name == inst and item.commitments_digest == next(s.digest for s in accepted
-                                                                         if s.node_id == inst):
-                    inputs.append(item)
-                else:
-                    server.culprits[inst] = f"{secagg.MALFORMED}: masked input bound to other commitments"
-            except ValueError as exc:
-                server.culprits[inst] = f"{secagg.MALFORMED}: {exc}"
+        for item in _decoded(server, masked, secagg_wire.masked_from_fields):
+            if item.commitments_digest == digests[item.name]:
+                inputs.append(item)
+            else:
+                server.culprits[item.name] = f"{secagg.MALFORMED}: masked input bound to other commitments"
         survivors = server.collect_masked(inputs, packing)
         names = secagg_wire.names_to_bytes(survivors)
         signed = ask(secagg_wire.SIGN, {n: {"survivors": names} for n in survivors})
         sigs = secagg_wire.signatures_to_bytes({n: bytes(r.get("signature", b"")) for n, r in signed.items()})
         unmasked = ask(secagg_wire.UNMASK, {n: {"survivors": names, "signatures": sigs,
                                                 "threshold": server.threshold} for n in survivors})
-        responses = []
-        for inst, reply in unmasked.items():
-            try:
-                resp = secagg_wire.unmask_from_bytes(reply["response"])
-                if resp.name == inst:
-                    responses.append(resp)
-            except (KeyError, ValueError) as exc:
-                server.culprits[inst] = f"{secagg.MALFORMED}: {exc}"
+        responses = _decoded(server, unmasked, lambda r: secagg_wire.unmask_from_bytes(r["response"]))
         total, blindings = server.unmask(survivors, responses, packing)
         kept = [s for s in accepted if s.node_id in survivors]
         if not aggregate_opens(total, blindings, {s.node_id: s.commitments for s in kept}, weights):
@@ -139,4 +117,22 @@ def secure_aggregate(verifier: ZkVerifier, server_round: int, replies: list[tupl
     new_global = apply_aggregate({k: np.asarray(v) for k, v in global_arrays.items()}, total, layout, total_weight,
                                  cfg.frac_bits)
     return new_global, ZkRoundResult(layout, kept, rejected, total, blindings, total_weight, proof_seconds,
-                                     weight_divisor=divisor, secagg_seconds=time.perf_counter() - start)
+                                     weight_divisor=divisor)
+
+
+def _decoded(server: SecAggServer, replies: Mapping[str, Mapping[str, Any]],
+             decode: Callable[[Mapping[str, Any]], Any]) -> list[Any]:
+    """Each institution's reply decoded; one that does not parse, or speaks in another institution's name, makes
+    its sender a culprit and is left out."""
+    out = []
+    for inst, reply in replies.items():
+        try:
+            item = decode(reply)
+        except (KeyError, ValueError) as exc:
+            server.culprits[inst] = f"{secagg.MALFORMED}: {exc}"
+            continue
+        if item.name != inst:
+            server.culprits[inst] = f"{secagg.MALFORMED}: a reply in the name of {item.name}"
+        else:
+            out.append(item)
+    return out

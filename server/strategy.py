@@ -177,9 +177,10 @@ class _NodeWaitDeadline:
 
 def update_problem(content: RecordDict, expected_shapes: Mapping[str, tuple[int, ...]],
                    current_global: Mapping[str, np.ndarray], max_update_norm: float, max_examples: int,
-                   zk: bool) -> tuple[str | None, Arrays | None]:
+                   zk: bool, secagg: bool = False) -> tuple[str | None, Arrays | None]:
     """(why a training reply cannot be aggregated or ``None``, its float32 decoding when it arrived as
-    float16/int8). Pure: reads the reply, changes nothing."""
+    float16/int8). Pure: reads the reply, changes nothing. With ``secagg`` (``zk.secagg``) the reply must carry no
+    update values: they reach the server only masked, in the later stages."""
     if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
         return (f"expected one array record 'arrays' and one metric record 'metrics', got "
                 f"{sorted(content.array_records)} and {sorted(content.metric_records)}"), None
@@ -193,7 +194,7 @@ def update_problem(content: RecordDict, expected_shapes: Mapping[str, tuple[int,
         if signed != metrics["num-examples"]:  # one weight: the signed count is what the aggregate uses
             return (f"metric 'num-examples' = {metrics['num-examples']!r} differs from the signed zk count "
                     f"{signed!r}"), None
-        if zk_record is not None and codec.BLINDINGS not in zk_record:  # secure aggregation: values come masked
+        if secagg:
             return (None, None) if not received else ("a secure-aggregation reply must not carry update values",
                                                       None)
         try:
@@ -323,7 +324,8 @@ class LoraStrategy(Strategy):
                 continue
             rec.wire.append(describe_message(msg, "client->server", absolute))
             problem, decoded = update_problem(msg.content, self.expected_shapes, self.current_global,
-                                              self.max_update_norm, self.max_examples, self.verifier is not None)
+                                              self.max_update_norm, self.max_examples, self.verifier is not None,
+                                              self.verifier is not None and self.verifier.cfg.secagg)
             if problem:
                 log(WARNING, "round %d: rejected the update of node %s: %s", absolute, node, problem)
                 rec.rejected[node] = problem

@@ -61,7 +61,6 @@ class ZkRoundResult:
     """Secure aggregation: the signed example counts were divided by this (their gcd) to give the weights."""
     kept_reason: str = ""
     """Why the round aggregated nothing although updates verified (secure aggregation dropped it)."""
-    secagg_seconds: float = 0.0
 
 
 @dataclass

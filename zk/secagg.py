@@ -45,10 +45,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from py_arkworks_bls12381 import G1Point
 
 from finlora.zk import signing
-from finlora.zk.commit import GROUP_ORDER, OpeningTerms, decode_points, opening_terms, rows_of, to_scalar
+from finlora.zk.commit import (GROUP_ORDER, SCALAR_BYTES, OpeningTerms, decode_points, opening_terms, rows_of,
+                               to_scalar)
+from finlora.zk.wire import pack_scalars, unpack_scalars
 
 PROTOCOL = b"finlora-secagg/v1"
-FIELD_BYTES = 32
 PACK_BITS = 254
 """Bits of a field element the packing may fill: 2^254 < r, so a packed sum never wraps."""
 _LOW255 = (1 << 255) - 1
@@ -102,9 +103,9 @@ def field_stream(key: bytes, count: int) -> list[int]:
     out: list[int] = []
     while len(out) < count:
         need = count - len(out)
-        block = encryptor.update(bytes(FIELD_BYTES * (need + need // 8 + 16)))
-        words = (int.from_bytes(block[i:i + FIELD_BYTES], "little") & _LOW255
-                 for i in range(0, len(block), FIELD_BYTES))
+        block = encryptor.update(bytes(SCALAR_BYTES * (need + need // 8 + 16)))
+        words = (int.from_bytes(block[i:i + SCALAR_BYTES], "little") & _LOW255
+                 for i in range(0, len(block), SCALAR_BYTES))
         out.extend(w for w in words if w < GROUP_ORDER)
     return out[:count]
 
@@ -179,12 +180,12 @@ class Packing:
         return values, [int(v) for v in total[self.value_elements:]]
 
     def to_bytes(self, vector: np.ndarray) -> bytes:
-        return b"".join(int(v).to_bytes(FIELD_BYTES, "little") for v in vector)
+        return pack_scalars(vector.tolist(), "a masked vector")
 
     def from_bytes(self, data: bytes) -> np.ndarray:
-        if len(data) != self.elements * FIELD_BYTES:
+        if len(data) != self.elements * SCALAR_BYTES:
             raise ValueError(f"{len(data)} bytes, expected {self.elements} field elements")
-        vals = [int.from_bytes(data[i:i + FIELD_BYTES], "little") for i in range(0, len(data), FIELD_BYTES)]
+        vals = unpack_scalars(data, "a masked vector")
         if any(v >= GROUP_ORDER for v in vals):
             raise ValueError("a field element is not reduced mod r")
         return np.array(vals, dtype=object)
@@ -280,6 +281,16 @@ class Advertisement:
         return ctx.tag("advertise", self.name, self.cipher_key, self.mask_key, int(self.num_examples))
 
 
+def ads_to_json(ads: Mapping[str, Advertisement]) -> dict[str, list]:
+    """Advertisements as plain JSON values (the server's broadcast and a client's saved state)."""
+    return {n: [a.cipher_key.hex(), a.mask_key.hex(), int(a.num_examples), a.signature.hex()] for n, a in ads.items()}
+
+
+def ads_from_json(raw: Mapping[str, list]) -> dict[str, Advertisement]:
+    return {str(n): Advertisement(str(n), bytes.fromhex(c), bytes.fromhex(m), int(k), bytes.fromhex(sig))
+            for n, (c, m, k, sig) in raw.items()}
+
+
 SECRETS = ("self-mask", "mask-key")
 """What every client Shamir-shares: its self-mask seed and its pairwise-mask X25519 key, each a uniform field element
 (the X25519 key is that element's 32 bytes). Full-size secrets matter: Feldman publishes secret * G, and a secret
@@ -337,14 +348,10 @@ class UnmaskResponse:
     mask_key: dict[str, int]
 
 
-def _share_plain(values: Sequence[int]) -> bytes:
-    return b"".join(int(v).to_bytes(FIELD_BYTES, "little") for v in values)
-
-
 def _share_values(data: bytes) -> list[int]:
-    if len(data) != FIELD_BYTES * len(SECRETS):
+    if len(data) != SCALAR_BYTES * len(SECRETS):
         raise ValueError("share message of the wrong length")
-    return [int.from_bytes(data[i:i + FIELD_BYTES], "little") for i in range(0, len(data), FIELD_BYTES)]
+    return unpack_scalars(data, "a share message")
 
 
 def shamir_points(names: Iterable[str]) -> dict[str, int]:
@@ -394,11 +401,9 @@ class SecAggClient:
     def to_state(self) -> bytes:
         """Everything this round's client must remember between stages (its ephemeral secrets included), for the
         institution's own node state; never sent to the server."""
-        ads = {n: [a.cipher_key.hex(), a.mask_key.hex(), a.num_examples, a.signature.hex()]
-               for n, a in self._ads.items()}
         return json.dumps({"name": self.name, "run_id": self.ctx.run_id, "round": self.ctx.round_num,
                            "num_examples": self.num_examples, "cipher": _raw(self._cipher).hex(),
-                           "mask": hex(self._mask_secret), "seed": hex(self._self_seed), "ads": ads,
+                           "mask": hex(self._mask_secret), "seed": hex(self._self_seed), "ads": ads_to_json(self._ads),
                            "threshold": self._threshold,
                            "received": {n: [hex(v) for v in vals] for n, vals in self._received.items()},
                            "dealers": list(self._dealers), "answered": self._answered,
@@ -413,8 +418,7 @@ class SecAggClient:
         client._mask = _mask_key(client._mask_secret)
         client._threshold = int(raw["threshold"])
         client._self_seed = int(raw["seed"], 16)
-        client._ads = {n: Advertisement(n, bytes.fromhex(c), bytes.fromhex(m), int(k), bytes.fromhex(sig))
-                       for n, (c, m, k, sig) in raw["ads"].items()}
+        client._ads = ads_from_json(raw["ads"])
         client._received = {n: [int(v, 16) for v in vals] for n, vals in raw["received"].items()}
         client._dealers = tuple(raw["dealers"])
         client._answered = None if raw["answered"] is None else tuple(raw["answered"])
@@ -453,7 +457,7 @@ class SecAggClient:
         ciphertexts = {}
         for receiver, x in points.items():
             key = self._message_key(self.name, receiver, ads[receiver])
-            plain = _share_plain([sharings[label].shares[x] for label in SECRETS])
+            plain = pack_scalars([sharings[label].shares[x] for label in SECRETS], "shares")
             ciphertexts[receiver] = ChaCha20Poly1305(key).encrypt(bytes(12), plain, self.ctx.tag("share", self.name,
                                                                                                receiver))
         bundle = ShareBundle(self.name, {label: s.commitments for label, s in sharings.items()}, ciphertexts)
@@ -488,7 +492,7 @@ class SecAggClient:
             # fewer peers than t would let a server that controls the rest strip every pairwise mask of ours
             raise SecAggError(f"{REFUSED}: {len(self._dealers)} clients shared keys, {self._threshold} needed")
         vector = packing.pack(weighted, weighted_blindings)
-        vector = vector + mask_vector(_hkdf(self._self_seed.to_bytes(FIELD_BYTES, "big"),
+        vector = vector + mask_vector(_hkdf(self._self_seed.to_bytes(SCALAR_BYTES, "big"),
                                             self.ctx.tag("self-mask", self.name)), packing.elements)
         for peer in self._dealers:
             if peer == self.name:
@@ -631,9 +635,9 @@ class SecAggServer:
             if not signing.verify(self.identities[item.name], item.statement(self.ctx), item.signature):
                 self.culprits[item.name] = f"{BAD_SIGNATURE}: masked input not signed for this run and round"
                 continue
-            if len(item.vector) != packing.elements * FIELD_BYTES:
+            if len(item.vector) != packing.elements * SCALAR_BYTES:
                 self.culprits[item.name] = f"{MALFORMED}: masked input of {len(item.vector)} bytes, expected " \
-                                           f"{packing.elements * FIELD_BYTES}"
+                                           f"{packing.elements * SCALAR_BYTES}"
                 continue
             self.inputs[item.name] = item
             for dealer, key in item.complaints.items():
@@ -670,7 +674,7 @@ class SecAggServer:
                     np.zeros(packing.elements, dtype=object))
         for owner, shares in seeds.items():
             seed = self._rebuild(owner, shares, "self-mask")
-            total = total - mask_vector(_hkdf(seed.to_bytes(FIELD_BYTES, "big"), self.ctx.tag("self-mask", owner)),
+            total = total - mask_vector(_hkdf(seed.to_bytes(SCALAR_BYTES, "big"), self.ctx.tag("self-mask", owner)),
                                         packing.elements)
         for owner, shares in keys.items():
             key = _mask_key(self._rebuild(owner, shares, "mask-key"))

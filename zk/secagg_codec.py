@@ -12,7 +12,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from finlora.zk.secagg import SECRETS, Advertisement, MaskedInput, ShareBundle, UnmaskResponse
+from finlora.zk.secagg import (SECRETS, Advertisement, MaskedInput, ShareBundle, UnmaskResponse, ads_from_json,
+                               ads_to_json)
 
 SECAGG_RECORD = "secagg"
 QUERY_ACTION = "secagg"
@@ -59,15 +60,12 @@ def ad_from_fields(name: str, num_examples: int, fields: Mapping[str, Any]) -> A
 
 
 def ads_to_bytes(ads: Mapping[str, Advertisement]) -> bytes:
-    return _pack_json({n: [a.cipher_key.hex(), a.mask_key.hex(), int(a.num_examples), a.signature.hex()]
-                       for n, a in ads.items()})
+    return _pack_json(ads_to_json(ads))
 
 
 def ads_from_bytes(data: bytes) -> dict[str, Advertisement]:
-    raw = _unpack_json(data, "advertisements")
     try:
-        return {str(n): Advertisement(str(n), bytes.fromhex(c), bytes.fromhex(m), int(k), bytes.fromhex(s))
-                for n, (c, m, k, s) in raw.items()}
+        return ads_from_json(_unpack_json(data, "advertisements"))
     except (TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"secagg advertisements: {exc}") from exc
 

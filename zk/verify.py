@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,22 +115,16 @@ def signed_by(sub: Submission, key: Ed25519PublicKey, run_id: str, round_num: in
     return signing.verify(key, statement, sub.signature)
 
 
-def _cheap_checks(sub: Submission, run_id: str, round_num: int, key: Ed25519PublicKey | None, norm_bound: float,
-                  frac_bits: int, bits: int, expected_size: int | None, seen: Collection[bytes]) -> str | None:
-    """The reason ``sub`` fails a check that needs no curve arithmetic, or None."""
+def _statement_checks(sub: Submission, run_id: str, round_num: int, key: Ed25519PublicKey | None, rows: int,
+                     seen: Collection[bytes]) -> str | None:
+    """What needs neither the values nor curve arithmetic: a registered key, a plausible count, one commitment per
+    row, commitments not accepted before, and the institution's signature over them."""
     if key is None:
         return f"{UNKNOWN_NODE}: no registered public key"
     if not isinstance(sub.num_examples, int) or not 0 < sub.num_examples <= MAX_EXAMPLES:
         return f"{MALFORMED}: num_examples {sub.num_examples!r} is not an int in 1..{MAX_EXAMPLES}"
-    if not np.issubdtype(sub.values.dtype, np.integer):
-        return f"{MALFORMED}: values of dtype {sub.values.dtype}, expected integers"
-    if sub.values.ndim != 1 or (expected_size is not None and sub.values.shape[0] != expected_size):
-        return f"{MALFORMED}: {sub.values.shape} values, expected ({expected_size},)"
-    rows = num_rows(sub.values.shape[0])
-    if len(sub.commitments) != rows or len(sub.blindings) != rows:
-        return f"{MALFORMED}: {len(sub.commitments)} commitments / {len(sub.blindings)} blindings for {rows} rows"
-    if any(not 0 <= r < GROUP_ORDER for r in sub.blindings):
-        return f"{MALFORMED}: blinding not reduced mod the group order"
+    if len(sub.commitments) != rows:
+        return f"{MALFORMED}: {len(sub.commitments)} commitments for {rows} rows"
     try:
         digest = sub.digest
     except ValueError as exc:
@@ -139,6 +134,21 @@ def _cheap_checks(sub: Submission, run_id: str, round_num: int, key: Ed25519Publ
     if not signed_by(sub, key, run_id, round_num, digest):
         return f"{BAD_SIGNATURE}: not signed by {sub.node_id} for run {run_id!r} round {round_num}"
     return None
+
+
+def _cheap_checks(sub: Submission, run_id: str, round_num: int, key: Ed25519PublicKey | None,
+                  expected_size: int | None, seen: Collection[bytes]) -> str | None:
+    """The reason ``sub`` (with its opening) fails a check that needs no curve arithmetic, or None."""
+    if not np.issubdtype(sub.values.dtype, np.integer):
+        return f"{MALFORMED}: values of dtype {sub.values.dtype}, expected integers"
+    if sub.values.ndim != 1 or (expected_size is not None and sub.values.shape[0] != expected_size):
+        return f"{MALFORMED}: {sub.values.shape} values, expected ({expected_size},)"
+    rows = num_rows(sub.values.shape[0])
+    if len(sub.blindings) != rows:
+        return f"{MALFORMED}: {len(sub.blindings)} blindings for {rows} rows"
+    if any(not 0 <= r < GROUP_ORDER for r in sub.blindings):
+        return f"{MALFORMED}: blinding not reduced mod the group order"
+    return _statement_checks(sub, run_id, round_num, key, rows, seen)
 
 
 def proof_problem(sub: Submission, run_id: str, round_num: int, key: Ed25519PublicKey, norm_bound: float,
@@ -157,6 +167,17 @@ def proof_problem(sub: Submission, run_id: str, round_num: int, key: Ed25519Publ
         log.exception("zk: proof of %s raised while verifying", sub.node_id)
         return f"{BAD_PROOF}: verification failed ({type(exc).__name__}: {exc})"
     return None
+
+
+def _timed_proof_problem(sub: Submission, run_id: str, round_num: int, key: Ed25519PublicKey, norm_bound: float,
+                         frac_bits: int, bits: int, length: int | None,
+                         proof_seconds: dict[str, float] | None) -> str | None:
+    """:func:`proof_problem`, recording the verification's seconds under the node id."""
+    start = time.perf_counter()
+    reason = proof_problem(sub, run_id, round_num, key, norm_bound, frac_bits, bits, length)
+    if proof_seconds is not None:
+        proof_seconds[sub.node_id] = time.perf_counter() - start
+    return reason
 
 
 def _plaintext_checks(sub: Submission, norm_bound: float, frac_bits: int, bits: int) -> str | None:
@@ -195,20 +216,16 @@ def verify_round(submissions: Sequence[Submission], run_id: str, round_num: int,
     """
     rejected: dict[str, str] = {}
     candidates: list[tuple[Submission, OpeningTerms]] = []
-    counts: dict[str, int] = {}
-    for sub in submissions:
-        counts[sub.node_id] = counts.get(sub.node_id, 0) + 1
+    counts = Counter(sub.node_id for sub in submissions)
     for sub in submissions:
         if counts[sub.node_id] > 1:
             rejected[sub.node_id] = f"{DUPLICATE}: node {sub.node_id} submitted {counts[sub.node_id]} updates"
             continue
         key = public_keys.get(sub.node_id)
-        reason = _cheap_checks(sub, run_id, round_num, key, norm_bound, frac_bits, bits, expected_size, seen_digests)
+        reason = _cheap_checks(sub, run_id, round_num, key, expected_size, seen_digests)
         if reason is None and require_proof:
-            start = time.perf_counter()
-            reason = proof_problem(sub, run_id, round_num, key, norm_bound, frac_bits, bits)
-            if proof_seconds is not None:
-                proof_seconds[sub.node_id] = time.perf_counter() - start
+            reason = _timed_proof_problem(sub, run_id, round_num, key, norm_bound, frac_bits, bits, None,
+                                          proof_seconds)
         if reason is None:
             reason = _plaintext_checks(sub, norm_bound, frac_bits, bits)
         terms = client_terms(sub) if reason is None else reason
@@ -242,42 +259,22 @@ def verify_committed(submissions: Sequence[Submission], run_id: str, round_num: 
     commit to an in-range update within the bound. (accepted in input order, node id -> rejection reason)."""
     rejected: dict[str, str] = {}
     accepted: list[Submission] = []
-    counts: dict[str, int] = {}
-    for sub in submissions:
-        counts[sub.node_id] = counts.get(sub.node_id, 0) + 1
+    counts = Counter(sub.node_id for sub in submissions)
     owner: dict[bytes, str] = {}
     rows = num_rows(expected_size)
     for sub in submissions:
         key = public_keys.get(sub.node_id)
         if counts[sub.node_id] > 1:
-            reason: str | None = f"{DUPLICATE}: node {sub.node_id} submitted {counts[sub.node_id]} updates"
-        elif key is None:
-            reason = f"{UNKNOWN_NODE}: no registered public key"
-        elif not isinstance(sub.num_examples, int) or not 0 < sub.num_examples <= MAX_EXAMPLES:
-            reason = f"{MALFORMED}: num_examples {sub.num_examples!r} is not an int in 1..{MAX_EXAMPLES}"
-        elif len(sub.commitments) != rows:
-            reason = f"{MALFORMED}: {len(sub.commitments)} commitments for {rows} rows"
+            reason = f"{DUPLICATE}: node {sub.node_id} submitted {counts[sub.node_id]} updates"
         else:
-            try:
-                digest = sub.digest
-            except ValueError as exc:
-                digest, reason = b"", f"{MALFORMED}: {exc}"
-            else:
-                reason = None
-            if reason is None and digest in seen_digests:
-                reason = f"{REPLAY}: commitments already seen in an earlier round"
-            elif reason is None and digest in owner:
-                reason = f"{DUPLICATE}: same commitments as node {owner[digest]} in this round"
-            elif reason is None and not signed_by(sub, key, run_id, round_num, digest):
-                reason = f"{BAD_SIGNATURE}: not signed by {sub.node_id} for run {run_id!r} round {round_num}"
-            if reason is None:
-                start = time.perf_counter()
-                reason = proof_problem(sub, run_id, round_num, key, norm_bound, frac_bits, bits, expected_size)
-                if proof_seconds is not None:
-                    proof_seconds[sub.node_id] = time.perf_counter() - start
-            if reason is None:
-                owner[digest] = sub.node_id
+            reason = _statement_checks(sub, run_id, round_num, key, rows, seen_digests)
+        if reason is None and sub.digest in owner:
+            reason = f"{DUPLICATE}: same commitments as node {owner[sub.digest]} in this round"
         if reason is None:
+            reason = _timed_proof_problem(sub, run_id, round_num, key, norm_bound, frac_bits, bits, expected_size,
+                                          proof_seconds)
+        if reason is None:
+            owner[sub.digest] = sub.node_id
             accepted.append(sub)
         else:
             rejected[sub.node_id] = reason

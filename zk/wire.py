@@ -27,16 +27,26 @@ def unpack_commitments(data: bytes) -> list[bytes]:
     return _chunks(data, POINT_BYTES, "commitments")
 
 
+def pack_scalars(values: Sequence[int], what: str = "field elements") -> bytes:
+    """Field elements as 32-byte little-endian scalars, concatenated (blindings, masked vectors, Shamir shares)."""
+    if any(not 0 <= v < GROUP_ORDER for v in values):
+        raise ValueError(f"{what} must be reduced mod the group order")
+    return b"".join(int(v).to_bytes(SCALAR_BYTES, "little") for v in values)
+
+
+def unpack_scalars(data: bytes, what: str = "field elements") -> list[int]:
+    """Field elements back as ints (not reduced: whoever checks them rejects any >= r)."""
+    return [int.from_bytes(c, "little") for c in _chunks(data, SCALAR_BYTES, what)]
+
+
 def pack_blindings(blindings: Sequence[int]) -> bytes:
     """Blindings as 32-byte little-endian scalars, concatenated."""
-    if any(not 0 <= r < GROUP_ORDER for r in blindings):
-        raise ValueError("blindings must be reduced mod the group order")
-    return b"".join(int(r).to_bytes(SCALAR_BYTES, "little") for r in blindings)
+    return pack_scalars(blindings, "blindings")
 
 
 def unpack_blindings(data: bytes) -> list[int]:
     """Blindings back as ints (not reduced: verification rejects any >= r as malformed)."""
-    return [int.from_bytes(c, "little") for c in _chunks(data, SCALAR_BYTES, "blindings")]
+    return unpack_scalars(data, "blindings")
 
 
 def values_to_wire(values: np.ndarray, bits: int) -> np.ndarray:
