@@ -79,7 +79,7 @@ def secagg_stage(fields: dict[str, Any], state: Any, key: Ed25519PrivateKey, pee
         reply = {"signature": client.sign_survivors(wire.names_from_bytes(fields["survivors"]))}
     elif stage == wire.UNMASK:
         resp = client.unmask(wire.names_from_bytes(fields["survivors"]),
-                             wire.signatures_from_bytes(fields["signatures"]), int(fields["threshold"]), peers)
+                             wire.signatures_from_bytes(fields["signatures"]), peers)
         reply = {"response": wire.unmask_to_bytes(resp)}
     else:
         raise SecAggError(f"unknown secure-aggregation stage {stage!r} (expected one of {', '.join(wire.STAGES)})")

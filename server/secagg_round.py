@@ -91,8 +91,7 @@ def secure_aggregate(verifier: ZkVerifier, server_round: int, replies: list[tupl
         names = secagg_wire.names_to_bytes(survivors)
         signed = ask(secagg_wire.SIGN, {n: {"survivors": names} for n in survivors})
         sigs = secagg_wire.signatures_to_bytes({n: bytes(r.get("signature", b"")) for n, r in signed.items()})
-        unmasked = ask(secagg_wire.UNMASK, {n: {"survivors": names, "signatures": sigs,
-                                                "threshold": server.threshold} for n in survivors})
+        unmasked = ask(secagg_wire.UNMASK, {n: {"survivors": names, "signatures": sigs} for n in survivors})
         responses = _decoded(server, unmasked, lambda r: secagg_wire.unmask_from_bytes(r["response"]))
         total, blindings = server.unmask(survivors, responses, packing)
         kept = [s for s in accepted if s.node_id in survivors]

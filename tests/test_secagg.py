@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from flwr.app import ConfigRecord, RecordDict
+
+from finlora.client.secagg_stage import STATE_RECORD, secagg_stage
 from finlora.common.config import ConfigError, load_config
 from finlora.zk import signing
 from finlora.zk.commit import GROUP_ORDER, commit_rows, commitments_digest, num_rows
+from finlora.zk.secagg_codec import STAGE, UNMASK, names_to_bytes, signatures_to_bytes
 from finlora.zk.secagg import (BAD_SHARE, BAD_SIGNATURE, FALSE_COMPLAINT, Packing, RoundContext, SecAggClient,
                                SecAggError, SecAggServer, aggregate_opens, default_threshold, field_stream,
                                mask_vector, reconstruct, round_weights, shamir_share, share_valid)
@@ -60,7 +64,7 @@ class Round:
         sigs = {n: self.parties[n].client.sign_survivors(self.survivors) for n in signers}
         identities = self.server.identities
         responders = self.survivors if responders is None else responders
-        responses = [self.parties[n].client.unmask(self.survivors, sigs, self.server.threshold, identities)
+        responses = [self.parties[n].client.unmask(self.survivors, sigs, identities)
                      for n in responders]
         return self.server.unmask(self.survivors, responses, self.packing)
 
@@ -269,8 +273,8 @@ def test_a_wrong_share_in_the_unmasking_names_its_sender_and_the_round_still_com
     parties = make_parties(4, seed=7)
     rnd = run_round(parties)
     sigs = {n: parties[n].client.sign_survivors(rnd.survivors) for n in rnd.survivors}
-    ids, t = rnd.server.identities, rnd.server.threshold
-    responses = [parties[n].client.unmask(rnd.survivors, sigs, t, ids) for n in rnd.survivors]
+    ids = rnd.server.identities
+    responses = [parties[n].client.unmask(rnd.survivors, sigs, ids) for n in rnd.survivors]
     liar = responses[1]
     responses[1] = replace(liar, self_mask={k: (v + 1) % GROUP_ORDER for k, v in liar.self_mask.items()})
     aggregate, blindings = rnd.server.unmask(rnd.survivors, responses, rnd.packing)
@@ -313,26 +317,26 @@ def test_a_dealer_who_deals_a_wrong_share_is_named_and_a_false_complaint_names_t
 def test_a_client_never_reveals_shares_for_two_survivor_sets():
     parties = make_parties(4, seed=10)
     rnd = run_round(parties)
-    ids, t = rnd.server.identities, rnd.server.threshold
+    ids = rnd.server.identities
     everyone = rnd.survivors
     sigs = {n: parties[n].client.sign_survivors(everyone) for n in everyone}
-    first = parties["bank-0"].client.unmask(everyone, sigs, t, ids)
+    first = parties["bank-0"].client.unmask(everyone, sigs, ids)
     assert "bank-3" in first.self_mask and not first.mask_key
     # now the server claims bank-3 dropped, to get its mask-key shares too and strip its masks alone
     fewer = ["bank-0", "bank-1", "bank-2"]
     sigs_fewer = {n: parties[n].client.sign_survivors(fewer) for n in fewer}
     with pytest.raises(SecAggError, match="another survivor set"):
-        parties["bank-0"].client.unmask(fewer, sigs_fewer, t, ids)
+        parties["bank-0"].client.unmask(fewer, sigs_fewer, ids)
 
 
 def test_a_client_refuses_a_survivor_set_too_few_survivors_signed_and_forged_advertisements():
     parties = make_parties(4, seed=11)
     rnd = run_round(parties)
-    ids, t = rnd.server.identities, rnd.server.threshold
+    ids = rnd.server.identities
     sigs = {n: parties[n].client.sign_survivors(rnd.survivors) for n in rnd.survivors[:2]}
     sigs["bank-3"] = b"\0" * 64
     with pytest.raises(SecAggError, match="2 survivors signed the set, 3 needed"):
-        parties["bank-3"].client.unmask(rnd.survivors, sigs, t, ids)
+        parties["bank-3"].client.unmask(rnd.survivors, sigs, ids)
 
     _, ctx, clients, ads, ids = advertised(3, seed=12)
     impostor = SecAggClient("bank-1", signing.generate_key(), ctx, 10).advertise()  # the server swaps in its keys
@@ -374,3 +378,19 @@ def test_a_client_state_round_trips_between_stages():
     restored.receive_shares(bundles)
     clients["bank-1"].receive_shares(bundles)
     assert restored.to_state() == clients["bank-1"].to_state()
+
+
+def test_a_server_cannot_lower_the_threshold_when_it_asks_for_shares():
+    """The malicious server's unmask request names threshold 1 and brings one signature, on a set that leaves out
+    bank-1, to get bank-1's mask-key shares while bank-1's masked input is in the sum. The institution's stage
+    handler counts signatures against the threshold it dealt its shares with (3), whatever the request says."""
+    parties = make_parties(4, seed=15)
+    rnd = run_round(parties)
+    fewer = ["bank-0", "bank-3"]
+    victim = parties["bank-3"]
+    state = RecordDict({STATE_RECORD: ConfigRecord({"client": victim.client.to_state(), "blindings": b"",
+                                                    "digest": b"", "round": 3})})
+    request = {STAGE: UNMASK, "survivors": names_to_bytes(fewer), "threshold": 1,
+               "signatures": signatures_to_bytes({"bank-3": victim.client.sign_survivors(fewer)})}
+    with pytest.raises(SecAggError, match="1 survivors signed the set, 3 needed"):
+        secagg_stage(request, state, victim.key, rnd.server.identities, BITS, False)

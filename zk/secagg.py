@@ -510,11 +510,12 @@ class SecAggClient:
             raise SecAggError(f"{REFUSED}: {self.name} is not in the survivor set it is asked to sign")
         return signing.sign(self.identity, survivors_statement(self.ctx, survivors))
 
-    def unmask(self, survivors: Sequence[str], signatures: Mapping[str, bytes], threshold: int,
+    def unmask(self, survivors: Sequence[str], signatures: Mapping[str, bytes],
                identities: Mapping[str, Ed25519PublicKey]) -> UnmaskResponse:
         """Reveal self-mask shares of ``survivors`` and mask-key shares of the clients that shared but did not
-        survive, only if at least ``threshold`` survivors signed this exact set and it was not answered
-        differently before."""
+        survive, only if at least t survivors signed this exact set (t: the threshold this client shared with,
+        never one the server names now) and it was not answered differently before."""
+        threshold = self._threshold
         survivors = tuple(sorted(set(survivors)))
         if self._answered is not None and self._answered != survivors:
             raise SecAggError(f"{REFUSED}: already revealed shares for another survivor set this round")
