@@ -1,7 +1,7 @@
 """The zero-knowledge range + norm proof (zk/normproof.py): completeness, and a malicious prover's every try.
 
 The cheating provers call ``normproof._prove`` — the prover on an explicit witness — with forged witnesses
-(a value past the range with its bits wrapped or not boolean, a norm over the bound, the sqrt(-1) wrap-around
+(a value past the range with its digits wrapped or not in 0..3, a norm over the bound, the sqrt(-1) wrap-around
 trick), so each attack runs the real protocol end to end and the verifier must reject it. Vectors are one or
 two rows (4,096 values each, the second ragged) so a proof takes a few seconds.
 """
@@ -58,10 +58,11 @@ def _forged(st: Statement, x: list[int], blinds: list[int], beta: np.ndarray, s:
     return normproof._prove(st, x, blinds, beta, s, d).to_bytes()
 
 
-def _bits_of(u: list[int], bits: int, total: int) -> np.ndarray:
-    """Bit table of u (already shifted by 2^(k-1)), padding positions holding 2^(k-1), each value mod 2^k."""
+def _digits_of(u: list[int], bits: int, total: int) -> np.ndarray:
+    """Base-4 digit table of u (already shifted by 2^(k-1)), padding positions holding 2^(k-1), each value mod
+    2^k."""
     full = [int(v) for v in u] + [1 << (bits - 1)] * (total - len(u))
-    return np.array([[(v >> t) & 1 for t in range(bits)] for v in full], dtype=np.int64).reshape(-1)
+    return np.array([[(v >> (2 * t)) & 3 for t in range(bits // 2)] for v in full], dtype=np.int64).reshape(-1)
 
 
 def test_an_honest_proof_verifies_and_has_the_size_the_statement_implies(honest: dict) -> None:
@@ -145,18 +146,19 @@ def test_the_honest_prover_refuses_a_vector_outside_the_statement() -> None:
         prove(_statement(100, 99), x, blinds, coms)
 
 
-@pytest.mark.parametrize("how", ["wrapped-bits", "non-boolean-bit"])
+@pytest.mark.parametrize("how", ["wrapped-digits", "non-digit"])
 def test_a_value_one_past_the_range_is_rejected(how: str) -> None:
     half = 1 << (BITS - 1)
     x = [3, -7, half, 5] + [0] * 96       # x_2 = 2^(k-1): one past [-2^(k-1), 2^(k-1))
     coms, blinds = commit_rows(np.array(x))
     st = _statement(100, 10**9)
     total = Shape.of(st).rows_padded * ROW_SIZE
-    beta = _bits_of([v + half for v in x], BITS, total)
-    if how == "non-boolean-bit":
-        # u_2 = 2^k: no k-bit pattern; put a 2 in the top bit so sum_t 2^t b_t is still exactly u_2.
-        beta[2 * BITS:(3) * BITS] = 0
-        beta[2 * BITS + BITS - 1] = 2
+    beta = _digits_of([v + half for v in x], BITS, total)
+    if how == "non-digit":
+        # u_2 = 2^k: no k/2-digit pattern; put a 4 in the top digit so sum_t 4^t b_t is still exactly u_2.
+        d = BITS // 2
+        beta[2 * d:3 * d] = 0
+        beta[2 * d + d - 1] = 4
     s = sum(v * v for v in x)
     with pytest.raises(ProofError):
         verify(st, coms, _forged(st, x, blinds, beta, s, st.bound_sq - s))
@@ -169,7 +171,7 @@ def test_a_norm_one_unit_above_the_bound_is_rejected(how: str) -> None:
     st = _statement(100, s - 1)            # the norm is one unit above the bound
     coms, blinds = commit_rows(np.array(x))
     total = Shape.of(st).rows_padded * ROW_SIZE
-    beta = _bits_of([v + (1 << (BITS - 1)) for v in x], BITS, total)
+    beta = _digits_of([v + (1 << (BITS - 1)) for v in x], BITS, total)
     if how == "negative-slack-bits":       # B^2 - s = -1: its low K bits (all ones) are all the prover can show
         proof = _forged(st, x, blinds, beta, s, -1)
     else:                                  # claim s = B^2 so that B^2 - s = 0 decomposes
@@ -186,7 +188,7 @@ def test_the_wrap_around_trick_is_rejected() -> None:
     st = _statement(100, 40_000)
     blinds = random_blindings(1)
     total = Shape.of(st).rows_padded * ROW_SIZE
-    beta = _bits_of([(v + (1 << (BITS - 1))) % (1 << BITS) for v in x], BITS, total)
+    beta = _digits_of([(v + (1 << (BITS - 1))) % (1 << BITS) for v in x], BITS, total)
     forged = normproof._prove(st, x, blinds, beta, s_mod, st.bound_sq - s_mod)
     real_coms = [p.to_compressed_bytes() for p in _row_points(x, blinds)]
     with pytest.raises(ProofError):
@@ -224,18 +226,19 @@ def test_the_cheating_harness_makes_valid_proofs_from_an_honest_witness() -> Non
     s = sum(v * v for v in x)
     st = _statement(100, s)
     coms, blinds = commit_rows(np.array(x))
-    beta = _bits_of([v + (1 << (BITS - 1)) for v in x], BITS, Shape.of(st).rows_padded * ROW_SIZE)
+    beta = _digits_of([v + (1 << (BITS - 1)) for v in x], BITS, Shape.of(st).rows_padded * ROW_SIZE)
     verify(st, coms, _forged(st, x, blinds, beta, s, 0))
 
 
 @pytest.mark.parametrize("bits", [8, 16])
 def test_the_small_integer_sumcheck_sends_exactly_the_textbook_messages(bits: int) -> None:
-    """The fast prover path (bit patterns, weighted histograms, Gram matrices) against the plain one on object
+    """The fast prover path (digit patterns, weighted histograms, Gram matrices) against the plain one on object
     arrays, with the same challenges: every round message and the final values must be identical."""
     rng = np.random.default_rng(bits)
     x = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), 2 * ROW_SIZE)
-    beta = ((x[:, None] + (1 << (bits - 1))) >> np.arange(bits)) & 1
-    tau = [int(v) for v in rng.integers(1, 1 << 62, (2 * ROW_SIZE * bits - 1).bit_length())]
+    digits = bits // 2
+    beta = ((x[:, None] + (1 << (bits - 1))) >> (2 * np.arange(digits))) & 3
+    tau = [int(v) for v in rng.integers(1, 1 << 62, (2 * ROW_SIZE * digits - 1).bit_length())]
     challenges = iter(int(v) for v in rng.integers(1, 1 << 62, 64))
     fixed = list(challenges)
 
@@ -245,10 +248,10 @@ def test_the_small_integer_sumcheck_sends_exactly_the_textbook_messages(bits: in
         def send(evals: list[int]) -> int:
             sent.append(evals)
             return next(it)
-        out = sumcheck.prove_rounds(beta.reshape(-1), x, bits, tau, 12345, 12345 * int(np.dot(x, x)), send,
+        out = sumcheck.prove_rounds(beta.reshape(-1), x, digits, tau, 12345, 12345 * int(np.dot(x, x)), send,
                                      small_rounds=small)
         return sent, out
-    fast, plain = run(4), run(0)
+    fast, plain = run(sumcheck.SMALL_ROUNDS), run(0)
     assert fast == plain
 
 

@@ -117,19 +117,23 @@ def _split_limbs(values: np.ndarray, width: int = 16) -> list[np.ndarray]:
 def combine_rows(rows: np.ndarray, weights: Sequence[int]) -> list[int]:
     """sum_k weights_k * rows_k exactly, column by column, as Python ints (weights >= 0, any size).
 
-    Both sides are cut into 16-bit limbs so every partial sum is an integer below 2^53 and a float64
-    matrix product (BLAS) computes it exactly; the limbs are then recombined in Python ints.
+    Both sides are cut into limbs (the rows into 16-bit ones, the weights into the widest that keep every partial
+    sum, rows x 2^16 x 2^wbits, below 2^53: 32 bits for up to 32 rows) so a float64 matrix product (BLAS)
+    computes it exactly; the limbs are then recombined in Python ints. Recombining costs one pass over the
+    columns per limb pair, so fewer, wider weight limbs are what make it fast.
     """
     if len(rows) >= 1 << 20:
         raise ValueError("too many rows for the exact float64 combination")
-    n_limbs = max(1, -(-max((int(w).bit_length() for w in weights), default=1) // 16))
-    w = np.array([[(int(wk) >> (16 * l)) & 0xFFFF for l in range(n_limbs)] for wk in weights],
+    wbits = min(32, 37 - max(1, len(rows)).bit_length())
+    n_limbs = max(1, -(-max((int(w).bit_length() for w in weights), default=1) // wbits))
+    mask = (1 << wbits) - 1
+    w = np.array([[(int(wk) >> (wbits * l)) & mask for l in range(n_limbs)] for wk in weights],
                  dtype=np.float64).reshape(len(weights), n_limbs)
     total = [0] * rows.shape[1]
     for t, limb in enumerate(_split_limbs(rows)):
         partial = np.rint(w.T @ limb.astype(np.float64)).astype(np.int64)  # (weight limbs, columns)
         for l, line in enumerate(partial):
-            shift = 16 * (l + t)
+            shift = wbits * l + 16 * t
             total = [acc + (int(v) << shift) for acc, v in zip(total, line.tolist())]
     return total
 

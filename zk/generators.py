@@ -30,7 +30,7 @@ PINNED_DIGEST = "d0c1a800c47e7c2492ba6440a1c8688112479d6b8a39e9da833b6ca1e655643
 
 _GENERATOR_CACHE: dict[str, tuple[tuple[G1Point, ...], G1Point]] = {}
 _EXTRA_CACHE: dict[str, list[G1Point]] = {"extra": []}
-"""Generators beyond ROW_SIZE, derived on demand (the norm proof's bit rows can be wider than a value row)."""
+"""Generators beyond ROW_SIZE, derived on demand (the norm proof's digit rows can be wider than a value row)."""
 
 
 def derive_generators() -> tuple[tuple[G1Point, ...], G1Point]:
@@ -61,7 +61,8 @@ def generators(n: int = ROW_SIZE) -> tuple[tuple[G1Point, ...], G1Point]:
 
 
 WIDE_MAX = 1 << 17
-"""The widest bit row a norm proof uses (4.7 M values at 16 bits: 32 value rows per bit row)."""
+"""The widest digit row a norm proof may use: 4.7 M int16 values need 2^16 (16 value rows per digit row), and
+2^17 leaves room for updates up to ~9.4 M values within the proof's 768 digit rows."""
 WIDE_DIGEST = "86082ce3ed7cae160bdfdff83539ed571ceea4183e1108bc357dcd6578b9bfa2"
 """sha256 over the uncompressed (x, y) bytes of G_0..G_{WIDE_MAX-1}: checks the on-disk cache, and the derivation."""
 WIDE_CACHED_FROM = 1 << 14
@@ -71,7 +72,7 @@ WIDE_CACHED_FROM = 1 << 14
 def wide_generators(n: int, cache_dir: Path | None = None) -> tuple[G1Point, ...]:
     """G_0..G_{n-1} of the same hash-to-curve family: the pinned first ``ROW_SIZE``, then G_j = H2C("G" || j).
 
-    The norm proof commits bit rows up to 32x wider than a value row so that its bit-row commitments stay few
+    The norm proof commits digit rows up to 32x wider than a value row so that its row commitments stay few
     (proof size). Extra generators cost ~0.3 ms each to derive; widths above WIDE_CACHED_FROM take all of them
     from ``cache_dir/generators-131072.xy`` (written after the first derivation on this machine, read only when its
     sha256 is the pinned WIDE_DIGEST, so a tampered cache is never used; default: ``$FINLORA_HOME/zk``).

@@ -19,9 +19,33 @@ from dataclasses import dataclass
 import numpy as np
 from py_arkworks_bls12381 import G1Point, Scalar
 
-from finlora.zk.field import P, dot, inv, msm
+from finlora.zk.field import P, dot, inv, msm, tensor
 from finlora.zk.generators import generators, proof_points
 from finlora.zk.transcript import Transcript
+
+
+TensorTerms = Sequence[tuple[int, Sequence[tuple[int, int]]]]
+"""A public vector written as sum_k coeff_k * tensor(factors_k) (every vector the norm proof opens against is one
+or two such terms). The verifier needs only its inner product with the challenge vector s, which is
+sum_k coeff_k * prod_j (f0_j e_j^-1 + f1_j e_j): O(log n) instead of building and multiplying n entries."""
+
+
+def tensor_vector(terms: TensorTerms) -> list[int]:
+    """The public vector in full (the prover folds it round by round)."""
+    out = np.zeros(1 << len(terms[0][1]), dtype=object)
+    for coeff, factors in terms:
+        out = (out + tensor(factors) * (coeff % P)) % P
+    return out.tolist()
+
+
+def _inner_with_challenges(terms: TensorTerms, es: Sequence[int]) -> int:
+    total = 0
+    for coeff, factors in terms:
+        acc = coeff % P
+        for (f0, f1), e in zip(factors, es):
+            acc = acc * (f0 * inv(e) + f1 * e) % P
+        total += acc
+    return total % P
 
 
 _SWITCH = 32
@@ -114,13 +138,18 @@ def prove_dot(tr: Transcript, gens: Sequence[G1Point], y: Sequence[int], y_blind
     return DotProof(c_d, c_delta, zeta_z, w, zeta_w, tuple(lefts), tuple(rights), int(z[0]))
 
 
-def verify_dot(tr: Transcript, gens: Sequence[G1Point], c_y: G1Point, a: Sequence[int], c_v: G1Point,
-               proof: DotProof) -> bool:
-    """The verifier's side, in the same transcript order; one multiexp of len(gens) + 1 points at the end."""
+def dot_check_terms(tr: Transcript, gens: Sequence[G1Point], c_y: tuple[Sequence[G1Point], Sequence[int]],
+                    a: TensorTerms, c_v: G1Point, proof: DotProof) -> tuple[list[G1Point], list[int]] | None:
+    """The verifier's side, in the same transcript order, up to its final equation: returned as (points, scalars)
+    whose multiexp (over len(gens) + O(log n) points) must be the identity, so that a caller checks several
+    arguments in one multiexp with random weights; None when an earlier check already failed. ``c_y`` is given as
+    the terms it is a combination of (points, weights): they join the final multiexp instead of costing one of
+    their own."""
     n = len(gens)
     rounds = n.bit_length() - 1
-    if n & (n - 1) or len(a) != n or len(proof.lefts) != rounds or len(proof.rights) != rounds:
-        return False
+    if (n & (n - 1) or any(len(factors) != rounds for _, factors in a) or len(proof.lefts) != rounds
+            or len(proof.rights) != rounds):
+        return None
     h = generators(1)[1]
     s, u = proof_points()
     tr.absorb_points(b"dot/mask", [proof.c_d, proof.c_delta])
@@ -128,20 +157,22 @@ def verify_dot(tr: Transcript, gens: Sequence[G1Point], c_y: G1Point, a: Sequenc
     for label, value in ((b"dot/zeta_z", proof.zeta_z), (b"dot/w", proof.w), (b"dot/zeta_w", proof.zeta_w)):
         tr.absorb_scalar(label, value)
     if msm([c_v, proof.c_delta, s, h], [c, 1, -proof.w, -proof.zeta_w]) != G1Point.identity():
-        return False
+        return None
     u_scalar = tr.challenge(b"dot/u")
     es = []
     for big_l, big_r in zip(proof.lefts, proof.rights):
         tr.absorb_points(b"dot/lr", [big_l, big_r])
         es.append(tr.challenge(b"dot/e"))
     tr.absorb_scalar(b"dot/final", proof.a_final)
-    # s_q = prod over rounds of e (if q's bit for that round is 1) or e^-1 (if 0), most significant bit first.
-    svec = np.array([1], dtype=object)
+    # s_q = prod over rounds of e (if q's bit for that round is 1) or e^-1 (if 0), most significant bit first;
+    # the generators' scalars are s_q * a_final, so the table starts from a_final instead of 1.
+    svec = np.array([proof.a_final], dtype=object)
     for e in es:
         svec = np.stack([svec * inv(e) % P, svec * e % P], axis=1).reshape(-1)
-    a_final = dot(svec, a)
-    lhs_points = [*gens, u, c_y, proof.c_d, h, *proof.lefts, *proof.rights]
-    lhs_scalars = [*(svec * proof.a_final % P).tolist(), (proof.a_final * a_final - proof.w) % P * u_scalar % P,
-                   -c, -1, proof.zeta_z,
+    a_final = _inner_with_challenges(a, es)
+    y_points, y_weights = c_y
+    lhs_points = [*gens, u, *y_points, proof.c_d, h, *proof.lefts, *proof.rights]
+    lhs_scalars = [*svec.tolist(), (proof.a_final * a_final - proof.w) % P * u_scalar % P,
+                   *(-c * w % P for w in y_weights), -1, proof.zeta_z,
                    *(-(e * e) for e in es), *(-inv(e * e % P) for e in es)]
-    return msm(lhs_points, lhs_scalars) == G1Point.identity()
+    return lhs_points, lhs_scalars
