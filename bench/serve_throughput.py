@@ -6,7 +6,9 @@ served two ways on the same base model:
 * **PEFT naive**: every adapter loaded into one ``PeftModel``; for each request, ``set_adapter`` then ``generate``
   (greedy), one request at a time;
 * **finlora engine**: all requests submitted at once to :class:`~finlora.server.serving.engine.GenerationEngine`,
-  which decodes mixed-adapter batches (PEFT ``adapter_names=``) with the KV cache.
+  which decodes mixed-adapter batches with the KV cache, twice: with PEFT's mixed batch (``adapter_names=``, a
+  loop over the batch's adapters in every layer) and with the gathered forward (``--mixed-batch gathered``, the
+  default of ``finlora serve``: stacked A/B, two batched matmuls per layer).
 
 Prints requests/s, generated tokens/s, the ratio, how many answers agree, and the process's resident memory.
 Printed, not asserted. Default: the tiny model; ``--model smollm2`` for the real one.
@@ -111,8 +113,8 @@ def main() -> None:
         print(f"model {args.model} on cpu, {args.requests} requests of up to {args.max_tokens} new tokens (greedy); "
               f"RSS: base model {model_rss - base_rss:.2f} GiB, + {len(paths)} adapters in PEFT "
               f"{naive_rss - model_rss:.3f} GiB")
-        print(f"{'adapters':>8}  {'naive req/s':>11}  {'naive tok/s':>11}  {'engine req/s':>12}  {'engine tok/s':>12}"
-              f"  {'ratio':>6}  {'same text':>9}  {'passes':>6}")
+        print(f"{'adapters':>8}  {'way':>13}  {'req/s':>7}  {'tok/s':>8}  {'vs naive':>8}  {'same text':>9}  "
+              f"{'passes':>6}")
         naive(naive_model, tokenizer, [("adapter-0", all_prompts[0])] * 2, args.max_tokens)  # warm-up, not timed
         for mix in mixes:
             jobs = [(f"adapter-{i % mix}", p) for i, p in enumerate(all_prompts)]
@@ -124,28 +126,32 @@ def main() -> None:
             store = AdapterStore(served, max_active=mix)
             for i in range(mix):
                 store.register(read_host_adapter(f"adapter-{i}", paths[i]))
-            engine = GenerationEngine(store, tokenizer, max_batch=args.max_batch)
-            engine.start()
-            # warm-up, not timed: one request per adapter, so every adapter is attached (as the naive model has
-            # every adapter loaded before its timing starts); attaching is reported separately
-            attach_start = time.perf_counter()
-            engine_run(engine, [(f"adapter-{i}", all_prompts[0]) for i in range(mix)], 1)
-            warmup_s = time.perf_counter() - attach_start
-            engine.forward_passes = 0
-            engine_s, engine_texts, engine_tokens = engine_run(engine, jobs, args.max_tokens)
-            passes = engine.forward_passes
-            engine.stop()
-            same = sum(a == b for a, b in zip(naive_texts, engine_texts))
-            ratio = (len(jobs) / engine_s) / (len(jobs) / naive_s)
-            print(f"{mix:>8}  {len(jobs) / naive_s:>11.2f}  {naive_tokens / naive_s:>11.1f}  "
-                  f"{len(jobs) / engine_s:>12.2f}  {engine_tokens / engine_s:>12.1f}  {ratio:>5.2f}x  "
-                  f"{same:>4}/{len(jobs):<4}  {passes:>6}")
-            print(f"{'':>8}  (engine warm-up: attaching {mix} adapter(s) + one 1-token request each took "
-                  f"{warmup_s:.2f}s)")
-            results.append({"adapters": mix, "requests": len(jobs), "naive_s": naive_s, "engine_s": engine_s,
-                            "engine_warmup_attach_s": warmup_s,
-                            "naive_tokens": naive_tokens, "engine_tokens": engine_tokens, "ratio": ratio,
-                            "same_text": same, "engine_forward_passes": passes, "rss_gib": rss_gib()})
+            print(f"{mix:>8}  {'PEFT naive':>13}  {len(jobs) / naive_s:>7.2f}  {naive_tokens / naive_s:>8.1f}  "
+                  f"{'1.00x':>8}  {'-':>9}  {'-':>6}")
+            row = {"adapters": mix, "requests": len(jobs), "naive_s": naive_s, "naive_tokens": naive_tokens}
+            for way in ("peft", "gathered"):
+                engine = GenerationEngine(store, tokenizer, max_batch=args.max_batch, mixed_batch=way)
+                engine.start()
+                # warm-up, not timed: one request per adapter, so every adapter is attached (as the naive model
+                # has every adapter loaded before its timing starts); attaching is reported separately
+                attach_start = time.perf_counter()
+                engine_run(engine, [(f"adapter-{i}", all_prompts[0]) for i in range(mix)], 1)
+                warmup_s = time.perf_counter() - attach_start
+                engine.forward_passes = 0
+                engine_s, engine_texts, engine_tokens = engine_run(engine, jobs, args.max_tokens)
+                passes = engine.forward_passes
+                engine.stop()
+                if engine.gathered is not None:
+                    engine.gathered.close()
+                same = sum(a == b for a, b in zip(naive_texts, engine_texts))
+                ratio = naive_s / engine_s
+                print(f"{'':>8}  {'engine ' + engine.mixed_batch:>13}  {len(jobs) / engine_s:>7.2f}  "
+                      f"{engine_tokens / engine_s:>8.1f}  {ratio:>7.2f}x  {same:>4}/{len(jobs):<4}  {passes:>6}"
+                      f"   (warm-up {warmup_s:.2f} s)")
+                row[way] = {"engine_s": engine_s, "engine_warmup_attach_s": warmup_s, "engine_tokens": engine_tokens,
+                            "ratio": ratio, "same_text": same, "engine_forward_passes": passes}
+            row["rss_gib"] = rss_gib()
+            results.append(row)
             # rebuild the naive model on the (now plain) base for the next mix
             base = served.unload()
             naive_model = PeftModel.from_pretrained(base, str(paths[0]), adapter_name="adapter-0")

@@ -86,6 +86,8 @@ class AdapterStore:
         self._lock = threading.RLock()
         self.attach_count = 0
         self.detach_count = 0
+        self.weights_version = 0
+        """Bumped whenever a slot's weights change (a copy in, a slot rebuilt): what a gathered forward checks."""
 
     # -- registry (HTTP side) --------------------------------------------------------------------------------
     def register(self, adapter: HostAdapter, replace: bool = False) -> None:
@@ -189,6 +191,7 @@ class AdapterStore:
         with torch.no_grad():
             for key, value in adapter.arrays.items():
                 params[key].copy_(torch.from_numpy(value))
+        self.weights_version += 1
         self._active[adapter.name] = slot
         self.attach_count += 1
 

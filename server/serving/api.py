@@ -112,6 +112,7 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
         return {"status": "ok", "base_model": base_name, "adapters": len(store.names()), "active": store.active(),
                 "max_loras": store.max_active, "batches": engine.batches, "rows": engine.rows,
                 "joined_running_batch": engine.joined, "forward_passes": engine.forward_passes,
+                "mixed_batch": engine.mixed_batch,
                 "uptime_s": round(time.time() - started, 1)}
 
     @app.get("/v1/models")

@@ -38,6 +38,9 @@ def add_serve_parser(sub: Any) -> None:
                        help="serve every adapter directory under DIR, named after its folder")
     serve.add_argument("--max-loras", type=int, default=8, help="adapters attached at once (LRU; default 8)")
     serve.add_argument("--max-batch", type=int, default=32, help="requests per forward pass (default 32)")
+    serve.add_argument("--mixed-batch", choices=["gathered", "peft"], default="gathered",
+                       help="how a batch mixing adapters runs: stacked A/B and two batched matmuls per layer "
+                            "(gathered, default) or PEFT's loop over the batch's adapters (peft)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--admin-token-file", metavar="FILE",
@@ -125,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = AdapterStore(peft_model, args.max_loras)
     for adapter in adapters:
         store.register(adapter)
-    engine = GenerationEngine(store, tokenizer, max_batch=args.max_batch)
+    engine = GenerationEngine(store, tokenizer, max_batch=args.max_batch, mixed_batch=args.mixed_batch)
     engine.start()
     app = create_app(store, engine, base_name=cfg.model.name, admin_token=token)
     print(f"finlora serve: {cfg.model.name} (quantization {effective}), {len(adapters)} adapter(s) "

@@ -14,8 +14,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,14 @@ class GenerationEngine:
     """The background decoding thread; :meth:`submit` is called from the HTTP handlers."""
 
     def __init__(self, store: AdapterStore, tokenizer: Any, max_batch: int = 32, max_wait_s: float = 0.01,
-                 max_prompt_tokens: int = 2048) -> None:
+                 max_prompt_tokens: int = 2048, mixed_batch: str = "gathered") -> None:
+        """``mixed_batch``: "gathered" applies a mixed batch's adapters with two batched matmuls per layer
+        (``gathered.py``; PEFT's own path where it cannot), "peft" with PEFT's per-adapter loop."""
+        # torch and peft load with the model, not with this module (the HTTP layer imports it for its types)
+        from finlora.server.serving import gathered
+
+        if mixed_batch not in ("gathered", "peft"):
+            raise ValueError(f"mixed_batch {mixed_batch!r}: expected 'gathered' or 'peft'")
         self.store = store
         self.model = store.model
         self.tokenizer = tokenizer
@@ -78,6 +86,9 @@ class GenerationEngine:
         self.rows = 0
         self.joined = 0
         self.forward_passes = 0
+        use_gathered = mixed_batch == "gathered" and gathered.supported(self.model)
+        self.gathered = gathered.GatheredLora(store) if use_gathered else None
+        self.mixed_batch = "gathered" if use_gathered else "peft"
 
     def start(self) -> None:
         self._thread.start()
@@ -180,9 +191,9 @@ class GenerationEngine:
         for request, mask in zip(requests, attention):
             request.prompt_tokens = int(mask.sum())
             rows.append(_Row(request, generator=self._generator(request, device)))
-        with torch.inference_mode():
+        with torch.inference_mode(), self._adapters([self.store.slot(r.adapter) for r in requests]) as lora:
             out = self.model(input_ids=enc["input_ids"].to(device), attention_mask=attention, position_ids=positions,
-                             use_cache=True, adapter_names=[self.store.slot(r.adapter) for r in requests])
+                             use_cache=True, **lora)
         self.forward_passes += 1
         self.batches += 1
         self.rows += len(rows)
@@ -194,13 +205,21 @@ class GenerationEngine:
 
         batch.attention = torch.cat([batch.attention, torch.ones_like(batch.attention[:, :1])], dim=1)
         batch.positions = batch.positions + 1
-        with torch.inference_mode():
+        with torch.inference_mode(), self._adapters([self.store.slot(r.request.adapter) for r in rows]) as lora:
             out = self.model(input_ids=batch.next_ids, attention_mask=batch.attention, position_ids=batch.positions,
-                             past_key_values=batch.cache, use_cache=True,
-                             adapter_names=[self.store.slot(r.request.adapter) for r in rows])
+                             past_key_values=batch.cache, use_cache=True, **lora)
         self.forward_passes += 1
         batch.cache = out.past_key_values
         batch.next_ids = self._advance(rows, out.logits[:, -1, :], batch.positions)
+
+    @contextmanager
+    def _adapters(self, slot_names: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """The forward's extra arguments for a batch whose row i uses ``slot_names[i]``."""
+        if self.gathered is None:
+            yield {"adapter_names": list(slot_names)}
+            return
+        with self.gathered.batch(slot_names) as arguments:
+            yield arguments
 
     def _advance(self, rows: list[_Row], logits: Any, positions: Any) -> Any:
         """Pick each row's next token, emit its new text, mark finished rows; returns the next input ids."""

@@ -1,0 +1,124 @@
+"""Gathered LoRA for mixed-adapter batches: two batched matmuls per layer, whatever the number of adapters.
+
+PEFT applies a mixed batch (``adapter_names=``) adapter by adapter: in every LoRA layer it loops over the
+batch's distinct adapters and runs one small A/B matmul pair on each one's rows. With 64 adapters in a batch
+that Python loop, not the arithmetic, is the cost (bench/RESULTS.md, "Multi-adapter serving"). Punica's and
+S-LoRA's answer on GPUs is a gathered kernel (BGMV): stack every adapter's A and B per layer and let each row
+pick its own. Here the same with plain torch: per layer, ``index_select`` the rows' A and B (scaling folded in)
+and run two ``bmm``; a row without an adapter picks slot 0, all zeros.
+
+How it plugs into PEFT without replacing its layers: the forward names no adapter for any row
+(``adapter_names=["__base__", ...]``, so every LoRA layer computes only its base layer, quantized or not) and a
+forward hook on each LoRA layer adds the gathered delta. (Not ``disable_adapter()``: entering and leaving it walks
+every adapter's parameters, 23 ms a pass with 64 adapters on the tiny model, more than the pass itself.) The stacks are rebuilt from the slots' own parameters only when the adapter store copied new weights
+into a slot (its ``weights_version`` changed), so in steady state a forward pass costs two index_selects and two
+bmm per layer. Adapters this cannot express exactly (DoRA, LoRA on embeddings or convolutions) make
+:func:`supported` false and the engine keeps PEFT's own mixed batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import Linear as LoraLinear
+
+from finlora.server.serving.adapters import BASE_MODEL, AdapterStore
+
+
+def lora_layers(model: Any) -> list[tuple[str, Any]]:
+    """Every PEFT LoRA layer of ``model`` by module name."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def supported(model: Any) -> bool:
+    """True when every LoRA layer is a plain (optionally quantized) linear one without DoRA: what the gathered
+    delta reproduces exactly."""
+    for _, module in lora_layers(model):
+        if module.lora_embedding_A or getattr(module, "lora_magnitude_vector", None):
+            return False
+        if not isinstance(module, LoraLinear) and not hasattr(module.get_base_layer(), "in_features"):
+            return False
+    return True
+
+
+class GatheredLora:
+    """Stacked A/B per LoRA layer for every slot of an :class:`AdapterStore`, and the hooks that apply them."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+        self.layers: list[tuple[str, Any]] = []
+        self._hooks: list[Any] = []
+        self._version = -1
+        self._slot_index: dict[str, int] = {}
+        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows: torch.Tensor | None = None
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self.layers = [], []
+
+    def _hook_layers(self) -> None:
+        """Hook every LoRA layer; again when a new slot put LoRA on modules that had none."""
+        layers = lora_layers(self.store.model)
+        if [m for _, m in layers] != [m for _, m in self.layers]:
+            self.close()
+            self.layers = layers
+            self._hooks = [module.register_forward_hook(self._hook(name)) for name, module in layers]
+
+    def _rebuild(self) -> None:
+        """Stack every slot's weights (index 0: no adapter, zeros); ranks below the layer's largest are padded with
+        zeros, which adds nothing to the product."""
+        self._hook_layers()
+        slots = sorted({slot for _, module in self.layers for slot in module.lora_A})
+        self._slot_index = {slot: i + 1 for i, slot in enumerate(slots)}
+        self._stacks = {}
+        with torch.no_grad():
+            for name, module in self.layers:
+                present = [s for s in slots if s in module.lora_A]
+                if not present:
+                    continue
+                rank = max(module.lora_A[s].weight.shape[0] for s in present)
+                a0 = module.lora_A[present[0]].weight
+                b0 = module.lora_B[present[0]].weight
+                a_stack = torch.zeros(len(slots) + 1, rank, a0.shape[1], dtype=a0.dtype, device=a0.device)
+                b_stack = torch.zeros(len(slots) + 1, b0.shape[0], rank, dtype=b0.dtype, device=b0.device)
+                for slot in present:
+                    i, a, b = self._slot_index[slot], module.lora_A[slot].weight, module.lora_B[slot].weight
+                    a_stack[i, : a.shape[0]] = a
+                    b_stack[i, :, : b.shape[1]] = b * module.scaling[slot]
+                # (rows, in, r) and (rows, r, out) once transposed: the bmm operands, contiguous
+                self._stacks[name] = (a_stack.transpose(1, 2).contiguous(), b_stack.transpose(1, 2).contiguous())
+        self._version = self.store.weights_version
+
+    def _hook(self, name: str) -> Any:
+        def add_delta(_module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            rows = self._rows
+            stacks = self._stacks.get(name)
+            if rows is None or stacks is None:
+                return None
+            a_t, b_t = stacks
+            x = args[0]
+            flat = x.dim() == 2
+            x3 = (x.unsqueeze(1) if flat else x).to(a_t.dtype)
+            delta = torch.bmm(torch.bmm(x3, a_t.index_select(0, rows)), b_t.index_select(0, rows))
+            return output + (delta.squeeze(1) if flat else delta).to(output.dtype)
+        return add_delta
+
+    @contextmanager
+    def batch(self, slot_names: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """Within this block, a forward pass of the model given the yielded arguments applies row i's adapter
+        ``slot_names[i]`` (``BASE_MODEL`` for none) through the stacks, and none through PEFT's own path."""
+        if self._version != self.store.weights_version:
+            self._rebuild()
+        device = next(iter(self._stacks.values()))[0].device if self._stacks else "cpu"
+        self._rows = torch.tensor([0 if s == BASE_MODEL else self._slot_index[s] for s in slot_names],
+                                  dtype=torch.long, device=device)
+        try:
+            yield {"adapter_names": [BASE_MODEL] * len(slot_names)}
+        finally:
+            self._rows = None
