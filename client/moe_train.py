@@ -54,7 +54,9 @@ def train_router(mixture: Any, tokenizer: Any, rows: Sequence[Row], steps: int, 
     return losses
 
 
-def add_moe_parser(sub: Any) -> None:
+def add_moe_parser(sub: Any) -> Any:
+    """Register ``finlora moe`` and its ``train`` subcommand; returns the ``moe`` subparsers (``compare`` lives in
+    ``eval``, which scores models)."""
     moe = sub.add_parser("moe", help="a mixture of LoRA experts (per-task adapters + a learned router)")
     moe_sub = moe.add_subparsers(dest="moe_command", required=True)
     train = moe_sub.add_parser("train", help="train a router over frozen expert adapters",
@@ -75,6 +77,7 @@ def add_moe_parser(sub: Any) -> None:
     train.add_argument("--out", required=True, metavar="DIR")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=cmd_moe_train)
+    return moe_sub
 
 
 def cmd_moe_train(args: argparse.Namespace) -> int:

@@ -80,19 +80,30 @@ def save_mixture(mixture: Any, experts: Mapping[str, Path], out_dir: Path, depth
     atomic_write_dir(Path(out_dir), fill)
 
 
+def read_mixture_spec(moe_dir: Path) -> tuple[dict[str, Path], int, int, int | None]:
+    """(experts by name, depth, layer size, top-k) from ``moe.json``; errors name the file."""
+    moe_dir = Path(moe_dir).expanduser()
+    try:
+        spec = json.loads((moe_dir / MOE_CONFIG).read_text())
+        experts = {str(k): Path(v) for k, v in spec["experts"].items()}
+        return experts, int(spec["depth"]), int(spec["layer_size"]), spec.get("top_k")
+    except FileNotFoundError as exc:
+        raise MixtureError(f"{moe_dir}: not a mixture directory ({MOE_CONFIG} missing)") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MixtureError(f"{moe_dir / MOE_CONFIG}: expected experts, depth and layer_size ({exc})") from exc
+
+
+def mixture_experts(moe_dir: Path) -> dict[str, Path]:
+    """The mixture's expert adapter directories by name, each checked to be a PEFT adapter directory."""
+    return check_experts(read_mixture_spec(moe_dir)[0])
+
+
 def load_mixture(model: Any, moe_dir: Path) -> Any:
     """The mixture saved in ``moe_dir`` on ``model``; its outputs equal the saved one's."""
     from safetensors.torch import load_file
 
     moe_dir = Path(moe_dir).expanduser()
-    try:
-        spec = json.loads((moe_dir / MOE_CONFIG).read_text())
-        experts = {str(k): Path(v) for k, v in spec["experts"].items()}
-        depth, layer_size, top_k = int(spec["depth"]), int(spec["layer_size"]), spec.get("top_k")
-    except FileNotFoundError as exc:
-        raise MixtureError(f"{moe_dir}: not a mixture directory ({MOE_CONFIG} missing)") from exc
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise MixtureError(f"{moe_dir / MOE_CONFIG}: expected experts, depth and layer_size ({exc})") from exc
+    experts, depth, layer_size, top_k = read_mixture_spec(moe_dir)
     if not (moe_dir / ROUTER_FILE).is_file():
         raise MixtureError(f"{moe_dir}: {ROUTER_FILE} missing")
     try:

@@ -16,8 +16,9 @@ from typing import Any
 from finlora.common.adapter import AdapterError, read_adapter_dir
 from finlora.common.config import load_config
 from finlora.common.model import load_base_model
-from finlora.common.moe import MOE_CONFIG, MixtureError, load_mixture
+from finlora.common.moe import MOE_CONFIG, MixtureError, load_mixture, mixture_experts
 from finlora.common.preflight import check_model, hub_offline
+from finlora.eval.compare import COMPARISON_PLOT, COMPARISON_TABLE, compare_models
 from finlora.eval.endpoint import EndpointModel
 from finlora.eval.report import TABLE_FILE
 from finlora.eval.runner import MODES, evaluate_model
@@ -79,6 +80,66 @@ def load_eval_model(model_name: str, quantization: str, adapter: str | None,
     return model.eval(), tokenizer
 
 
+def add_compare_parser(moe_sub: Any) -> argparse.ArgumentParser:
+    """Register ``finlora moe compare`` (on the ``moe`` subcommand's subparsers)."""
+    p = moe_sub.add_parser("compare", help="score a mixture against each of its experts and a multi-task adapter",
+                           description="Score a mixture of experts, each of its expert adapters and (optionally) "
+                                       "one multi-task adapter trained with the same budget on the same tasks and "
+                                       "rows; writes comparison.json, comparison.md and comparison.png, and each "
+                                       "candidate's own results under <out>/<candidate>/.")
+    p.add_argument("--moe", required=True, metavar="DIR", help="the mixture ('finlora moe train' directory)")
+    p.add_argument("--multitask", metavar="DIR", help="a PEFT adapter trained on all the experts' tasks together")
+    p.add_argument("--model", default=None, help="base model (default: config model.name)")
+    p.add_argument("--quantization", choices=["auto", "4", "8", "none"], help="config model.quantization")
+    p.add_argument("--data-dir", metavar="DIR", help="directory of <task>.jsonl test files")
+    p.add_argument("--tasks", default="all", help="comma-separated task names or 'all' (default all)")
+    p.add_argument("--max-samples", type=int, default=0, metavar="N", help="first N rows per task (0 = all)")
+    p.add_argument("--mode", choices=list(MODES), help="finlora or fast (default: eval.mode)")
+    p.add_argument("--batch-size", type=int, help="starting batch size (default: eval.batch-size)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-<timestamp>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_moe_compare)
+    return p
+
+
+def cmd_moe_compare(args: argparse.Namespace) -> int:
+    """Check every input first (the mixture, its experts, the multi-task adapter), then score them one by one."""
+    cfg = load_config()
+    model_name = args.model or cfg.model.name
+    if hub_offline():  # as in eval: no hub round-trips (and retries) unless FINLORA_ONLINE=1
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    check_model(model_name, "--model")
+    try:
+        experts = mixture_experts(Path(args.moe))
+    except MixtureError as exc:
+        raise EvalError(f"--moe {args.moe}: {exc}") from exc
+    candidates: dict[str, Path | None] = {f"expert-{name}": path for name, path in experts.items()}
+    if args.multitask:
+        if not (Path(args.multitask).expanduser() / "adapter_config.json").is_file():
+            raise EvalError(f"--multitask {args.multitask}: no adapter_config.json there (expected a PEFT adapter "
+                            f"directory)")
+        candidates["multitask"] = Path(args.multitask).expanduser()
+    candidates["mixture"] = None
+    mode = args.mode or cfg.eval.mode
+    batch_size, names, data_dir, out = run_inputs(args, cfg, default_prefix="compare")
+    quantization = args.quantization or cfg.model.quantization
+
+    def loader(adapter: Path | None):  # noqa: ANN202 - one candidate, loaded when its turn comes
+        if adapter is None:
+            return lambda: load_eval_model(model_name, quantization, None, args.moe)
+        return lambda: load_eval_model(model_name, quantization, str(adapter))
+
+    print(f"finlora moe compare: model {model_name}, {len(candidates)} candidates ({', '.join(candidates)}), mode "
+          f"{mode}, {len(names)} task(s) ({', '.join(names)}), max samples {args.max_samples or 'all'}\n"
+          f"  output: {out}", flush=True)
+    compare_models({name: loader(path) for name, path in candidates.items()}, names, data_dir, args.max_samples,
+                   mode, batch_size, out, progress=not args.no_progress,
+                   title=f"{model_name}: mixture vs experts ({mode} mode)")
+    print((out / COMPARISON_TABLE).read_text(), end="")
+    print(f"finlora moe compare: table {out / COMPARISON_TABLE}, chart {out / COMPARISON_PLOT}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Check inputs, load the model, evaluate, write outputs, print the table; returns the exit code."""
     cfg = load_config()
@@ -98,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.moe and not (Path(args.moe).expanduser() / MOE_CONFIG).is_file():
         raise EvalError(f"--moe {args.moe}: no {MOE_CONFIG} there (expected a 'finlora moe train' directory)")
     mode = args.mode or cfg.eval.mode
-    batch_size, names, data_dir, out = _run_inputs(args, cfg)
+    batch_size, names, data_dir, out = run_inputs(args, cfg)
     what = args.adapter or (f"mixture {args.moe}" if args.moe else "no adapter")
     print(f"finlora eval: model {model_name} + {what}, mode {mode}, {len(names)} task(s) ({', '.join(names)}), "
           f"data {resolve_test_dir(data_dir)}, max samples {args.max_samples or 'all'}, batch {batch_size}\n"
@@ -113,7 +174,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_inputs(args: argparse.Namespace, cfg: Any) -> tuple[int, list[str], str | None, Path]:
+def run_inputs(args: argparse.Namespace, cfg: Any, default_prefix: str = "eval",
+               ) -> tuple[int, list[str], str | None, Path]:
     """Batch size, task names, data directory and output directory, each checked (errors name the flag)."""
     batch_size = args.batch_size or cfg.eval.batch_size
     if args.max_samples < 0 or batch_size < 1:
@@ -122,7 +184,7 @@ def _run_inputs(args: argparse.Namespace, cfg: Any) -> tuple[int, list[str], str
     data_dir = args.data_dir or cfg.eval.data_dir
     if data_dir and not Path(data_dir).expanduser().is_dir():
         raise EvalError(f"--data-dir {data_dir}: no such directory")
-    out = Path(args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")).expanduser().resolve()
+    out = Path(args.out or Path("runs") / time.strftime(f"{default_prefix}-%Y%m%d-%H%M%S")).expanduser().resolve()
     return batch_size, names, data_dir or None, out
 
 
@@ -134,7 +196,7 @@ def _eval_endpoint(args: argparse.Namespace, cfg: Any) -> int:
     if args.mode == "fast":
         raise EvalError("--mode fast needs label log-likelihoods, which a completions endpoint does not return; "
                         "use --mode finlora with --endpoint")
-    batch_size, names, data_dir, out = _run_inputs(args, cfg)
+    batch_size, names, data_dir, out = run_inputs(args, cfg)
     model = EndpointModel(args.endpoint, args.adapter)
     model.check()
     print(f"finlora eval: endpoint {model.url}, adapter {args.adapter}, mode finlora, {len(names)} task(s) "

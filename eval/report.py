@@ -52,11 +52,14 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]], title: str = "") ->
 
 def write_bar_chart(results: Mapping[str, Mapping[str, Any]], path: Path, title: str = "") -> Path | None:
     """Accuracy and F1 per task with data as grouped bars (PNG, Agg backend); ``None`` if no task had data."""
+    fig = bar_chart_figure(results, title)
+    return None if fig is None else save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically (temp file, then rename) and close it."""
     import matplotlib.pyplot as plt
 
-    fig = bar_chart_figure(results, title)
-    if fig is None:
-        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
     os.close(fd)

@@ -25,7 +25,7 @@ from finlora.common.data import DataError, default_data_dir, load_rows, partitio
 from finlora.common.io import atomic_write_jsonl
 from finlora.common.preflight import check_data, check_gpu, check_model, check_positive, check_writable
 from finlora.common.report import print_run_report, round_problems
-from finlora.eval.cli import add_eval_parser
+from finlora.eval.cli import add_compare_parser, add_eval_parser
 from finlora.server.checkpoint import RunDirectory
 from finlora.server.deploy import ServerOptions, run_server
 from finlora.server.serving.cli import add_serve_parser
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
     add_eval_parser(sub)
     add_serve_parser(sub)
-    add_moe_parser(sub)
+    add_compare_parser(add_moe_parser(sub))
     add_zk_parser(sub)
 
     certs = sub.add_parser("certs", help="make the federation's TLS certificates and institutions' keys")

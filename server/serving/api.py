@@ -15,7 +15,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,10 +92,15 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> str:
 
 
 def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, admin_token: str | None = None,
-               request_timeout_s: float = 600.0) -> FastAPI:
-    """The FastAPI app over a started engine (``finlora serve`` builds both; tests may too)."""
+               request_timeout_s: float = 600.0, mixtures: Mapping[str, GenerationEngine] | None = None) -> FastAPI:
+    """The FastAPI app over a started engine (``finlora serve`` builds both; tests may too). ``mixtures``: the
+    engines of mixtures of experts served by name (``mixture.py``), each on its own copy of the base model."""
     app = FastAPI(title="finlora serve", version="1")
     started = time.time()
+    mixtures = dict(mixtures or {})
+
+    def engine_for(name: str) -> GenerationEngine:
+        return mixtures.get(name, engine)
 
     @app.exception_handler(ServeError)
     async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
@@ -112,7 +117,7 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
         return {"status": "ok", "base_model": base_name, "adapters": len(store.names()), "active": store.active(),
                 "max_loras": store.max_active, "batches": engine.batches, "rows": engine.rows,
                 "joined_running_batch": engine.joined, "forward_passes": engine.forward_passes,
-                "mixed_batch": engine.mixed_batch,
+                "mixed_batch": engine.mixed_batch, "mixtures": sorted(mixtures),
                 "uptime_s": round(time.time() - started, 1)}
 
     @app.get("/v1/models")
@@ -123,15 +128,18 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
             data.append({"id": name, "object": "model", "owned_by": "finlora", "root": base_name,
                          "parent": BASE_MODEL, "source": info["source"], "rank": info["rank"],
                          "active": info["active"]})
+        for name, mixture in sorted(mixtures.items()):
+            data.append({"id": name, "object": "model", "owned_by": "finlora", "root": base_name, "parent": None,
+                         "kind": "mixture-of-experts", **mixture.store.description})
         return {"object": "list", "data": data}
 
     def _check_model(name: str) -> None:
-        if not store.has(name):
+        if name not in mixtures and not store.has(name):
             raise ServeError(404, f"model {name!r} is not served; GET /v1/models lists the adapters",
                              kind="not_found_error", param="model")
 
     async def _run(request: GenerationRequest) -> GenerationResult:
-        engine.submit(request)
+        engine_for(request.adapter).submit(request)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(request.result), timeout=request_timeout_s)
         except UnknownAdapter as exc:  # removed between the check and the batch
@@ -158,7 +166,7 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
         if body.stream:
             if len(prompts) != 1:
                 raise ServeError(400, "prompt: streaming takes one prompt", param="prompt")
-            return _sse(engine.submit(_request(body, prompts[0])), cid, body.model, chat=False)
+            return _sse(engine_for(body.model).submit(_request(body, prompts[0])), cid, body.model, chat=False)
         results = await asyncio.gather(*(_run(_request(body, p)) for p in prompts))
         return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": body.model,
                 "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
@@ -171,7 +179,7 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
         prompt = chat_prompt(engine.tokenizer, body.messages)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return _sse(engine.submit(_request(body, prompt)), cid, body.model, chat=True)
+            return _sse(engine_for(body.model).submit(_request(body, prompt)), cid, body.model, chat=True)
         result = await _run(_request(body, prompt))
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
@@ -191,6 +199,8 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
     @app.post("/admin/adapters", status_code=201)
     async def add_adapter(body: AdapterUpload, request: Request) -> dict[str, Any]:
         _admin(request)
+        if body.name in mixtures:
+            raise ServeError(409, f"{body.name!r} is a served mixture of experts; choose another name", param="name")
         try:
             adapter = await asyncio.to_thread(read_host_adapter, body.name, Path(body.path))
             store.register(adapter, replace=body.replace)

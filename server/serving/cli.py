@@ -2,7 +2,8 @@
 
 Checked before the model loads (a second, not minutes): every ``--adapter NAME=DIR`` and every adapter directory
 under ``--adapters-dir`` (one PEFT directory per adapter, or a federation run directory whose ``round-<k>``
-folders become adapters ``round-<k>``), names unique, the port bindable.
+folders become adapters ``round-<k>``), every ``--moe NAME=DIR`` (a ``finlora moe train`` directory), names unique,
+the port bindable.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from finlora.common.adapter import CONFIG_FILE, AdapterError
 from finlora.common.config import ConfigError, load_config
 from finlora.common.logs import get_logger
+from finlora.common.moe import MOE_CONFIG, MixtureError, load_mixture
 from finlora.common.preflight import check_model
+from finlora.server.serving.adapters import BASE_MODEL
+from finlora.server.serving.mixture import MixtureStore
 
 log = get_logger(__name__)
 
@@ -36,6 +41,9 @@ def add_serve_parser(sub: Any) -> None:
                        help="serve the PEFT adapter in DIR as model NAME (repeatable)")
     serve.add_argument("--adapters-dir", metavar="DIR",
                        help="serve every adapter directory under DIR, named after its folder")
+    serve.add_argument("--moe", action="append", default=[], metavar="NAME=DIR",
+                       help="serve the mixture of experts in DIR ('finlora moe train') as model NAME, on its own "
+                            "copy of the base model (repeatable)")
     serve.add_argument("--max-loras", type=int, default=8, help="adapters attached at once (LRU; default 8)")
     serve.add_argument("--max-batch", type=int, default=32, help="requests per forward pass (default 32)")
     serve.add_argument("--mixed-batch", choices=["gathered", "peft"], default="gathered",
@@ -76,6 +84,23 @@ def adapter_specs(pairs: list[str], adapters_dir: str | None) -> dict[str, Path]
     return specs
 
 
+def mixture_specs(pairs: list[str], adapter_names: Iterable[str]) -> dict[str, Path]:
+    """``{name: mixture directory}`` from ``--moe``; a name may not repeat or shadow an adapter."""
+    specs: dict[str, Path] = {}
+    taken = set(adapter_names)
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--moe {pair!r}: expected NAME=DIR")
+        if name in specs or name in taken or name == BASE_MODEL or "/" in name:
+            raise ConfigError(f"--moe {pair!r}: the name {name!r} is taken (another --moe, an adapter or "
+                              f"{BASE_MODEL!r}) or has a '/'")
+        if not (Path(path).expanduser() / MOE_CONFIG).is_file():
+            raise ConfigError(f"--moe {pair!r}: no {MOE_CONFIG} in {path} (expected a 'finlora moe train' directory)")
+        specs[name] = Path(path).expanduser()
+    return specs
+
+
 def _admin_token(path: str | None) -> str | None:
     if path:
         token = Path(path).expanduser().read_text().strip()
@@ -109,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--max-loras and --max-batch must be at least 1")
     check_model(cfg.model.name, "--model")
     specs = adapter_specs(args.adapter, args.adapters_dir)
+    moe_specs = mixture_specs(args.moe, specs)
     token = _admin_token(args.admin_token_file)
     _check_port(args.host, args.port)
     if args.host not in ("127.0.0.1", "::1", "localhost") and not token:
@@ -128,15 +154,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = AdapterStore(peft_model, args.max_loras)
     for adapter in adapters:
         store.register(adapter)
+    mixtures = {}
+    for name, moe_dir in moe_specs.items():  # each on its own base model: X-LoRA rewires the model it wraps
+        try:
+            mixture = load_mixture(load_base_model(cfg.model)[0], moe_dir)
+        except MixtureError as exc:
+            raise ConfigError(f"--moe {name}={moe_dir}: {exc}") from exc
+        mixtures[name] = GenerationEngine(MixtureStore(name, mixture, moe_dir), tokenizer, max_batch=args.max_batch,
+                                          mixed_batch="none")
     engine = GenerationEngine(store, tokenizer, max_batch=args.max_batch, mixed_batch=args.mixed_batch)
-    engine.start()
-    app = create_app(store, engine, base_name=cfg.model.name, admin_token=token)
+    for running in (engine, *mixtures.values()):
+        running.start()
+    app = create_app(store, engine, base_name=cfg.model.name, admin_token=token, mixtures=mixtures)
     print(f"finlora serve: {cfg.model.name} (quantization {effective}), {len(adapters)} adapter(s) "
-          f"[{', '.join(a.name for a in adapters)}], at most {args.max_loras} attached; "
-          f"http://{args.host}:{args.port}/v1", flush=True)
+          f"[{', '.join(a.name for a in adapters)}], at most {args.max_loras} attached"
+          + (f", mixture(s) [{', '.join(mixtures)}]" if mixtures else "")
+          + f"; http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
-        engine.stop()
+        for running in (engine, *mixtures.values()):
+            running.stop()
         print(f"finlora serve: stopped after {engine.batches} batches, {engine.rows} requests", flush=True)
     return 0

@@ -67,12 +67,14 @@ class GenerationEngine:
     def __init__(self, store: AdapterStore, tokenizer: Any, max_batch: int = 32, max_wait_s: float = 0.01,
                  max_prompt_tokens: int = 2048, mixed_batch: str = "gathered") -> None:
         """``mixed_batch``: "gathered" applies a mixed batch's adapters with two batched matmuls per layer
-        (``gathered.py``; PEFT's own path where it cannot), "peft" with PEFT's per-adapter loop."""
+        (``gathered.py``; PEFT's own path where it cannot), "peft" with PEFT's per-adapter loop, "none" for a
+        store that serves one model as it is (a mixture of experts, ``mixture.py``: its forward takes no adapter
+        names and keeps no KV cache, so every step re-reads the whole sequence)."""
         # torch and peft load with the model, not with this module (the HTTP layer imports it for its types)
         from finlora.server.serving import gathered
 
-        if mixed_batch not in ("gathered", "peft"):
-            raise ValueError(f"mixed_batch {mixed_batch!r}: expected 'gathered' or 'peft'")
+        if mixed_batch not in ("gathered", "peft", "none"):
+            raise ValueError(f"mixed_batch {mixed_batch!r}: expected 'gathered', 'peft' or 'none'")
         self.store = store
         self.model = store.model
         self.tokenizer = tokenizer
@@ -88,7 +90,8 @@ class GenerationEngine:
         self.forward_passes = 0
         use_gathered = mixed_batch == "gathered" and gathered.supported(self.model)
         self.gathered = gathered.GatheredLora(store) if use_gathered else None
-        self.mixed_batch = "gathered" if use_gathered else "peft"
+        self.mixed_batch = "gathered" if use_gathered else mixed_batch if mixed_batch == "none" else "peft"
+        self.kv_cache = mixed_batch != "none"
 
     def start(self) -> None:
         self._thread.start()
@@ -191,14 +194,16 @@ class GenerationEngine:
         for request, mask in zip(requests, attention):
             request.prompt_tokens = int(mask.sum())
             rows.append(_Row(request, generator=self._generator(request, device)))
+        input_ids = enc["input_ids"].to(device)
         with torch.inference_mode(), self._adapters([self.store.slot(r.adapter) for r in requests]) as lora:
-            out = self.model(input_ids=enc["input_ids"].to(device), attention_mask=attention, position_ids=positions,
-                             use_cache=True, **lora)
+            out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                             use_cache=self.kv_cache, **lora)
         self.forward_passes += 1
         self.batches += 1
         self.rows += len(rows)
         next_ids = self._advance(rows, out.logits[:, -1, :], positions[:, -1:])
-        return rows, _Batch(out.past_key_values, attention, positions[:, -1:], next_ids)
+        cache = out.past_key_values if self.kv_cache else input_ids
+        return rows, _Batch(cache, attention, positions[:, -1:], next_ids)
 
     def _step(self, rows: list[_Row], batch: _Batch) -> None:
         import torch
@@ -206,15 +211,23 @@ class GenerationEngine:
         batch.attention = torch.cat([batch.attention, torch.ones_like(batch.attention[:, :1])], dim=1)
         batch.positions = batch.positions + 1
         with torch.inference_mode(), self._adapters([self.store.slot(r.request.adapter) for r in rows]) as lora:
-            out = self.model(input_ids=batch.next_ids, attention_mask=batch.attention, position_ids=batch.positions,
-                             past_key_values=batch.cache, use_cache=True, **lora)
+            if self.kv_cache:
+                out = self.model(input_ids=batch.next_ids, attention_mask=batch.attention,
+                                 position_ids=batch.positions, past_key_values=batch.cache, use_cache=True, **lora)
+            else:  # the cache is the sequence so far: run it all again with the new token
+                ids = torch.cat([batch.cache, batch.next_ids], dim=1)
+                out = self.model(input_ids=ids, attention_mask=batch.attention,
+                                 position_ids=(batch.attention.cumsum(-1) - 1).clamp(min=0), use_cache=False, **lora)
         self.forward_passes += 1
-        batch.cache = out.past_key_values
+        batch.cache = out.past_key_values if self.kv_cache else ids
         batch.next_ids = self._advance(rows, out.logits[:, -1, :], batch.positions)
 
     @contextmanager
     def _adapters(self, slot_names: Sequence[str]) -> Iterator[dict[str, Any]]:
         """The forward's extra arguments for a batch whose row i uses ``slot_names[i]``."""
+        if self.mixed_batch == "none":
+            yield {}
+            return
         if self.gathered is None:
             yield {"adapter_names": list(slot_names)}
             return
@@ -298,7 +311,8 @@ class _Row:
 
 @dataclass
 class _Batch:
-    """The running batch's tensors: KV cache, attention mask (left-padded), last positions, next input ids."""
+    """The running batch's tensors: KV cache (or, for a model without one, the token ids so far), attention mask
+    (left-padded), last positions, next input ids."""
 
     cache: Any
     attention: Any
@@ -319,9 +333,12 @@ class _Batch:
             spec = [0, 0] * (dim_from_end - 1) + [missing, 0]
             return F.pad(t, spec)
 
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)], dim=0)
-            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)], dim=0)
+        if isinstance(self.cache, torch.Tensor):  # token ids: padded like the mask (masked out)
+            self.cache = torch.cat([pad(self.cache, 1), pad(other.cache, 1)], dim=0)
+        else:
+            for mine, theirs in zip(self.cache.layers, other.cache.layers):
+                mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)], dim=0)
+                mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)], dim=0)
         self.attention = torch.cat([pad(self.attention, 1), pad(other.attention, 1)], dim=0)
         self.positions = torch.cat([self.positions, other.positions], dim=0)
         self.next_ids = torch.cat([self.next_ids, other.next_ids], dim=0)
@@ -334,10 +351,14 @@ class _Batch:
         index = torch.tensor(keep, device=self.attention.device)
         attention = self.attention.index_select(0, index)
         start = int(attention.any(dim=0).float().argmax())
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
-        return _Batch(self.cache, attention[:, start:], self.positions.index_select(0, index),
+        if isinstance(self.cache, torch.Tensor):
+            cache = self.cache.index_select(0, index)[:, start:]
+        else:
+            cache = self.cache
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+                layer.values = layer.values.index_select(0, index)[:, :, start:]
+        return _Batch(cache, attention[:, start:], self.positions.index_select(0, index),
                       self.next_ids.index_select(0, index))
 
 

@@ -10,9 +10,10 @@ and run two ``bmm``; a row without an adapter picks slot 0, all zeros.
 How it plugs into PEFT without replacing its layers: the forward names no adapter for any row
 (``adapter_names=["__base__", ...]``, so every LoRA layer computes only its base layer, quantized or not) and a
 forward hook on each LoRA layer adds the gathered delta. (Not ``disable_adapter()``: entering and leaving it walks
-every adapter's parameters, 23 ms a pass with 64 adapters on the tiny model, more than the pass itself.) The stacks are rebuilt from the slots' own parameters only when the adapter store copied new weights
-into a slot (its ``weights_version`` changed), so in steady state a forward pass costs two index_selects and two
-bmm per layer. Adapters this cannot express exactly (DoRA, LoRA on embeddings or convolutions) make
+every adapter's parameters, 23 ms a pass with 64 adapters on the tiny model, more than the pass itself.)
+The stacks are rebuilt from the slots' own parameters only when the adapter store copied new weights into a slot
+(its ``weights_version`` changed), so in steady state a forward pass costs two index_selects and two bmm per
+layer. Adapters this cannot express exactly (DoRA, LoRA on embeddings or convolutions) make
 :func:`supported` false and the engine keeps PEFT's own mixed batch.
 """
 
