@@ -21,23 +21,27 @@ from finlora.server.serving.gathered import GatheredLora, supported
 from tests.conftest import make_random_adapter
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> AdapterStore:
+@pytest.fixture(scope="module", params=["none", "4"])
+def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AdapterStore:
+    """Both on a float base and on a 4-bit NF4 one (bitsandbytes on the CPU): the hook adds to whatever the
+    quantized base layer returns."""
     root = tmp_path_factory.mktemp("gathered")
-    cfg = load_config()
+    cfg = load_config({"model.quantization": request.param})
     for i in range(4):
         make_random_adapter(root / f"a{i}", seed=10 + i)
     wide = load_config({"lora.r": 16, "lora.alpha": 8})  # another rank and scaling: padded in the stack
     arrays = initial_adapter(lora_shapes(wide.model, wide.lora), seed=99)
     arrays = {k: v + 0.3 if ".lora_B." in k else v for k, v in arrays.items()}
     save_adapter_dir(arrays, lora_config(wide.lora, resolve_model_path(wide.model.name)), root / "r16")
-    model, tokenizer, _ = load_base_model(cfg.model)
+    model, tokenizer, effective = load_base_model(cfg.model)
+    assert effective == request.param
     placeholder = lora_config(cfg.lora, resolve_model_path(cfg.model.name))
     peft_model = get_peft_model(model, placeholder, adapter_name=f"__placeholder_{secrets.token_hex(4)}").eval()
     store = AdapterStore(peft_model, max_active=3)
     for name in ("a0", "a1", "a2", "a3", "r16"):
         store.register(read_host_adapter(name, root / name))
     store.tokenizer = tokenizer
+    store.quantized = request.param != "none"
     return store
 
 
@@ -59,7 +63,15 @@ def test_a_mixed_batch_gives_exactly_peft_s_logits_and_stays_right_when_slots_ar
             store.attach(set(names))
             reference = _logits(store, names, None)
             assert not torch.allclose(reference[0], reference[1])  # the adapters do differ
-            torch.testing.assert_close(_logits(store, names, gathered), reference, rtol=1e-5, atol=1e-5)
+            got = _logits(store, names, gathered)
+            if store.quantized:
+                # every layer's LoRA delta agrees with PEFT's to ~4e-6, but on the 4-bit base a last-bit
+                # difference between bmm and PEFT's matmul grows to up to 6.4e-4 in the logits (measured; other
+                # rows bitwise equal): compare at that precision, and the greedy choice at every position exactly
+                torch.testing.assert_close(got, reference, rtol=0, atol=5e-3)
+                assert torch.equal(got.argmax(-1), reference.argmax(-1))
+            else:
+                torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
             store.release(set(names))
         # outside a gathered batch the hooks add nothing: PEFT's own path is untouched
         base_only = _logits(store, [BASE_MODEL], None)
