@@ -30,13 +30,21 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model (+ adapter) on the FinLoRA benchmark",
                        description="Score a base model plus a PEFT adapter (or none) on FinLoRA benchmark tasks; "
                                    "writes results.json, results.md, results.png and predictions/<task>.jsonl.")
-    p.add_argument("--model", default=None, help="tiny | smollm2 | hub id | local path or .gguf file (default: config model.name)")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory, e.g. runs/RUN/round-3 (default: none); "
                                                     "with --endpoint, the served adapter's name")
     p.add_argument("--moe", metavar="DIR", help="a mixture of LoRA experts from 'finlora moe train' (instead of "
                                                 "--adapter)")
     p.add_argument("--endpoint", metavar="URL", help="score an adapter served at this OpenAI-compatible URL "
                                                      "(finlora serve, vLLM) instead of loading a model; finlora mode")
+    _add_scoring_arguments(p, "eval")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def _add_scoring_arguments(p: argparse.ArgumentParser, out_prefix: str) -> None:
+    """What every scoring command takes: the model, the tasks and rows, the protocol, where results go."""
+    p.add_argument("--model", default=None,
+                   help="tiny | smollm2 | hub id | local path or .gguf file (default: config model.name)")
     p.add_argument("--quantization", choices=["auto", "4", "8", "none"],
                    help="config model.quantization: auto = 4-bit on a GPU, none on a CPU; 4 or 8 always quantize")
     p.add_argument("--data-dir", metavar="DIR", help="directory of <task>.jsonl test files "
@@ -45,10 +53,8 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=0, metavar="N", help="first N rows per task (default 0 = all)")
     p.add_argument("--mode", choices=list(MODES), help="finlora (reference protocol) or fast (default: eval.mode)")
     p.add_argument("--batch-size", type=int, help="starting batch size, halved on OOM (default: eval.batch-size)")
-    p.add_argument("--out", metavar="DIR", help="output directory (default runs/eval-<timestamp>)")
+    p.add_argument("--out", metavar="DIR", help=f"output directory (default runs/{out_prefix}-<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_eval)
-    return p
 
 
 def load_eval_model(model_name: str, quantization: str, adapter: str | None,
@@ -89,15 +95,7 @@ def add_compare_parser(moe_sub: Any) -> argparse.ArgumentParser:
                                        "candidate's own results under <out>/<candidate>/.")
     p.add_argument("--moe", required=True, metavar="DIR", help="the mixture ('finlora moe train' directory)")
     p.add_argument("--multitask", metavar="DIR", help="a PEFT adapter trained on all the experts' tasks together")
-    p.add_argument("--model", default=None, help="base model (default: config model.name)")
-    p.add_argument("--quantization", choices=["auto", "4", "8", "none"], help="config model.quantization")
-    p.add_argument("--data-dir", metavar="DIR", help="directory of <task>.jsonl test files")
-    p.add_argument("--tasks", default="all", help="comma-separated task names or 'all' (default all)")
-    p.add_argument("--max-samples", type=int, default=0, metavar="N", help="first N rows per task (0 = all)")
-    p.add_argument("--mode", choices=list(MODES), help="finlora or fast (default: eval.mode)")
-    p.add_argument("--batch-size", type=int, help="starting batch size (default: eval.batch-size)")
-    p.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-<timestamp>)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_scoring_arguments(p, "compare")
     p.set_defaults(func=cmd_moe_compare)
     return p
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from xdist.scheduler import LoadScopeScheduling
 
@@ -85,6 +87,19 @@ def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float =
     while text not in log.read_text():
         assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.5)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Until ``url``/health answers 200 (a ``finlora serve`` process started); fails with the log's tail if the
+    process exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
 
 
 def stop_all(*procs: subprocess.Popen) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,7 +16,7 @@ from finlora.common.model import load_base_model
 from finlora.common.moe import MixtureError, ROUTER_KEY, build_mixture, load_mixture, save_mixture
 from finlora.common.flower_processes import free_port
 from finlora.common.sample_data import sentiment_rows
-from tests.conftest import make_random_adapter, popen_cli, run_cli, stop_all
+from tests.conftest import make_random_adapter, popen_cli, run_cli, stop_all, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +125,7 @@ def test_a_mixture_is_served_under_one_name_beside_plain_adapters(experts, tmp_p
                      f"e0={experts['e0']}", "--port", str(port), log=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_healthy(url, proc, log)
         listed = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
         assert listed["mix"]["kind"] == "mixture-of-experts" and listed["mix"]["experts"] == ["e0", "e1"]
         assert "e0" in listed

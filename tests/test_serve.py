@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import secrets
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from finlora.common.config import ConfigError, load_config
 from finlora.common.flower_processes import free_port
 from finlora.common.model import load_base_model
 from finlora.server.serving.cli import adapter_specs
-from tests.conftest import make_random_adapter, popen_cli, run_cli, stop_all
+from tests.conftest import make_random_adapter, popen_cli, run_cli, stop_all, wait_healthy
 
 PROMPTS = {"a0": "The sentiment of this news is", "a1": "Revenue rose",
            "a2": "Operating profit fell to EUR 3 million from EUR 5 million, the company said.",
@@ -42,14 +41,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
                      "--adapters-dir", str(root / "more"), "--max-loras", "2", "--port", str(port),
                      "--admin-token-file", str(root / "token"), log=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    wait_healthy(url, proc, log)
     yield {"url": url, "root": root, "token": token, "proc": proc, "log": log}
     stop_all(proc)
 
