@@ -88,9 +88,10 @@ class GenerationEngine:
         self.rows = 0
         self.joined = 0
         self.forward_passes = 0
-        use_gathered = mixed_batch == "gathered" and gathered.supported(self.model)
-        self.gathered = gathered.GatheredLora(store) if use_gathered else None
-        self.mixed_batch = "gathered" if use_gathered else mixed_batch if mixed_batch == "none" else "peft"
+        if mixed_batch == "gathered" and not gathered.supported(self.model):
+            mixed_batch = "peft"  # DoRA, LoRA on embeddings: PEFT's own path computes them
+        self.mixed_batch = mixed_batch
+        self.gathered = gathered.GatheredLora(store) if mixed_batch == "gathered" else None
         self.kv_cache = mixed_batch != "none"
 
     def start(self) -> None:
