@@ -98,24 +98,24 @@ def _check_signatures(header: dict[str, Any], entry: dict[str, Any],
 
 
 def _check_proofs(header: dict[str, Any], entry: dict[str, Any], keys: Mapping[str, Ed25519PublicKey],
-                  layout: Layout) -> list[str]:
+                  layout: Layout, points: list[list[Any]]) -> list[str]:
     """Every accepted client's zero-knowledge proof that its committed update was in range and within the bound,
-    checked against its commitments alone (a run whose header says ``proofs``; without, nothing to check)."""
+    checked against its commitments alone (a run whose header says ``proofs``; without, nothing to check).
+    ``points``: each client's commitments as :func:`_check_signatures` decoded them (empty: they did not)."""
     if not header.get("proofs"):
         return []
     problems = []
-    for client in entry["clients"]:
+    for client, rows in zip(entry["clients"], points):
         node, key = client["node_id"], keys.get(client["node_id"])
-        if key is None:
-            continue  # already a problem: no key given with --keys
+        if key is None or not rows:
+            continue  # already a problem: no key given with --keys, or a commitment not in the subgroup
         if not client.get("proof"):
             problems.append(f"node {node}: no range/norm proof")
             continue
         st = proof_statement(header["run_id"], entry["round"], key, layout.size, header["bits"],
                              header["norm_bound"], header["frac_bits"])
-        commitments = unpack_commitments(base64.b64decode(client["commitments"]))
         try:
-            normproof.verify(st, commitments, base64.b64decode(client["proof"]))
+            normproof.verify(st, rows, base64.b64decode(client["proof"]))
         except normproof.ProofError as exc:
             problems.append(f"node {node}: range/norm proof fails ({exc})")
     return problems
@@ -155,7 +155,7 @@ def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], p
         return _check_kept_round(run_dir, entry, prev_path, prev_sha)
     problems, points = _check_signatures(header, entry, keys)
     layout = Layout.from_json(entry["layout"])
-    problems += _check_proofs(header, entry, keys, layout)
+    problems += _check_proofs(header, entry, keys, layout, points)
     counts = [int(c["num_examples"]) for c in entry["clients"]]
     divisor = int(entry.get("weight_divisor", 1))
     if divisor < 1 or any(n % divisor for n in counts):

@@ -519,15 +519,19 @@ def _combine(rows: np.ndarray, weights: np.ndarray) -> list[int]:
 # Verifier
 
 
-def verify(st: Statement, commitments: Sequence[bytes], proof_bytes: bytes) -> None:
-    """Check ``proof_bytes`` for ``st`` against the row commitments; raises ProofError naming the failed check."""
+def verify(st: Statement, commitments: Sequence[bytes] | Sequence[G1Point], proof_bytes: bytes) -> None:
+    """Check ``proof_bytes`` for ``st`` against the row commitments (bytes, or points a caller already decoded
+    with the checked decoder); raises ProofError naming the failed check."""
     shape = Shape.of(st)
     if len(commitments) != shape.rows:
         raise ProofError(f"malformed: {len(commitments)} row commitments, the statement needs {shape.rows}")
-    try:
-        rows = decode_points(commitments)
-    except Exception as exc:  # noqa: BLE001 - the library raises its own type on a bad point
-        raise ProofError(f"malformed: a row commitment does not decode ({exc})") from exc
+    if all(isinstance(c, G1Point) for c in commitments):
+        rows = list(commitments)
+    else:
+        try:
+            rows = decode_points(commitments)
+        except Exception as exc:  # noqa: BLE001 - the library raises its own type on a bad point
+            raise ProofError(f"malformed: a row commitment does not decode ({exc})") from exc
     proof = NormProof.from_bytes(bytes(proof_bytes), shape)
     tr = _start(st, rows, shape)
     tr.absorb_points(b"digit-rows", proof.digit_rows)

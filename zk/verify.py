@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from py_arkworks_bls12381 import G1Point
 
 from finlora.zk import signing
 from finlora.zk.commit import (GROUP_ORDER, OpeningTerms, commit_rows, commitments_digest, decode_points, num_rows,
@@ -152,15 +153,17 @@ def _cheap_checks(sub: Submission, run_id: str, round_num: int, key: Ed25519Publ
 
 
 def proof_problem(sub: Submission, run_id: str, round_num: int, key: Ed25519PublicKey, norm_bound: float,
-                  frac_bits: int, bits: int, length: int | None = None) -> str | None:
+                  frac_bits: int, bits: int, length: int | None = None,
+                  points: Sequence[G1Point] | None = None) -> str | None:
     """Why ``sub``'s zero-knowledge range + norm proof does not verify against its commitments, or None.
-    ``length``: the update's number of values (default: the values the server received)."""
+    ``length``: the update's number of values (default: the values the server received); ``points``: the
+    commitments already decoded (the server decodes each update's once, for the proof and the opening)."""
     if not sub.proof:
         return f"{BAD_PROOF}: no range/norm proof (the run requires one: zk.proof)"
     length = sub.values.shape[0] if length is None else length
     st = proof_statement(run_id, round_num, key, length, bits, norm_bound, frac_bits)
     try:
-        normproof.verify(st, sub.commitments, sub.proof)
+        normproof.verify(st, sub.commitments if points is None else points, sub.proof)
     except normproof.ProofError as exc:
         return f"{BAD_PROOF}: {exc}"
     except Exception as exc:  # noqa: BLE001 - whatever a crafted proof triggers, it costs only its sender the round
@@ -171,10 +174,11 @@ def proof_problem(sub: Submission, run_id: str, round_num: int, key: Ed25519Publ
 
 def _timed_proof_problem(sub: Submission, run_id: str, round_num: int, key: Ed25519PublicKey, norm_bound: float,
                          frac_bits: int, bits: int, length: int | None,
-                         proof_seconds: dict[str, float] | None) -> str | None:
+                         proof_seconds: dict[str, float] | None,
+                         points: Sequence[G1Point] | None = None) -> str | None:
     """:func:`proof_problem`, recording the verification's seconds under the node id."""
     start = time.perf_counter()
-    reason = proof_problem(sub, run_id, round_num, key, norm_bound, frac_bits, bits, length)
+    reason = proof_problem(sub, run_id, round_num, key, norm_bound, frac_bits, bits, length, points)
     if proof_seconds is not None:
         proof_seconds[sub.node_id] = time.perf_counter() - start
     return reason
@@ -190,12 +194,16 @@ def _plaintext_checks(sub: Submission, norm_bound: float, frac_bits: int, bits: 
     return None
 
 
-def client_terms(sub: Submission) -> OpeningTerms | str:
-    """This client's share of the batched opening check (fresh 128-bit weights per row), or a bad-point reason."""
+def row_points(sub: Submission) -> list[G1Point] | str:
+    """``sub``'s row commitments decoded (on the curve, in the subgroup), or the bad-point reason."""
     try:
-        points = decode_points(sub.commitments)
+        return decode_points(sub.commitments)
     except ValueError as exc:
         return f"{BAD_POINT}: a row commitment is not a point of the G1 subgroup ({exc})"
+
+
+def client_terms(sub: Submission, points: Sequence[G1Point]) -> OpeningTerms:
+    """This client's share of the batched opening check (fresh 128-bit weights per row)."""
     return opening_terms([[(p, 1)] for p in points], rows_of(sub.values), sub.blindings)
 
 
@@ -223,16 +231,19 @@ def verify_round(submissions: Sequence[Submission], run_id: str, round_num: int,
             continue
         key = public_keys.get(sub.node_id)
         reason = _cheap_checks(sub, run_id, round_num, key, expected_size, seen_digests)
-        if reason is None and require_proof:
+        points = row_points(sub) if reason is None else reason  # decoded once: for the proof and the opening
+        if isinstance(points, str):
+            rejected[sub.node_id] = points
+            continue
+        if require_proof:
             reason = _timed_proof_problem(sub, run_id, round_num, key, norm_bound, frac_bits, bits, None,
-                                          proof_seconds)
+                                          proof_seconds, points)
         if reason is None:
             reason = _plaintext_checks(sub, norm_bound, frac_bits, bits)
-        terms = client_terms(sub) if reason is None else reason
-        if isinstance(terms, str):
-            rejected[sub.node_id] = terms
+        if reason is not None:
+            rejected[sub.node_id] = reason
         else:
-            candidates.append((sub, terms))
+            candidates.append((sub, client_terms(sub, points)))
     if candidates and not sum_terms([t for _, t in candidates]).holds():
         for sub, terms in candidates:
             if not terms.holds():
