@@ -88,6 +88,8 @@ class AdapterStore:
         self.detach_count = 0
         self.weights_version = 0
         """Bumped whenever a slot's weights change (a copy in, a slot rebuilt): what a gathered forward checks."""
+        self.slot_versions: dict[str, int] = {}
+        """Slot -> ``weights_version`` when its weights last changed: which stack rows a gathered forward redoes."""
 
     # -- registry (HTTP side) --------------------------------------------------------------------------------
     def register(self, adapter: HostAdapter, replace: bool = False) -> None:
@@ -192,6 +194,7 @@ class AdapterStore:
             for key, value in adapter.arrays.items():
                 params[key].copy_(torch.from_numpy(value))
         self.weights_version += 1
+        self.slot_versions[slot] = self.weights_version
         self._active[adapter.name] = slot
         self.attach_count += 1
 

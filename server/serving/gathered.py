@@ -11,10 +11,10 @@ How it plugs into PEFT without replacing its layers: the forward names no adapte
 (``adapter_names=["__base__", ...]``, so every LoRA layer computes only its base layer, quantized or not) and a
 forward hook on each LoRA layer adds the gathered delta. (Not ``disable_adapter()``: entering and leaving it walks
 every adapter's parameters, 23 ms a pass with 64 adapters on the tiny model, more than the pass itself.)
-The stacks are rebuilt from the slots' own parameters only when the adapter store copied new weights into a slot
-(its ``weights_version`` changed), so in steady state a forward pass costs two index_selects and two bmm per
-layer. Adapters this cannot express exactly (DoRA, LoRA on embeddings or convolutions) make
-:func:`supported` false and the engine keeps PEFT's own mixed batch.
+The stacks are updated from the slots' own parameters only when the adapter store copied new weights into a slot
+(its ``weights_version`` changed), and then only that slot's rows, so in steady state a forward pass costs two
+index_selects and two bmm per layer. Adapters this cannot express exactly (DoRA, LoRA on embeddings or
+convolutions) make :func:`supported` false and the engine keeps PEFT's own mixed batch.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class GatheredLora:
         self._version = -1
         self._slot_index: dict[str, int] = {}
         self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacked: dict[str, int] = {}  # slot -> the store's slot version its stack rows hold
         self._rows: torch.Tensor | None = None
 
     def close(self) -> None:
@@ -71,30 +72,63 @@ class GatheredLora:
             self.layers = layers
             self._hooks = [module.register_forward_hook(self._hook(name)) for name, module in layers]
 
-    def _rebuild(self) -> None:
+    def _refresh(self) -> None:
+        """Bring the stacks up to the store's weights: only the slots whose weights changed when nothing else did
+        (an LRU swap copies one adapter into one slot), everything when slots or LoRA layers came, or a rank
+        outgrew its stack."""
+        changed = {slot for slot, version in self.store.slot_versions.items() if self._stacked.get(slot) != version}
+        layers = lora_layers(self.store.model)
+        slots = sorted({slot for _, module in layers for slot in module.lora_A})
+        in_place = (self._stacks and [m for _, m in layers] == [m for _, m in self.layers]
+                    and {s: i + 1 for i, s in enumerate(slots)} == self._slot_index
+                    and all(self._fits(name, module, slot) for name, module in layers for slot in changed))
+        with torch.inference_mode():  # the engine's forward passes run in it: their stacks are inference tensors
+            if in_place:
+                for name, module in self.layers:
+                    for slot in changed:
+                        self._write(name, module, slot)
+            else:
+                self._rebuild(slots)
+        self._stacked = dict(self.store.slot_versions)
+        self._version = self.store.weights_version
+
+    def _fits(self, name: str, module: Any, slot: str) -> bool:
+        """Whether ``slot``'s weights in this layer can be written into the existing stack."""
+        stacks = self._stacks.get(name)
+        if slot not in module.lora_A:
+            return True
+        return stacks is not None and module.lora_A[slot].weight.shape[0] <= stacks[0].shape[2]
+
+    def _rebuild(self, slots: list[str]) -> None:
         """Stack every slot's weights (index 0: no adapter, zeros); ranks below the layer's largest are padded with
         zeros, which adds nothing to the product."""
         self._hook_layers()
-        slots = sorted({slot for _, module in self.layers for slot in module.lora_A})
         self._slot_index = {slot: i + 1 for i, slot in enumerate(slots)}
         self._stacks = {}
-        with torch.no_grad():
-            for name, module in self.layers:
-                present = [s for s in slots if s in module.lora_A]
-                if not present:
-                    continue
-                rank = max(module.lora_A[s].weight.shape[0] for s in present)
-                a0 = module.lora_A[present[0]].weight
-                b0 = module.lora_B[present[0]].weight
-                a_stack = torch.zeros(len(slots) + 1, rank, a0.shape[1], dtype=a0.dtype, device=a0.device)
-                b_stack = torch.zeros(len(slots) + 1, b0.shape[0], rank, dtype=b0.dtype, device=b0.device)
-                for slot in present:
-                    i, a, b = self._slot_index[slot], module.lora_A[slot].weight, module.lora_B[slot].weight
-                    a_stack[i, : a.shape[0]] = a
-                    b_stack[i, :, : b.shape[1]] = b * module.scaling[slot]
-                # (rows, in, r) and (rows, r, out) once transposed: the bmm operands, contiguous
-                self._stacks[name] = (a_stack.transpose(1, 2).contiguous(), b_stack.transpose(1, 2).contiguous())
-        self._version = self.store.weights_version
+        for name, module in self.layers:
+            present = [s for s in slots if s in module.lora_A]
+            if not present:
+                continue
+            rank = max(module.lora_A[s].weight.shape[0] for s in present)
+            a0, b0 = module.lora_A[present[0]].weight, module.lora_B[present[0]].weight
+            # (rows, in, r) and (rows, r, out): the bmm operands, each row one slot's A^T and (scaling * B)^T
+            self._stacks[name] = (torch.zeros(len(slots) + 1, a0.shape[1], rank, dtype=a0.dtype, device=a0.device),
+                                  torch.zeros(len(slots) + 1, rank, b0.shape[0], dtype=b0.dtype, device=b0.device))
+            for slot in present:
+                self._write(name, module, slot)
+
+    def _write(self, name: str, module: Any, slot: str) -> None:
+        """Slot ``slot``'s row of this layer's stacks from its current weights (zeros where it has none)."""
+        a_t, b_t = self._stacks.get(name, (None, None))
+        if a_t is None:
+            return
+        i = self._slot_index[slot]
+        a_t[i].zero_()
+        b_t[i].zero_()
+        if slot in module.lora_A:
+            a, b = module.lora_A[slot].weight, module.lora_B[slot].weight
+            a_t[i, :, : a.shape[0]] = a.T
+            b_t[i, : b.shape[1]] = (b * module.scaling[slot]).T
 
     def _hook(self, name: str) -> Any:
         def add_delta(_module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -115,7 +149,7 @@ class GatheredLora:
         """Within this block, a forward pass of the model given the yielded arguments applies row i's adapter
         ``slot_names[i]`` (``BASE_MODEL`` for none) through the stacks, and none through PEFT's own path."""
         if self._version != self.store.weights_version:
-            self._rebuild()
+            self._refresh()
         device = next(iter(self._stacks.values()))[0].device if self._stacks else "cpu"
         self._rows = torch.tensor([0 if s == BASE_MODEL else self._slot_index[s] for s in slot_names],
                                   dtype=torch.long, device=device)

@@ -20,7 +20,6 @@ class MixtureStore:
     """The store interface the engine needs, for one model that *is* the mixture: nothing to attach or swap."""
 
     max_active = 1
-    weights_version = 0
 
     def __init__(self, name: str, model: Any, moe_dir: Path) -> None:
         if not name or name == BASE_MODEL or "/" in name:
