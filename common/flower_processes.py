@@ -63,18 +63,67 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def app_fab_hash(app_dir: Path) -> str:
-    """SHA-256 of the FAB that ``flwr run APP_DIR`` submits, built with Flower's own builder.
+def app_files(app_dir: Path) -> dict[str, Path]:
+    """The files of the app in ``app_dir`` that Flower's FAB build considers, without walking ignored directories.
+
+    Flower's own ``collect_files`` walks the whole tree, a virtual environment in the project included (55,000
+    files, 6-11 s), and only then drops what ``.gitignore`` and its built-in patterns exclude. Here a directory
+    that ``.gitignore`` ignores, or that Flower's built-in rules exclude whole (``.venv`` and ``.flwr`` at the top,
+    ``__pycache__`` anywhere), is never entered: every file below it would be dropped by the same rules, so the
+    FAB built from these files is byte for byte the one Flower builds from disk (``tests/test_fab.py``).
+    """
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+
+    root = Path(app_dir).expanduser().resolve()
+    gitignore = root / ".gitignore"
+    ignored = build_pathspec(load_gitignore_patterns(gitignore.read_bytes() if gitignore.is_file() else b""))
+    excluded = build_pathspec(["/.venv/", "/.flwr/", "__pycache__/"])
+    files: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(root).as_posix()
+        prefix = "" if rel_dir == "." else f"{rel_dir}/"
+        dirnames[:] = sorted(d for d in dirnames if not (here / d).is_symlink()
+                             and not excluded.match_file(f"{prefix}{d}/") and not ignored.match_file(f"{prefix}{d}/"))
+        for name in filenames:
+            path = here / name
+            if not path.is_symlink() and path.resolve().is_relative_to(root):
+                files[f"{prefix}{name}"] = path
+    return files
+
+
+def app_fab(app_dir: Path) -> bytes:
+    """The FAB that ``flwr run APP_DIR`` submits, built with Flower's own builder from ``app_files``.
 
     Flower's FAB builds are deterministic (``flwr/cli/build.py`` writes every entry with the fixed ``FAB_DATE``,
     in a fixed order), so the operator's submitted FAB and an institution's build of the same finlora files have
     the same hash; ``finlora client --app-hash auto`` pins it.
     """
+    from flwr.cli.build import build_fab_from_files
+
+    return build_fab_from_files(app_files(app_dir))[0]
+
+
+def app_fab_hash(app_dir: Path) -> str:
+    """SHA-256 of ``app_fab(app_dir)``: the hash the SuperLink and the institutions see."""
     import hashlib
 
-    from flwr.cli.build import build_fab_from_disk
+    return hashlib.sha256(app_fab(app_dir)).hexdigest()
 
-    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """Copy the files that make up the app's FAB into ``dest`` and return it, for ``flwr run dest``.
+
+    ``flwr run`` takes a directory and walks all of it (see ``app_files``); the staged copy holds only the app's
+    own files, so Flower's walk is instant and its FAB, hence the app hash, is the one ``app_fab`` builds.
+    """
+    from flwr.cli.utils import filter_paths_for_publish
+
+    for rel, src in filter_paths_for_publish(app_files(app_dir)).items():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+    return dest
 
 
 def flower_bin(name: str) -> str:

@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +36,9 @@ from typing import Any
 from finlora.common.certs import init_ca_and_server
 from finlora.common.config import ConfigError, PROJECT_ROOT, flatten_table, load_config
 from finlora.common.data import default_data_dir
-from finlora.common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, last_run_status, list_runs,
-                                     stop_leftover_process, stop_process_tree, toml_value, wait_gateway_ready,
-                                     wait_superlink_healthy)
+from finlora.common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, last_run_status,
+                                             list_runs, stage_app, stop_leftover_process, stop_process_tree,
+                                             toml_value, wait_gateway_ready, wait_superlink_healthy)
 from finlora.common.io import atomic_write_text, read_jsonl_records
 from finlora.common.preflight import check_data, check_port_free
 from finlora.common.report import print_run_report
@@ -197,6 +199,7 @@ def run_server(opts: ServerOptions) -> int:
                                  start_new_session=True)
     atomic_write_text(pid_file, f"{superlink.pid}\n")
     gateway: subprocess.Popen | None = None
+    staged: Path | None = None
     try:
         with open(gateway_log, "ab") as gateway_out:  # crash tracebacks land beside its log lines
             gateway = subprocess.Popen(gateway_cmd, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
@@ -212,16 +215,19 @@ def run_server(opts: ServerOptions) -> int:
                               f"{registered} institution keys are in {opts.nodes}: the run could never start")
         _stop_unfinished_runs(env, state)
         app_dir = (opts.app or PROJECT_ROOT).resolve()
-        fab_hash = app_fab_hash(app_dir)  # what 'flwr run' below submits (Flower's FAB builds are deterministic)
+        staged = stage_app(app_dir, Path(tempfile.mkdtemp(prefix="finlora-app-")))  # 'flwr run' walks all it gets
+        fab_hash = app_fab_hash(staged)  # what 'flwr run' below submits (Flower's FAB builds are deterministic)
         print(f"finlora server: app hash {fab_hash} (the FAB of {app_dir}; publish it to the institutions, which "
               f"run only the app they pin: 'finlora client --app-hash {fab_hash}' or the default 'auto')", flush=True)
         print(f"finlora server: ready, {registered} institution keys registered; waiting for institutions",
               flush=True)
         overrides_text = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
-        proc = subprocess.run([flower_bin("flwr"), "run", str(app_dir), CONNECTION,
+        proc = subprocess.run([flower_bin("flwr"), "run", str(staged), CONNECTION,
                                "--stream", "--run-config", overrides_text], cwd=state, env=env, check=False)
         run_id, status = last_run_status(env, state, CONNECTION)
     finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
         if gateway is not None:
             stop_process_tree(gateway)
             gateway_pid_file.unlink(missing_ok=True)

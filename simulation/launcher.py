@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from finlora.common.config import PROJECT_ROOT
-from finlora.common.flower_processes import (flower_bin, flower_env, free_port, last_run_status, stop_process_tree, toml_value,
-                                     wait_superlink_healthy)
+from finlora.common.flower_processes import (flower_bin, flower_env, free_port, last_run_status, stage_app,
+                                             stop_process_tree, toml_value, wait_superlink_healthy)
 
 CONNECTION = "finlora-sim"
 
@@ -68,7 +68,8 @@ def run_simulation(num_supernodes: int, run_config: Mapping[str, Any], app_dir: 
     try:
         wait_superlink_healthy(http_port, superlink, superlink_log)
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        cmd = [flower_bin("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION, "--stream", "--federation-config",
+        app = stage_app(Path(app_dir), workdir / "app")  # only the app's files: 'flwr run' walks all it is given
+        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--federation-config",
                f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client:g} "
                f"client-resources-num-gpus={gpus_per_client:g}"]
         if overrides:
