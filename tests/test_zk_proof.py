@@ -279,6 +279,27 @@ def test_wide_generators_come_from_a_digest_checked_cache_and_a_tampered_one_is_
     assert hashlib.sha256(cache.read_bytes()).hexdigest() == digest
 
 
+def test_the_pinned_generators_come_from_a_digest_checked_cache_and_a_tampered_one_is_rebuilt(tmp_path, monkeypatch):
+    """Each process derives G_0..G_4095, H once (seconds) and leaves them on disk; the next loads them only when
+    they hash to the pinned digest, so a changed point is never used: it derives them again and rewrites the file."""
+    g = zk_generators
+    expected = g.generators()
+    monkeypatch.delitem(g._GENERATOR_CACHE, "pinned")
+    assert g.generators(cache_dir=tmp_path) == expected  # derived (nothing on disk), then written
+    cache = tmp_path / f"generators-{ROW_SIZE}.xy"
+    assert hashlib.sha256(cache.read_bytes()).hexdigest() == g.PINNED_XY_DIGEST
+    monkeypatch.delitem(g._GENERATOR_CACHE, "pinned")
+    monkeypatch.setattr(g, "derive_generators", lambda: pytest.fail("derived although the cache is good"))
+    assert g.generators(cache_dir=tmp_path) == expected  # loaded
+    monkeypatch.undo()
+    data = bytearray(cache.read_bytes())
+    data[100] ^= 1  # another point (or not a point at all)
+    cache.write_bytes(bytes(data))
+    monkeypatch.delitem(g._GENERATOR_CACHE, "pinned")
+    assert g.generators(cache_dir=tmp_path) == expected
+    assert hashlib.sha256(cache.read_bytes()).hexdigest() == g.PINNED_XY_DIGEST
+
+
 def test_the_server_rejects_a_missing_a_foreign_and_a_garbage_proof_and_keeps_the_honest_update() -> None:
     """verify_round with require_proof, as the server runs it: each bad proof costs only its sender the round."""
     keys = {f"inst-{i}": signing.generate_key() for i in range(4)}

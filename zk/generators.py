@@ -1,4 +1,4 @@
-"""Public Pedersen generators G_0..G_{2047}, H on BLS12-381 G1, from hash-to-curve with a fixed tag.
+"""Public Pedersen generators G_0..G_{4095}, H on BLS12-381 G1, from hash-to-curve with a fixed tag.
 
 Why hash-to-curve: nobody knows the discrete logs between them, which is what makes the commitments binding.
 Deriving them as scalar * G with known scalars would let anyone open a commitment two ways.
@@ -7,12 +7,11 @@ Deriving them as scalar * G with known scalars would let anyone open a commitmen
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from py_arkworks_bls12381 import G1Point
 
-from finlora.common.io import cache_root
+from finlora.common.io import atomic_write_bytes, cache_root
 
 ROW_SIZE = 4096
 """Values per Hyrax row: each row gets one commitment over G_0..G_{ROW_SIZE-1} plus H.
@@ -26,7 +25,7 @@ O(rows + columns), stays as small."""
 DST = b"FINLORA-ZK-V1-PEDERSEN_BLS12381G1_XMD:SHA-256_SSWU_RO_"
 
 PINNED_DIGEST = "d0c1a800c47e7c2492ba6440a1c8688112479d6b8a39e9da833b6ca1e6556437"
-"""sha256 over the compressed bytes of G_0..G_2047 then H; recomputed and checked once per process."""
+"""sha256 over the compressed bytes of G_0..G_{ROW_SIZE-1} then H; checked whenever they are derived."""
 
 _GENERATOR_CACHE: dict[str, tuple[tuple[G1Point, ...], G1Point]] = {}
 _EXTRA_CACHE: dict[str, list[G1Point]] = {"extra": []}
@@ -46,18 +45,41 @@ def generators_digest(gens: tuple[G1Point, ...], h: G1Point) -> str:
     return digest.hexdigest()
 
 
-def generators(n: int = ROW_SIZE) -> tuple[tuple[G1Point, ...], G1Point]:
-    """(G_0..G_{n-1}, H), derived once per process and checked against ``PINNED_DIGEST``."""
+PINNED_XY_DIGEST = "7cf55b678c460c38b979c8cf4a2132dc7e8a5d3a8b4f6d04cb2f88bbe11c3d09"
+"""sha256 over the uncompressed (x, y) bytes of G_0..G_{ROW_SIZE-1} then H: checks the on-disk copy of them."""
+
+
+def generators(n: int = ROW_SIZE, cache_dir: Path | None = None) -> tuple[tuple[G1Point, ...], G1Point]:
+    """(G_0..G_{n-1}, H), once per process: from ``cache_dir/generators-4096.xy`` when its sha256 is the pinned
+    PINNED_XY_DIGEST (10 ms), else derived (2-5 s of hash-to-curve), checked against ``PINNED_DIGEST`` and written
+    there for the next process (default: ``$FINLORA_HOME/zk``). Every prover and verifier process (a simulation's
+    actors, the ServerApp, an audit) needs them, so the derivation was paid many times over."""
     if not 0 < n <= ROW_SIZE:
         raise ValueError(f"n must be in 1..{ROW_SIZE}")
     if "pinned" not in _GENERATOR_CACHE:
-        gens, h = derive_generators()
-        got = generators_digest(gens, h)
-        if got != PINNED_DIGEST:
-            raise RuntimeError(f"Pedersen generators digest {got} != pinned {PINNED_DIGEST}: library or code drift")
-        _GENERATOR_CACHE["pinned"] = (gens, h)
+        _GENERATOR_CACHE["pinned"] = _load_or_derive_pinned(Path(cache_dir or cache_root() / "zk"))
     gens, h = _GENERATOR_CACHE["pinned"]
     return gens[:n], h
+
+
+def _load_or_derive_pinned(cache_dir: Path) -> tuple[tuple[G1Point, ...], G1Point]:
+    path = cache_dir / f"generators-{ROW_SIZE}.xy"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = b""
+    if data and hashlib.sha256(data).hexdigest() == PINNED_XY_DIGEST:
+        points = [G1Point.from_xy_bytes_unchecked_be(data[i * 96:(i + 1) * 96]) for i in range(ROW_SIZE + 1)]
+        return tuple(points[:ROW_SIZE]), points[ROW_SIZE]
+    gens, h = derive_generators()
+    got = generators_digest(gens, h)
+    if got != PINNED_DIGEST:
+        raise RuntimeError(f"Pedersen generators digest {got} != pinned {PINNED_DIGEST}: library or code drift")
+    try:
+        atomic_write_bytes(path, b"".join(p.to_xy_bytes_be() for p in (*gens, h)))
+    except OSError:
+        pass  # a read-only cache only costs the next process the derivation
+    return gens, h
 
 
 WIDE_MAX = 1 << 17
@@ -108,10 +130,7 @@ def _load_or_build_wide(cache_dir: Path, gens: tuple[G1Point, ...], extra: list[
     data = b"".join(p.to_xy_bytes_be() for p in (*gens, *extra))
     if hashlib.sha256(data).hexdigest() != WIDE_DIGEST:
         raise RuntimeError("wide Pedersen generators differ from the pinned digest: library or code drift")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)  # a unique temp name: two processes may build it at once
 
 
 def proof_points() -> tuple[G1Point, G1Point]:
