@@ -93,10 +93,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--secagg needs --clients 3 or more (got {args.clients}): with two institutions each "
                           f"could subtract its own update from the sum")
     out_dir, run_id = _run_location(args)
-    overrides = _absolute_paths(_overrides_from_args(args))
+    overrides = _overrides_from_args(args)
     if args.resume:  # continue the run as it was started; flags given now still win
         saved = RunDirectory(out_dir / run_id).saved_config()
         overrides = {**{k: v for k, v in saved.items() if k not in ("num-rounds", "resume")}, **overrides}
+    overrides = _absolute_paths(overrides)  # after the saved config: a default never replaces a saved location
     overrides.update({"out-dir": str(out_dir), "run-id": run_id, "resume": bool(args.resume)})
     cfg = load_config(overrides).check_combinations()  # fail here, with the key's name, not inside a Ray actor
     check_model(cfg.model.name, "--model" if args.model else "model.name")

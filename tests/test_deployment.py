@@ -211,7 +211,7 @@ def test_tls_federation_refuses_an_unregistered_node_a_wrong_ca_and_runs_only_pi
                               '"strategy.fraction-evaluate" = 0.0\n')
     clients = [processes.client(f"bank-{i}") for i in range(2)]
     other_app = hashlib.sha256(b"some other app").hexdigest()
-    pinned_elsewhere = processes.client("bank-2", "--app-hash", other_app, "--no-resident")
+    processes.client("bank-2", "--app-hash", other_app, "--no-resident")  # pinned to another app
     intruder = processes.client("intruder", key=federation / "outsider" / "intruder.auth.key")
     wrong_ca = processes.client("wrong-ca", "--sign-key", str(federation / "nodes" / "bank-1.key"),
                                 key=federation / "nodes" / "bank-1.auth.key", ca=federation / "other-ca" / "ca.crt")
@@ -252,10 +252,10 @@ def test_tls_federation_refuses_an_unregistered_node_a_wrong_ca_and_runs_only_pi
 
 
 def test_a_supernode_killed_in_round_2_leaves_the_others_to_finish(federation, tmp_path, processes):
-    """3 institutions x 3 rounds; bank-2's SuperNode is SIGKILLed as round 2 starts. The SuperLink notices the
-    missing heartbeats (30-60 s) and answers for it with an error reply: rounds 2 and 3 aggregate the other two."""
+    """3 institutions x 2 rounds; bank-2's SuperNode is SIGKILLed as round 2 starts. The SuperLink notices the
+    missing heartbeats (30-60 s) and answers for it with an error reply: round 2 aggregates the other two."""
     started = time.monotonic()
-    server = processes.server(f'num-rounds = 3\n"strategy.round-timeout" = 240.0\n{FAST_RUN}')
+    server = processes.server(f'num-rounds = 2\n"strategy.round-timeout" = 240.0\n{FAST_RUN}')
     clients = [processes.client(f"bank-{i}") for i in range(3)]
     run_dir = tmp_path / "state" / "runs" / "federation"
     processes.wait_for(lambda: 1 in _rounds_logged(run_dir), "round 1 saved", 400, server)
@@ -271,15 +271,14 @@ def test_a_supernode_killed_in_round_2_leaves_the_others_to_finish(federation, t
 
     dead = _node_ids(processes.log("server.log"))["bank-2"]
     metrics = _metrics(run_dir)
-    assert [m["round"] for m in metrics] == [0, 1, 2, 3]
-    for k in range(4):
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    for k in range(3):
         assert (run_dir / f"round-{k}" / "adapter_model.safetensors").is_file()
         assert (run_dir / f"round-{k}" / "adapter_config.json").is_file()
     # Flower samples whoever is connected once min-available-nodes (2) are: all three, unless a SuperNode connected
     # after that first sampling (then it joins from round 2, and is sampled there all the same)
     assert metrics[1]["num_clients"] in (2, 3)
-    assert metrics[2]["num_clients"] == 2 and metrics[3]["num_clients"] == 2
-    assert not metrics[2]["kept_previous"] and not metrics[3]["kept_previous"]  # both rounds aggregated two updates
+    assert metrics[2]["num_clients"] == 2 and not metrics[2]["kept_previous"]  # the round aggregated two updates
     assert str(dead) not in metrics[2]["clients"] and str(dead) in metrics[2]["errors"], metrics[2]["errors"]
     assert f"node {dead} failed" in processes.log("server.log")
     _audit_ok(run_dir, federation / "nodes")
