@@ -60,7 +60,8 @@ def main() -> int:
             if repeat > 0:  # repeat 0 warms up kernels and caches
                 results[name].append((stats.tokens / stats.seconds, peak))
     device = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"\n{args.model} on {device}, batch {args.batch_size} (DP: Poisson, q = {sample_rate(len(examples), cfg.train):.4f}),"
+    rate = sample_rate(len(examples), cfg.train)
+    print(f"\n{args.model} on {device}, batch {args.batch_size} (DP: Poisson, q = {rate:.4f}),"
           f" {args.steps} steps x {args.repeats} repeats\n")
     print(f"{'loop':<6} {'tokens/s':>10} {'peak GiB':>9}")
     summary = {}

@@ -39,9 +39,10 @@ def main() -> int:
         '"dp.enabled" = false\n"eval.every" = 0\n"eval.heldout" = false\n"train.local-steps" = 4\n')
     port, runtime_port = free_port(), free_port()
     state = out / "state"
-    server = subprocess.Popen([sys.executable, "-m", "finlora.simulation.cli", "server", "--state", str(state), "--insecure",
-                               "--host", "127.0.0.1", "--port", str(port), "--config", str(out / "run.toml"),
-                               "--run-id", "isolation"], cwd=Path(__file__).resolve().parent.parent,
+    server = subprocess.Popen([sys.executable, "-m", "finlora.simulation.cli", "server", "--state", str(state),
+                               "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                               "--config", str(out / "run.toml"), "--run-id", "isolation"],
+                              cwd=Path(__file__).resolve().parent.parent,
                               stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     node_env = flower_env(out / "node-home", free_port())
     node_config = {"data-path": str(data), "institution": "bank-0"}

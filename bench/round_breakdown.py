@@ -63,7 +63,8 @@ def main() -> int:
     print(head + "\n" + "-" * len(head))
     for r in rows:
         print(f"{r['round']:>5} {r['wall_s']:>7.2f} {r['load_s']:>7.2f} {r['train_s']:>8.3f} {r['serialize_s']:>9.4f} "
-              f"{r['aggregate_s']:>8.4f} {r['other_s']:>8.2f} {r['loads_in_round']:>6} {r['max_loads_per_process']:>13}")
+              f"{r['aggregate_s']:>8.4f} {r['other_s']:>8.2f} {r['loads_in_round']:>6} "
+              f"{r['max_loads_per_process']:>13}")
     if len(rows) > 1:
         later = statistics.mean(r["wall_s"] for r in rows[1:])
         print(f"\nround 1 (cold: imports + base model load) / later rounds (warm): {rows[0]['wall_s'] / later:.2f}x")

@@ -24,8 +24,7 @@ import numpy as np
 
 from finlora.zk import signing
 from finlora.zk.commit import GROUP_ORDER, SCALAR_BYTES, commit_rows, commitments_digest, num_rows
-from finlora.zk.secagg import (Packing, RoundContext, SecAggClient, SecAggServer, aggregate_opens,
-                               round_weights)
+from finlora.zk.secagg import Packing, RoundContext, SecAggClient, SecAggServer, aggregate_opens, round_weights
 
 LLAMA_8B_R8_QKV = 4_718_592
 TARGET = {"client_s": 10.0, "bytes_ratio": 1.5, "server_s": 5.0}

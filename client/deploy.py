@@ -39,7 +39,8 @@ from finlora.common.certs import check_ca_certificate, check_node_auth_key
 from finlora.common.config import PROJECT_ROOT, ConfigError
 from finlora.common.data import read_jsonl
 from finlora.common.io import cache_root
-from finlora.common.flower_processes import app_fab_hash, die_with_parent, flower_bin, flower_env, free_port, stop_process_tree, toml_value
+from finlora.common.flower_processes import (app_fab_hash, die_with_parent, flower_bin, flower_env, free_port,
+                                             stop_process_tree, toml_value)
 
 
 REFUSED_MARK = "[code: 2004]"

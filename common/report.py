@@ -114,8 +114,9 @@ def print_privacy(run_dir: Path) -> None:
         print()
     last = records[-1].get("client_level_privacy") if records else None
     if last:
-        print(f"client-level DP: epsilon {_fmt(last['epsilon'], '.3f')} at delta {last['delta']:.3g} after {last['rounds']} "
-              f"rounds (noise multiplier {last['sigma']}, clipping norm {last['clipping_norm']})\n")
+        print(f"client-level DP: epsilon {_fmt(last['epsilon'], '.3f')} at delta {last['delta']:.3g} "
+              f"after {last['rounds']} rounds (noise multiplier {last['sigma']}, "
+              f"clipping norm {last['clipping_norm']})\n")
 
 
 def write_privacy_plot(run_dir: Path) -> Path | None:

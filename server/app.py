@@ -12,7 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from finlora.common.adapter import complete_with_shared_a, from_array_record, initial_adapter, select_keys, to_array_record
+from finlora.common.adapter import (complete_with_shared_a, from_array_record, initial_adapter, select_keys,
+                                    to_array_record)
 from finlora.common.config import FinloraConfig
 from finlora.common.dp_accounting import epsilon_of
 from finlora.common.model import lora_config, lora_shapes, resolve_model_path
@@ -20,7 +21,7 @@ from finlora.server.checkpoint import RunDirectory
 from finlora.server.heldout import HeldoutEvaluator
 from finlora.server.recorder import RoundRecorder
 from finlora.server.strategy import (make_strategy, optimizer_state, restore_optimizer_state, sampled_clients_per_round,
-                             with_client_level_dp)
+                                     with_client_level_dp)
 from finlora.server.zk_round import ZkLedger, ZkVerifier
 
 app = ServerApp()

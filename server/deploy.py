@@ -37,8 +37,8 @@ from finlora.common.certs import init_ca_and_server
 from finlora.common.config import ConfigError, PROJECT_ROOT, flatten_table, load_config
 from finlora.common.data import default_data_dir
 from finlora.common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, last_run_status,
-                                             list_runs, stage_app, stop_leftover_process, stop_process_tree,
-                                             toml_value, wait_gateway_ready, wait_superlink_healthy)
+                                             list_runs, stage_app, stop_leftover_process, stop_process_tree, toml_value,
+                                             wait_gateway_ready, wait_superlink_healthy)
 from finlora.common.io import atomic_write_text, read_jsonl_records
 from finlora.common.preflight import check_data, check_port_free
 from finlora.common.report import print_run_report
@@ -170,7 +170,8 @@ def run_server(opts: ServerOptions) -> int:
     else:
         for name in ("ca.crt", "server.pem", "server.key"):
             if not (opts.certs / name).is_file():
-                raise ConfigError(f"{opts.certs / name} not found: make it with 'finlora certs init --out {opts.certs}'")
+                raise ConfigError(f"{opts.certs / name} not found: make it with "
+                                  f"'finlora certs init --out {opts.certs}'")
         loopback = _loopback_certificates(state / LOOPBACK_TLS)
         loopback_ca = loopback.ca_cert
         cmd += ["--ssl-ca-certfile", str(loopback.ca_cert), "--ssl-certfile", str(loopback.server_cert),

@@ -124,7 +124,8 @@ def upstream_ssl_context(ca: Path) -> ssl.SSLContext:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finlora.server.fleet_gateway", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m finlora.server.fleet_gateway",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT the institutions connect to")
     parser.add_argument("--upstream", required=True, help="127.0.0.1:PORT of the SuperLink")
     parser.add_argument("--certfile", help="server certificate (PEM) presented to the institutions")

@@ -45,11 +45,13 @@ def round_summary(server_round: int, outcome: RoundOutcome | None, heldout_loss:
         "seconds": (time.perf_counter() - outcome.started) if outcome else 0.0,
         "aggregate_seconds": outcome.aggregate_seconds if outcome else 0.0,
         "num_clients": len(clients),
-        "bytes_sent_per_client": (sum(c.get("bytes_sent", 0) for c in clients.values()) / len(clients)) if clients else 0,
+        "bytes_sent_per_client": ((sum(c.get("bytes_sent", 0) for c in clients.values()) / len(clients))
+                                  if clients else 0),
         "bytes_received_per_client": (max((w["array_bytes"] for w in outcome.wire
                                            if w["direction"] == "server->client"), default=0) if outcome else 0),
         "clients": {node: dict(c) for node, c in clients.items()},
-        "privacy": {node: {k[3:]: v for k, v in c.items() if k.startswith("dp_")} | {"partition_id": c.get("partition_id")}
+        "privacy": {node: ({k[3:]: v for k, v in c.items() if k.startswith("dp_")}
+                           | {"partition_id": c.get("partition_id")})
                     for node, c in clients.items() if "dp_epsilon" in c},
         "refused": sorted(node for node, reason in errors.items()
                           if "PrivacyBudgetExhausted" in reason or "PrivacyPolicyViolation" in reason),

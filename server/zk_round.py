@@ -22,8 +22,8 @@ import numpy as np
 from finlora.common.config import ZkConfig
 from finlora.zk import codec
 from finlora.zk.encoding import Layout, apply_aggregate
-from finlora.zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, record_kept_round, record_round,
-                       seen_digests)
+from finlora.zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, record_kept_round,
+                               record_round, seen_digests)
 from finlora.zk.signing import load_key_registry
 from finlora.zk.verify import aggregate, signed_by, verify_round
 

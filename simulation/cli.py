@@ -112,7 +112,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"data {cfg.data.source} ({cfg.data.partitioner}), strategy {cfg.strategy.name}"
           f"{' + FFA-LoRA' if cfg.lora.ffa else ''}"
           f"{f', DP ({cfg.dp.level} level, epsilon {cfg.dp.epsilon:g})' if cfg.dp.enabled else ', no DP'}"
-          f"{', zk commitments' if cfg.zk.enabled else ''}{' + secure aggregation' if cfg.zk.secagg else ''}, LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} "
+          f"{', zk commitments' if cfg.zk.enabled else ''}{' + secure aggregation' if cfg.zk.secagg else ''}, "
+          f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} "
           f"on {cfg.lora.target_modules}\n  output: {run_dir}", flush=True)
     result = run_simulation(args.clients, overrides, app_dir=Path(args.app) if args.app else PROJECT_ROOT,
                             cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
@@ -152,7 +153,8 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     rows = load_rows(cfg)
     out = Path(args.out)
     partitioner = "dirichlet" if args.dirichlet is not None else "iid"
-    names = [n.strip() for n in (args.names or "").split(",") if n.strip()] or [f"bank-{i}" for i in range(args.clients)]
+    names = ([n.strip() for n in (args.names or "").split(",") if n.strip()]
+             or [f"bank-{i}" for i in range(args.clients)])
     if len(names) != args.clients or len(set(names)) != len(names):
         raise ConfigError(f"--names {args.names}: expected {args.clients} distinct names (one per --clients)")
     for i, name in enumerate(names):

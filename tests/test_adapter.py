@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from finlora.common.adapter import (AdapterError, arrays_digest, check_arrays, complete_with_shared_a, initial_adapter,
-                            is_lora_a, load_lora_state, lora_state, read_adapter_dir, save_adapter_dir,
-                            select_keys, shapes_of, shared_lora_a)
+                                    is_lora_a, load_lora_state, lora_state, read_adapter_dir, save_adapter_dir,
+                                    select_keys, shapes_of, shared_lora_a)
 from finlora.common.config import load_config
 from finlora.common.model import LOAD_COUNTS, get_model_bundle, lora_config, lora_shapes, resolve_model_path
 from finlora.common.tiny import build_tiny, directory_digest

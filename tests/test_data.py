@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from finlora.common.data import (IGNORE_INDEX, DataError, encode_rows, length_grouped_batches, partition_rows, read_jsonl,
-                         split_heldout)
+from finlora.common.data import (IGNORE_INDEX, DataError, encode_rows, length_grouped_batches, partition_rows,
+                                 read_jsonl, split_heldout)
 from finlora.common.model import get_model_bundle
 from finlora.common.sample_data import sentiment_rows
 from tests.conftest import SHARED_DATA

@@ -34,7 +34,8 @@ FAST_RUN = ('"train.local-steps" = 4\n"eval.heldout" = false\n"eval.every" = 0\n
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("federation")
-    assert run_cli("certs", "init", "--out", str(root / "certs"), "--server-name", "localhost,127.0.0.1").returncode == 0
+    certs = run_cli("certs", "init", "--out", str(root / "certs"), "--server-name", "localhost,127.0.0.1")
+    assert certs.returncode == 0
     # another federation's CA: a client holding it must not trust our server
     assert run_cli("certs", "init", "--out", str(root / "other-ca"), "--server-name", "localhost").returncode == 0
     for name in ("bank-0", "bank-1", "bank-2", "bank-3", "intruder"):
@@ -247,7 +248,8 @@ def test_tls_federation_refuses_an_unregistered_node_a_wrong_ca_and_runs_only_pi
     refused_node = str(_node_ids(processes.log("server.log"))["bank-2"])
     assert refused_node not in metrics[1]["clients"], metrics[1]
     assert refusal in metrics[1]["errors"][refused_node], metrics[1]["errors"]
-    installed = {name: list((tmp_path / "nodes" / name / "flwr-home" / "apps").glob("*")) for name in ("bank-0", "bank-2")}
+    installed = {name: list((tmp_path / "nodes" / name / "flwr-home" / "apps").glob("*"))
+                 for name in ("bank-0", "bank-2")}
     assert installed["bank-0"] and not installed["bank-2"], installed  # the refused app was never installed
 
 
@@ -292,7 +294,8 @@ def test_secure_aggregation_over_tls_survives_an_institution_killed_after_its_ma
     against the four weighted commitments. No message to the server carried an update."""
     server = processes.server('num-rounds = 1\n"strategy.round-timeout" = 240.0\n"train.local-steps" = 4\n'
                               '"eval.heldout" = false\n"eval.every" = 0\n"strategy.fraction-evaluate" = 0.0\n'
-                              '"strategy.min-train-nodes" = 3\n"strategy.min-available-nodes" = 4\n"zk.secagg" = true\n')
+                              '"strategy.min-train-nodes" = 3\n"strategy.min-available-nodes" = 4\n'
+                              '"zk.secagg" = true\n')
     clients = [processes.client(f"bank-{i}") for i in range(4)]
 
     def masked_update_sent() -> bool:

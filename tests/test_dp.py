@@ -13,7 +13,7 @@ from finlora.client.dp_train import make_private, per_example_loss, poisson_batc
 from finlora.client.privacy_engine import InstitutionPrivacyEngine
 from finlora.client.local_data import local_data
 from finlora.client.privacy import (ContextLedgerStore, FileLedgerStore, PrivacyBudgetExhausted, PrivacyLedger,
-                            calibrate_noise)
+                                    calibrate_noise)
 from finlora.common.adapter import load_lora_state, lora_state
 from finlora.common.config import load_config
 from finlora.common.data import collate

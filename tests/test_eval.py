@@ -17,7 +17,7 @@ from finlora.eval.fast import best_labels, label_logprobs, label_surface_forms, 
 from finlora.eval.generate import generate_texts
 from finlora.eval.reference import finlora_reference_answers
 from finlora.eval.scoring import (batched_label_score, exact_match, finlora_answer, finlora_label_score, first_label,
-                          formula_match, match_score, numeric_match, split_batched, three_class_score, token_f1)
+                                  formula_match, match_score, numeric_match, split_batched, three_class_score, token_f1)
 from finlora.eval.tasks import load_task_rows, resolve_task_names
 from tests.conftest import SHARED_DATA, run_cli
 
@@ -299,7 +299,8 @@ def test_max_samples_is_a_seeded_label_stratified_sample():
             + [{"context": f"q{i}", "target": "neutral"} for i in range(65)])
     sample, how = sample_rows(rows, 20)
     labels = [r["target"] for r in sample]
-    assert len(sample) == 20 and (labels.count("neutral"), labels.count("positive"), labels.count("negative")) == (13, 4, 3)
+    assert len(sample) == 20
+    assert (labels.count("neutral"), labels.count("positive"), labels.count("negative")) == (13, 4, 3)
     assert sample == sample_rows(rows, 20)[0]  # seeded: the same rows every time
     assert [rows.index(r) for r in sample] == sorted(rows.index(r) for r in sample)  # file order kept
     assert "label-stratified sample of 20 of 100 rows" in how

@@ -42,7 +42,8 @@ def test_simulate_input_mistakes_fail_fast_with_one_line(tmp_path, bad_jsonl):
                     "no such file or directory")
     (tmp_path / "empty-model").mkdir()
     _one_line_error(run_cli("simulate", "--model", str(tmp_path / "empty-model"), *out), "holds no config.json")
-    _one_line_error(run_cli("simulate", "--model", "nobody/no-such-model-in-cache", *out), "not in the Hugging Face cache")
+    _one_line_error(run_cli("simulate", "--model", "nobody/no-such-model-in-cache", *out),
+                    "not in the Hugging Face cache")
     _one_line_error(run_cli("simulate", "--data", str(tmp_path / "missing.jsonl"), *out), "no such data file")
     _one_line_error(run_cli("simulate", "--data", str(tmp_path), *out), "a directory; expected a JSONL file")
     _one_line_error(run_cli("simulate", "--set", f"data.dir={tmp_path / 'nowhere'}", *out), "data.dir",
@@ -150,8 +151,9 @@ def test_eval_does_not_try_the_hub_when_it_is_offline_by_default(tmp_path):
 
     (tmp_path / "data").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "FINLORA_ONLINE")}
-    proc = subprocess.run([sys.executable, "-m", "finlora.simulation.cli", "eval", "--model", "tiny", "--tasks", "fpb,tfns",
-                           "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "finlora.simulation.cli", "eval", "--model", "tiny",
+                           "--tasks", "fpb,tfns", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+                           "--no-progress"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -166,7 +168,8 @@ def test_a_deployed_institutions_refusal_reads_as_one_sentence():
 
     flower = ("<class 'client.privacy.PrivacyBudgetExhausted'>:<'PrivacyBudgetExhausted: privacy budget exhausted: "
               "epsilon spent 7.9772 after 4 steps'>")
-    assert short_reason(flower) == "PrivacyBudgetExhausted: privacy budget exhausted: epsilon spent 7.9772 after 4 steps"
+    assert short_reason(flower) == ("PrivacyBudgetExhausted: privacy budget exhausted: "
+                                    "epsilon spent 7.9772 after 4 steps")
 
 
 def test_a_killed_client_leaves_no_supernode_behind(tmp_path):

@@ -78,7 +78,8 @@ def test_project_modules_are_imported_only_as_finlora_subpackages(package):
 def test_installed_names_do_not_clash_with_other_projects(tmp_path):
     """Outside the checkout, only ``finlora`` is importable: a bare ``common``/``client``/``eval`` stays free for other
     projects, and finlora's modules come from the one installed distribution."""
-    code = ("import importlib.util as u, finlora.common.io, finlora.client.app, finlora.server.app, finlora.eval.runner\n"
+    code = ("import importlib.util as u, finlora.common.io, finlora.client.app, finlora.server.app, "
+            "finlora.eval.runner\n"
             f"print(sorted(n for n in {PROJECT!r} if u.find_spec(n) is not None))\n"
             "print(finlora.common.io.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)

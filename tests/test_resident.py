@@ -17,8 +17,8 @@ import numpy as np
 import psutil
 import pytest
 
-from finlora.client.resident import (ResidentTrainer, TrainerUnavailable, call_trainer, error_reply, ping, raise_error_reply,
-                             read_authkey)
+from finlora.client.resident import (ResidentTrainer, TrainerUnavailable, call_trainer, error_reply, ping,
+                                     raise_error_reply, read_authkey)
 from tests.conftest import REPO
 
 
@@ -147,10 +147,12 @@ def test_wrong_key_and_absent_trainer_are_refused_clearly(setup, tmp_path):
     wrong.write_bytes(b"0" * 64)
     wrong.chmod(0o600)
     with pytest.raises(TrainerUnavailable, match="refused the key"):
-        call_trainer(setup["socket"], "train", setup["content"], _context(setup, **{"trainer-authkey-file": str(wrong)}))
+        call_trainer(setup["socket"], "train", setup["content"],
+                     _context(setup, **{"trainer-authkey-file": str(wrong)}))
     wrong.chmod(0o644)
     with pytest.raises(TrainerUnavailable, match="readable by others"):
-        call_trainer(setup["socket"], "train", setup["content"], _context(setup, **{"trainer-authkey-file": str(wrong)}))
+        call_trainer(setup["socket"], "train", setup["content"],
+                     _context(setup, **{"trainer-authkey-file": str(wrong)}))
     assert ping(setup["socket"], read_authkey(setup["key"]))["pid"] == setup["proc"].pid  # still serving
     assert "refused a connection with a wrong key" in setup["log"].read_text()
     missing = tmp_path / "none" / "trainer.sock"

@@ -21,8 +21,8 @@ from finlora.zk import signing
 from finlora.zk.commit import GROUP_ORDER, commit_rows, commitments_digest, num_rows
 from finlora.zk.secagg_codec import STAGE, UNMASK, names_to_bytes, signatures_to_bytes
 from finlora.zk.secagg import (BAD_SHARE, BAD_SIGNATURE, FALSE_COMPLAINT, Packing, RoundContext, SecAggClient,
-                               SecAggError, SecAggServer, aggregate_opens, default_threshold, field_stream,
-                               mask_vector, reconstruct, round_weights, shamir_share, share_valid)
+                               SecAggError, SecAggServer, aggregate_opens, default_threshold, field_stream, mask_vector,
+                               reconstruct, round_weights, shamir_share, share_valid)
 
 LENGTH = 9000  # three commitment rows, the last one ragged
 BITS = 16

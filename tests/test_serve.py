@@ -215,4 +215,5 @@ def test_bad_command_lines_fail_before_loading_the_model(tmp_path):
         with pytest.raises(ConfigError, match=message):
             adapter_specs(pairs, adapters_dir)
     proc = run_cli("serve", "--model", "tiny", "--adapter", f"x={tmp_path}", timeout=120)  # one line, exit 2
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("finlora: --adapter x="), proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("finlora: --adapter x="), proc.stderr

@@ -49,7 +49,9 @@ def test_only_lora_a_b_cross_the_wire(fedavg_run):
     wire = read_jsonl_records(fedavg_run["run_dir"] / "wire.jsonl")
     expected = set(load_config().lora.target_module_list)
     directions = {(w["round"], w["direction"], w["message_type"]) for w in wire}
-    assert {(1, "client->server", "train"), (2, "server->client", "train"), (2, "server->client", "evaluate")} <= directions
+    expected_directions = {(1, "client->server", "train"), (2, "server->client", "train"),
+                           (2, "server->client", "evaluate")}
+    assert expected_directions <= directions
     for w in wire:
         assert set(w["records"]) <= {"arrays", "config", "metrics", "zk"}
         if w["direction"] == "client->server":  # the quantized update, its metrics, its commitments + signature

@@ -22,13 +22,13 @@ from finlora.zk import signing
 from finlora.zk.audit import audit_run
 from finlora.zk.cli import main as zk_main
 from finlora.zk.commit import (GROUP_ORDER, commit_row_points, commit_rows, commitments_digest, decode_points,
-                       random_blindings)
+                               random_blindings)
 from finlora.zk.encoding import Layout, apply_aggregate, dequantize, in_range, norm_within, quantize_update
 from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE, derive_generators, generators, generators_digest
 from finlora.zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, read_ledger, record_kept_round,
-                       record_round, save_aggregate, seen_digests)
+                               record_round, save_aggregate, seen_digests)
 from finlora.zk.verify import (BAD_POINT, BAD_SIGNATURE, DUPLICATE, NORM_BOUND, OPENING, OUT_OF_RANGE, REPLAY,
-                       UNKNOWN_NODE, Submission, aggregate, make_submission, verify_round)
+                               UNKNOWN_NODE, Submission, aggregate, make_submission, verify_round)
 from finlora.zk.wire import pack_blindings, unpack_blindings, unpack_commitments
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,7 +144,8 @@ def test_submission_survives_the_wire(keys: dict) -> None:
     wire = sub.to_wire(BITS)
     assert wire["values"].dtype == np.int8 and len(wire["blindings"]) == 32 * 3
     back = Submission.from_wire("inst-0", wire)
-    layout = Layout((("a", (2, 1000)), ("b", (N_VALUES - 2000,))))  # per-key int arrays, as they travel in an ArrayRecord
+    # per-key int arrays, as they travel in an ArrayRecord
+    layout = Layout((("a", (2, 1000)), ("b", (N_VALUES - 2000,))))
     per_key = {"a": wire["values"][:2000].reshape(2, 1000), "b": wire["values"][2000:]}
     assert np.array_equal(Submission.from_wire("inst-0", {**wire, "values": layout.flatten(per_key)}).values,
                           sub.values)
@@ -364,8 +365,8 @@ def test_a_round_that_kept_the_previous_adapter_audits_only_if_nothing_changed(r
 def test_audit_cli_runs_standalone_and_fails_nonzero(run_dir: Path, tmp_path: Path) -> None:
     run = _tampered(run_dir, tmp_path)
     _nudge_first_lora_b(run / adapter_relpath(1), index=17, delta=1e-3)
-    proc = subprocess.run([sys.executable, "-m", "finlora.zk.cli", "audit", str(run), "--keys", str(run / "keys")], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "finlora.zk.cli", "audit", str(run), "--keys", str(run / "keys")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert "FAIL" in proc.stdout and "round-1/adapter_model.safetensors" in proc.stdout
 
@@ -464,8 +465,8 @@ def test_a_server_made_round_under_server_made_keys_fails_the_audit(run_dir: Pat
 
 
 def test_the_audit_needs_keys_from_outside_the_ledger(run_dir: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "finlora.zk.cli", "audit", str(run_dir)], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "finlora.zk.cli", "audit", str(run_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--keys" in proc.stderr, proc.stderr
 
 

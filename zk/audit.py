@@ -5,7 +5,8 @@ institution published, or the operator's registry), because the server writes th
 a round under keys of its own must not audit OK. The ledger header's keys must equal them.
 
 Per round: every signature against those keys, every client's zero-knowledge range + norm proof against its
-commitments (runs with ``zk.proof``), sum_i n_i C_i == Com(A, R) row by row (batched), the aggregate's norm, and global_k == apply_aggregate(global_{k-1}, A) bit for bit, plus the file hash chain.
+commitments (runs with ``zk.proof``), sum_i n_i C_i == Com(A, R) row by row (batched), the aggregate's norm, and
+global_k == apply_aggregate(global_{k-1}, A) bit for bit, plus the file hash chain.
 No individual update is needed.
 """
 
@@ -69,8 +70,10 @@ def _key_problems(ledger_keys: Mapping[str, str], keys: Mapping[str, Ed25519Publ
     trusted = {name: signing.public_key_raw(key).hex() for name, key in keys.items()}
     problems = [f"institution {name}: the ledger's key is not the one given with --keys"
                 for name in sorted(set(ledger_keys) & set(trusted)) if ledger_keys[name] != trusted[name]]
-    problems += [f"institution {name}: in the ledger but not in --keys" for name in sorted(set(ledger_keys) - set(trusted))]
-    problems += [f"institution {name}: in --keys but not in the ledger" for name in sorted(set(trusted) - set(ledger_keys))]
+    problems += [f"institution {name}: in the ledger but not in --keys"
+                 for name in sorted(set(ledger_keys) - set(trusted))]
+    problems += [f"institution {name}: in --keys but not in the ledger"
+                 for name in sorted(set(trusted) - set(ledger_keys))]
     return problems
 
 

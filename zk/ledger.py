@@ -86,7 +86,8 @@ def header_entry(run_id: str, public_keys: Mapping[str, Ed25519PublicKey], round
     ``proofs``: every accepted update carries a range + norm proof, which the audit verifies."""
     return {"type": "header", "version": VERSION, "run_id": run_id, "row_size": ROW_SIZE, "weighting": weighting,
             "generators_digest": PINNED_DIGEST, "norm_bound": float(norm_bound), "frac_bits": int(frac_bits),
-            "bits": int(bits), "proofs": bool(proofs), "secagg": bool(secagg), "adapter_file": round0_adapter, "adapter_sha256": round0_adapter_sha256,
+            "bits": int(bits), "proofs": bool(proofs), "secagg": bool(secagg), "adapter_file": round0_adapter,
+            "adapter_sha256": round0_adapter_sha256,
             "public_keys": {str(k): public_key_raw(v).hex() for k, v in sorted(public_keys.items())}}
 
 

@@ -45,8 +45,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from py_arkworks_bls12381 import G1Point
 
 from finlora.zk import signing
-from finlora.zk.commit import (GROUP_ORDER, SCALAR_BYTES, OpeningTerms, decode_points, opening_terms, rows_of,
-                               to_scalar)
+from finlora.zk.commit import GROUP_ORDER, SCALAR_BYTES, OpeningTerms, decode_points, opening_terms, rows_of, to_scalar
 from finlora.zk.wire import pack_scalars, unpack_scalars
 
 PROTOCOL = b"finlora-secagg/v1"

@@ -19,11 +19,11 @@ from py_arkworks_bls12381 import G1Point
 
 from finlora.zk import signing
 from finlora.zk.commit import (GROUP_ORDER, OpeningTerms, commit_rows, commitments_digest, decode_points, num_rows,
-                       opening_terms, rows_of, sum_terms)
+                               opening_terms, rows_of, sum_terms)
 from finlora.zk import normproof
 from finlora.zk.encoding import in_range, norm_within
-from finlora.zk.wire import pack_blindings, pack_commitments, unpack_blindings, unpack_commitments, values_from_wire, \
-    values_to_wire
+from finlora.zk.wire import (pack_blindings, pack_commitments, unpack_blindings, unpack_commitments, values_from_wire,
+                             values_to_wire)
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,14 @@ hands it each task over a Unix-domain socket (``trainer-socket`` in the node con
 
 Three modules, one job each: :mod:`~finlora.client.resident.protocol` (keys, request/reply, errors across the socket,
 the ClientApp's :func:`call_trainer`), :mod:`~finlora.client.resident.server` (the trainer process), and
-:mod:`~finlora.client.resident.supervisor` (``finlora client``'s :class:`ResidentTrainer`). torch is imported only inside
-the trainer process, when it runs its first task.
+:mod:`~finlora.client.resident.supervisor` (``finlora client``'s :class:`ResidentTrainer`). torch is imported only
+inside the trainer process, when it runs its first task.
 
     python -m finlora.client.resident --socket P --authkey-file F [--exit-with-parent]
 """
 
 from finlora.client.resident.protocol import (TrainerStartError, TrainerUnavailable, call_trainer, error_reply, ping,
-                                      raise_error_reply, read_authkey, write_authkey)
+                                              raise_error_reply, read_authkey, write_authkey)
 from finlora.client.resident.supervisor import ResidentTrainer
 
 __all__ = ["ResidentTrainer", "TrainerStartError", "TrainerUnavailable", "call_trainer", "error_reply", "ping",

@@ -159,7 +159,8 @@ def call_trainer(socket: str | Path, kind: str, content: Any, context: Any,
 
 
 def ping(socket_path: str | Path, authkey: bytes, wait_s: float = 0.0) -> dict[str, Any]:
-    """The trainer's ``{"pid", "tasks", "base-model-loads"}``; raises :class:`TrainerUnavailable` if it does not answer."""
+    """The trainer's ``{"pid", "tasks", "base-model-loads"}``; raises :class:`TrainerUnavailable` if it does not
+    answer."""
     reply = _request(str(socket_path), authkey, ("ping", None, None), wait_s, what="a ping")
     if reply[0] != "ok":
         raise_error_reply(reply[1], reply[2])

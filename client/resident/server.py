@@ -1,5 +1,5 @@
-"""The resident trainer process itself (``python -m finlora.client.resident``): it authenticates each connection, runs the
-task in this long-lived process (whose module caches keep the base model and the tokenized data between rounds),
+"""The resident trainer process itself (``python -m finlora.client.resident``): it authenticates each connection, runs
+the task in this long-lived process (whose module caches keep the base model and the tokenized data between rounds),
 and replies. One request at a time; a peer that fails authentication in any way is dropped with one log line.
 
     python -m finlora.client.resident --socket P --authkey-file F [--exit-with-parent]
@@ -24,7 +24,7 @@ from typing import Any
 
 from finlora.client.local_data import LOCAL_DATA_CACHE
 from finlora.client.resident.protocol import (HANDSHAKE_TIMEOUT_S, TASK_KINDS, TrainerStartError, TrainerUnavailable,
-                                      error_reply, private_dir, read_authkey, write_authkey)
+                                              error_reply, private_dir, read_authkey, write_authkey)
 from finlora.common.config import FinloraConfig
 from finlora.common.logs import get_logger
 from finlora.common.model import LOAD_COUNTS, MODEL_CACHE

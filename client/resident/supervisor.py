@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from finlora.client.resident.protocol import (MAX_SOCKET_PATH, STARTUP_TIMEOUT_S, TrainerStartError, TrainerUnavailable, ping,
-                                      private_dir, write_authkey)
+from finlora.client.resident.protocol import (MAX_SOCKET_PATH, STARTUP_TIMEOUT_S, TrainerStartError, TrainerUnavailable,
+                                              ping, private_dir, write_authkey)
 from finlora.common.config import PROJECT_ROOT
 from finlora.common.flower_processes import stop_process_tree
 
