@@ -1,5 +1,7 @@
 """Secure aggregation through the real simulation (Flower SuperLink, Ray, the ClientApp's ``query.secagg``
-stages): one 4-institution run of four rounds, each round an attack or a failure the server must survive.
+stages): one 4-institution run of four rounds with FFA-LoRA (only B is trained, masked and aggregated; A stays the
+shared seed's: the TLS deployment test covers secure aggregation of A and B), each round an attack or a failure the
+server must survive.
 
 round 1  all honest: the server sees only masked vectors, and the global adapter is exactly the plaintext FedAvg
 round 2  institution-3 masks another vector than the one it committed to and proved: the round is dropped
@@ -35,7 +37,7 @@ def secagg_run(tmp_path_factory):
     spy = root / "spy"
     (app / "fault_plan.py").write_text(f"SECAGG_PLAN = {PLAN!r}\nSPY_DIR = {str(spy)!r}\n")
     proc = run_cli("simulate", "--app", str(app), "--clients", "4", "--rounds", "4", "--out", str(root), "--run-id",
-                   "sa", "--secagg", "--set", "eval.every=0",
+                   "sa", "--secagg", "--ffa", "--set", "eval.every=0",
                    "--set", "train.local-steps=4", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = root / "sa"
@@ -71,6 +73,7 @@ def test_the_global_adapter_is_exactly_the_plaintext_fedavg_of_the_committed_upd
                                sum(weights[n] for n in contributors), 12)
     got = _adapter(run["run_dir"], r)
     assert set(got) == set(expected)
+    assert layout.size and all(key.endswith(".lora_B.weight") for key, _, _ in layout.slices())  # FFA: B only
     for key in expected:
         assert np.array_equal(got[key], expected[key]), key
     assert {c["node_id"] for c in entry["clients"]} == set(contributors)
