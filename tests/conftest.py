@@ -33,18 +33,48 @@ TEST_RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 SPREAD_FILES = {"test_deployment.py"}
 """Files whose tests go to any worker one by one: each federation test is long and its module fixture (certificates)
 is cheap, so two of them run at once."""
+OWN_RUN = {"test_fedadam_over_int8_updates_runs_and_its_moments_survive_resume",
+           "test_failed_run_exits_nonzero_and_leaves_nothing_behind",
+           "test_a_bad_proof_and_an_unregistered_key_are_rejected_and_the_round_goes_on"}
+"""Tests that start a simulation of their own and share no fixture run: spread like SPREAD_FILES' tests instead of
+queueing behind ``fedavg_run``'s file on one worker."""
 SAME_GROUP = {"test_zk_simulation.py": "test_simulation.py"}
 """Files that share a session fixture with another file (``fedavg_run``) run on that file's worker."""
+LONGEST_FIRST = ("test_simulation.py", "test_zk_simulation.py", "test_deployment.py::test_secure_aggregation_over_tls",
+                 "test_dp.py", "test_deployment.py::test_server_killed", "test_deployment.py::test_tls_federation",
+                 "test_secagg_simulation.py", "test_deployment.py", "test_moe.py",
+                 "test_update_validation.py", "test_control_plane.py", "test_reply_attacks.py", "test_smollm2.py")
+"""The suite's longest work (measured with ``--durations``), started first: the federations wait on heartbeats
+and timeouts much of the time, and that waiting overlaps the other worker's CPU-bound tests only when it does not
+come last. (xdist's own order puts the largest files first, which left the one-test federation scopes for the
+end, one core idle.)"""
+
+
+def _priority(nodeid: str) -> int:
+    path = nodeid.rsplit("/", 1)[-1]
+    return next((i for i, prefix in enumerate(LONGEST_FIRST) if path.startswith(prefix)), len(LONGEST_FIRST))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: _priority(item.nodeid))  # stable: each file keeps its own order
 
 
 class SharedRunScheduling(LoadScopeScheduling):
     """pytest-xdist scheduling: every other file's tests stay on one worker, so a module or session fixture that runs
-    a simulation (``fedavg_run``, ``dp_run``, ``secagg_run``, a served model) runs once. (xdist's own ``loadgroup``
-    marks are lost under pytest 9, whose node ids no longer take the group suffix.)"""
+    a simulation (``fedavg_run``, ``dp_run``, ``secagg_run``, a served model) runs once. Work units go out in
+    collection order (``LONGEST_FIRST``), not xdist's largest-file-first. (xdist's own ``loadgroup`` marks are lost
+    under pytest 9, whose node ids no longer take the group suffix.)"""
+
+    def __init__(self, config: pytest.Config, log=None) -> None:  # noqa: ANN001 - xdist's Producer
+        config.option.loadscopereorder = False
+        super().__init__(config, log)
 
     def _split_scope(self, nodeid: str) -> str:
-        file = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
-        return nodeid if file in SPREAD_FILES else SAME_GROUP.get(file, file)
+        file, _, name = nodeid.partition("::")
+        file = file.rsplit("/", 1)[-1]
+        if file in SPREAD_FILES or name.split("[", 1)[0] in OWN_RUN:
+            return nodeid
+        return SAME_GROUP.get(file, file)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log) -> SharedRunScheduling:  # noqa: ANN001 - xdist's Producer
@@ -67,10 +97,29 @@ def make_random_adapter(out: Path, seed: int, scale: float = 0.5) -> None:
     save_adapter_dir(arrays, lora_config(cfg.lora, resolve_model_path(cfg.model.name)), out)
 
 
+def _ray_cpus() -> int:
+    """The CPUs Ray will see (cgroup quota and affinity included), so that one actor always fits."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return max(1, int(get_num_cpus()))
+    except Exception:  # noqa: BLE001 - a private helper of Ray's: fall back to what this process may use
+        return len(os.sched_getaffinity(0))
+
+
+def one_actor(args: tuple[str, ...]) -> tuple[str, ...]:
+    """``simulate`` with one Ray actor for all its institutions (``--cpus-per-client`` = every CPU), unless the
+    test chose. The suite runs two tests at once on two cores: a second actor per simulation would only import
+    torch, transformers and PEFT once more (~6 s of CPU) and contend with the other test for the same cores."""
+    if args[:1] != ("simulate",) or "--cpus-per-client" in args:
+        return args
+    return (*args, "--cpus-per-client", str(_ray_cpus()))
+
+
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``finlora`` as a user would (a separate process), capturing its output."""
-    return subprocess.run([sys.executable, "-m", "finlora.simulation.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ))
+    return subprocess.run([sys.executable, "-m", "finlora.simulation.cli", *one_actor(args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
 
 
 def popen_cli(*args: str, log: Path) -> subprocess.Popen:

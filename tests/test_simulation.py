@@ -13,6 +13,7 @@ from finlora.client.train import round_learning_rate
 from finlora.common.adapter import arrays_digest, is_lora_a, read_adapter_dir, select_keys, shared_lora_a
 from finlora.common.config import load_config
 from finlora.common.io import read_jsonl_records
+from finlora.common.model import lora_shapes
 from finlora.eval.tasks import TASKS
 from tests.conftest import flower_processes, run_cli
 
@@ -164,15 +165,23 @@ def test_fedprox_with_ffa_lora_sends_only_b_and_keeps_shared_a(tmp_path, fedavg_
     assert len(select_keys(saved, ffa=True)) == len(saved) // 2
 
 
-def test_fedadam_runs_and_its_moments_survive_resume(tmp_path):
-    """A server optimizer end to end (FedYogi differs only in Flower's class: test_strategy_names_build_flowers_own);
-    zk off: a server optimizer breaks the zk ledger's equation."""
+def test_fedadam_over_int8_updates_runs_and_its_moments_survive_resume(tmp_path):
+    """A server optimizer end to end (FedYogi differs only in Flower's class: test_strategy_names_build_flowers_own),
+    in one run with int8 updates crossing Flower (two settings that meet only at the aggregate); zk off: a server
+    optimizer breaks the zk ledger's equation. DP off, so that one round's learning is plain to see."""
     proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--strategy", "fedadam", "--out", str(tmp_path),
-                   "--run-id", "fedadam", "--no-zk")
+                   "--run-id", "fedadam", "--no-zk", "--set", 'transport.dtype="int8"', "--set", "dp.enabled=false",
+                   "--set", "eval.every=0")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     metrics = _metrics(tmp_path / "fedadam")
-    assert metrics[1]["num_clients"] == 2
-    assert metrics[1]["heldout_loss"] != metrics[0]["heldout_loss"]
+    assert metrics[1]["num_clients"] == 2 and not metrics[1]["rejected"]
+    assert metrics[1]["heldout_loss"] < metrics[0]["heldout_loss"] - 0.3
+    # int8: a byte a value, plus names and scales
+    cfg = load_config()
+    shapes = lora_shapes(cfg.model, cfg.lora)
+    values = sum(int(np.prod(s)) for s in shapes.values())
+    assert values <= metrics[1]["bytes_sent_per_client"] <= values + 400 * len(shapes) < 4 * values
+    assert all(c["update_norm"] <= cfg.strategy.max_update_norm for c in metrics[1]["clients"].values())
     _check_adam_moments_survive_resume(tmp_path / "fedadam")
 
 
