@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from finlora.common.config import ConfigError, load_config
-from finlora.common.data import DataError, Row, collate, encode_rows, length_grouped_batches, read_jsonl
+from finlora.common.data import (DataError, Example, Row, collate, encode_rows, length_grouped_batches,
+                                 read_jsonl)
 from finlora.common.logs import get_logger
 from finlora.common.moe import MixtureError, build_mixture, check_experts, save_mixture
 from finlora.common.preflight import check_model
@@ -26,11 +27,17 @@ log = get_logger(__name__)
 def train_router(mixture: Any, tokenizer: Any, rows: Sequence[Row], steps: int, batch_size: int, lr: float,
                  max_length: int, seed: int, progress: bool = True) -> list[float]:
     """``steps`` AdamW steps on the router only; returns the loss of every step."""
+    return train_router_on(mixture, tokenizer, encode_rows(rows, tokenizer, max_length), steps, batch_size, lr, seed,
+                           progress)
+
+
+def train_router_on(mixture: Any, tokenizer: Any, examples: Sequence[Example], steps: int, batch_size: int,
+                    lr: float, seed: int, progress: bool = True) -> list[float]:
+    """:func:`train_router` on examples already tokenized (an institution's local data in a federated round)."""
     import torch
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    examples = encode_rows(rows, tokenizer, max_length)
     params = [p for p in mixture.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     batches: list[list[int]] = []

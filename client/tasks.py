@@ -20,6 +20,7 @@ from finlora.client.dp_setup import enforce_policy
 from finlora.client.local_data import LocalData, local_data
 from finlora.client.node_settings import NodeSettings
 from finlora.client.privacy_engine import InstitutionPrivacyEngine
+from finlora.client.router_task import router_train_content
 from finlora.client.secagg_stage import peer_keys, secagg_stage
 from finlora.client.train import TrainStats, round_learning_rate, train_round
 from finlora.client.zk_update import signing_key_file, zk_reply_records
@@ -108,7 +109,10 @@ def update_records(cfg: FinloraConfig, node: NodeSettings, run_id: int, local: A
 
 
 def train_content(content: RecordDict, context: Context) -> RecordDict:
-    """One round of local training; replies with the adapter's trainable tensors and training metrics."""
+    """One round of local training; replies with the adapter's trainable tensors and training metrics (or, when the
+    run trains a mixture's router, ``moe.experts``, with the router: :mod:`client.router_task`)."""
+    if context.run_config.get("moe.experts"):
+        return router_train_content(content, context)
     prepared = prepare(content, context)
     cfg, node, bundle, data, received = prepared.cfg, prepared.node, prepared.bundle, prepared.data, prepared.received
     enforce_policy(cfg.dp, node, len(data.train))  # before any training or ledger access

@@ -355,6 +355,24 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Federated training of a mixture-of-LoRA-experts router instead of a LoRA adapter (``finlora simulate --moe``).
+
+    Attributes
+    ----------
+    experts : str
+        ``NAME=DIR,NAME=DIR,...``: two or more expert adapter directories (PEFT), frozen at every party. Empty
+        (the default) means the run trains a LoRA adapter. Set, every round trains the X-LoRA router only
+        (``train.local-steps``, ``train.batch-size``, ``train.lr``) and the server averages it with FedAvg.
+    depth : int
+        Router layers (X-LoRA ``xlora_depth``).
+    """
+
+    experts: str
+    depth: int = _range(ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class FinloraConfig:
     """Everything a run needs; one instance per run, built from the flat Flower run config.
 
@@ -384,6 +402,7 @@ class FinloraConfig:
     dp: DpConfig
     zk: ZkConfig
     eval: EvalConfig
+    moe: MoeConfig
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> FinloraConfig:
@@ -403,6 +422,7 @@ class FinloraConfig:
         cfg = cls(**values)
         _check_client_epsilons(cfg.dp.client_epsilons)
         _check_eval_tasks(cfg.eval.tasks)
+        parse_experts(cfg.moe.experts, "moe.experts")
         if cfg.zk.run_nonce and not re.fullmatch(r"[0-9a-f]{16,64}", cfg.zk.run_nonce):
             raise ConfigError(f"config key 'zk.run-nonce' = {cfg.zk.run_nonce!r}: expected 16 to 64 lowercase hex "
                               f"digits (or empty)")
@@ -451,6 +471,15 @@ class FinloraConfig:
         if self.transport.dtype != "float32" and self.dp.enabled and self.dp.level == "client":
             raise ConfigError(f"transport.dtype = {self.transport.dtype} cannot be combined with dp.level = client: "
                               f"Flower's clipping mod works on float32 weights")
+        if self.moe.experts:
+            off = [k for k, on in (("zk.enabled", self.zk.enabled), ("dp.enabled", self.dp.enabled),
+                                   ("lora.ffa", self.lora.ffa)) if on]
+            if off or self.strategy.name != "fedavg" or self.transport.dtype != "float32":
+                raise ConfigError(f"moe.experts (federated router training) needs strategy.name = fedavg, "
+                                  f"transport.dtype = float32 and {', '.join(off) or 'zk.enabled, dp.enabled'} = "
+                                  f"false: the router is averaged in plain FedAvg, without DP-SGD or zk proofs")
+            if self.train.local_steps < 1:
+                raise ConfigError("moe.experts: train.local-steps must be at least 1 (router steps per round)")
         if self.train.local_steps < 1 and self.train.local_epochs < 1:
             raise ConfigError("train.local-steps and train.local-epochs are both 0: a round would train nothing "
                               "(set train.local-steps >= 1 or train.local-epochs >= 1)")
@@ -510,6 +539,21 @@ def _check_client_epsilons(text: str) -> None:
         if not eps > 0:
             raise ConfigError(f"config key 'dp.client-epsilons' = {text!r}: every entry must be a number > 0 or "
                               f"empty, got {part.strip()!r}")
+
+
+def parse_experts(text: str, where: str) -> dict[str, str]:
+    """``NAME=DIR,NAME=DIR`` -> {name: dir} (empty text: no experts); at least two, each name once."""
+    if not text.strip():
+        return {}
+    experts: dict[str, str] = {}
+    for pair in text.split(","):
+        name, sep, path = (part.strip() for part in pair.partition("="))
+        if not sep or not name or not path or name in experts:
+            raise ConfigError(f"{where} = {text!r}: expected NAME=DIR,NAME=DIR,... with distinct names, got {pair!r}")
+        experts[name] = path
+    if len(experts) < 2:
+        raise ConfigError(f"{where} = {text!r}: a mixture needs at least 2 experts")
+    return experts
 
 
 def _check_eval_tasks(text: str) -> None:

@@ -63,7 +63,8 @@ def build_mixture(model: Any, experts: Mapping[str, Path], depth: int = 1, layer
 
 
 def router_state(mixture: Any) -> dict[str, Any]:
-    return {k: v.detach().cpu().contiguous() for k, v in mixture.state_dict().items() if ROUTER_KEY in k}
+    """A copy of the router's weights (never the live parameters, which the next training step changes)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in mixture.state_dict().items() if ROUTER_KEY in k}
 
 
 def save_mixture(mixture: Any, experts: Mapping[str, Path], out_dir: Path, depth: int, layer_size: int,

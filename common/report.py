@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from finlora.common.io import atomic_write_text, read_jsonl_records
+from finlora.common.moe import ROUTER_FILE
 from finlora.eval.report import markdown_table
 
 
@@ -18,8 +19,9 @@ def round_problems(run_dir: Path, num_rounds: int) -> list[str]:
     if missing:
         problems.append(f"rounds {missing} are missing from {run_dir / 'metrics.jsonl'}")
     for k in range(1, num_rounds + 1):
-        if not (run_dir / f"round-{k}" / "adapter_model.safetensors").is_file():
-            problems.append(f"round {k} has no saved adapter")
+        saved = (run_dir / f"round-{k}" / name for name in ("adapter_model.safetensors", ROUTER_FILE))
+        if not any(path.is_file() for path in saved):
+            problems.append(f"round {k} has no saved adapter (or router)")
     return problems
 
 

@@ -20,6 +20,7 @@ from finlora.common.model import lora_config, lora_shapes, resolve_model_path
 from finlora.server.checkpoint import RunDirectory
 from finlora.server.heldout import HeldoutEvaluator
 from finlora.server.recorder import RoundRecorder
+from finlora.server.router_round import run_router_federation
 from finlora.server.strategy import (make_strategy, optimizer_state, restore_optimizer_state, sampled_clients_per_round,
                                      with_client_level_dp)
 from finlora.server.zk_round import ZkLedger, ZkVerifier
@@ -36,6 +37,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``num-rounds`` rounds (or the rest of them with ``resume``), saving every round's adapter."""
     cfg = FinloraConfig.from_flat(context.run_config).check_combinations()
     run_id = cfg.run_name(context.run_id)
+    if cfg.moe.experts:  # the run trains a mixture's router, not a LoRA adapter
+        run_router_federation(grid, cfg, run_id)
+        return
     run_dir = RunDirectory(cfg.resolved_out_dir() / run_id)
     base_path = resolve_model_path(cfg.model.name)
     peft_config = lora_config(cfg.lora, base_path)

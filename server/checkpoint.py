@@ -87,7 +87,11 @@ class RunDirectory:
 
             atomic_write_bytes(self.round_dir(server_round) / OPTIMIZER_FILE,
                                save({k: np.ascontiguousarray(v) for k, v in optimizer_state.items()}))
-        records = [r for r in read_jsonl_records(self.metrics_path) if int(r["round"]) != server_round]
+        self.append_metrics(record)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """One round's metrics line (replacing a line of the same round), written atomically."""
+        records = [r for r in read_jsonl_records(self.metrics_path) if int(r["round"]) != int(record["round"])]
         atomic_write_jsonl(self.metrics_path, records + [record])
 
     def save_config(self, flat: dict[str, Any]) -> None:

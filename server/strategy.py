@@ -154,7 +154,7 @@ class NotEnoughNodesError(RuntimeError):
     """Fewer institutions than ``strategy.min-available-nodes`` stayed connected for a whole ``round-timeout``."""
 
 
-class _NodeWaitDeadline:
+class NodeWaitDeadline:
     """A Grid whose ``get_node_ids`` raises once ``timeout`` has passed: Flower's ``sample_nodes`` polls it once a
     second while fewer than ``min_available_nodes`` are connected and has no deadline of its own."""
 
@@ -287,7 +287,7 @@ class LoraStrategy(Strategy):
         self.current_global = from_array_record(arrays)
         needed = max(self.strategy.min_available_nodes, self.strategy.min_train_nodes)
         messages = list(self.strategy.configure_train(
-            absolute, arrays, config, _NodeWaitDeadline(grid, self.node_wait_timeout, needed, f"round {absolute}")))
+            absolute, arrays, config, NodeWaitDeadline(grid, self.node_wait_timeout, needed, f"round {absolute}")))
         rec.wire += [describe_message(m, "server->client", absolute) for m in messages]
         self._sent_messages = messages  # Flower sets their message ids in place when it pushes them
         self._grid = grid  # secure aggregation's stages talk to the same nodes after the training replies
@@ -417,7 +417,7 @@ class LoraStrategy(Strategy):
         absolute = server_round + self.round_offset
         needed = max(self.strategy.min_available_nodes, self.strategy.min_evaluate_nodes)
         messages = list(self.strategy.configure_evaluate(
-            absolute, arrays, config, _NodeWaitDeadline(grid, self.node_wait_timeout, needed,
+            absolute, arrays, config, NodeWaitDeadline(grid, self.node_wait_timeout, needed,
                                                         f"round {absolute} (evaluation)")))
         self._log(absolute).wire += [describe_message(m, "server->client", absolute) for m in messages]
         return messages

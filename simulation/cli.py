@@ -47,6 +47,11 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
              "eval.every": args.eval_every, "eval.tasks": args.eval_tasks, "eval.max-samples": args.eval_max_samples,
              "eval.final": args.final_eval or None, "zk.enabled": args.zk, "zk.secagg": args.secagg or None}
     overrides.update({k: v for k, v in pairs.items() if v is not None})
+    if args.moe:
+        overrides["moe.experts"] = ",".join(_expert_pair(text) for text in args.moe)
+        # router runs average in plain FedAvg (check_combinations says why); an explicit --dp / --zk still errs
+        for key, value in (("dp.enabled", False), ("zk.enabled", False), ("eval.every", 0)):
+            overrides.setdefault(key, value)
     min_nodes = min(3 if args.secagg else 2, args.clients)  # secure aggregation hides nothing with two
     overrides.update({"strategy.min-train-nodes": min_nodes, "strategy.min-evaluate-nodes": min_nodes,
                       "strategy.min-available-nodes": args.clients})
@@ -54,6 +59,14 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         key, value = parse_override(text)
         overrides[key] = value
     return overrides
+
+
+def _expert_pair(text: str) -> str:
+    """``--moe NAME=DIR`` with DIR made absolute (Flower runs the apps elsewhere); errors name the flag."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip() or "," in text:
+        raise ConfigError(f"--moe {text!r}: expected NAME=DIR (no commas)")
+    return f"{name.strip()}={Path(path.strip()).expanduser().resolve()}"
 
 
 def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -108,13 +121,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         overrides["zk.keys-dir"] = str(provision_simulation_keys(run_dir / "keys", args.clients))
     if cfg.zk.enabled and not cfg.zk.run_nonce:  # a resumed run keeps the saved one (read from its config above)
         overrides["zk.run-nonce"] = secrets.token_hex(16)
-    print(f"finlora simulate: {args.clients} institutions x {cfg.num_rounds} rounds, model {cfg.model.name}, "
-          f"data {cfg.data.source} ({cfg.data.partitioner}), strategy {cfg.strategy.name}"
-          f"{' + FFA-LoRA' if cfg.lora.ffa else ''}"
-          f"{f', DP ({cfg.dp.level} level, epsilon {cfg.dp.epsilon:g})' if cfg.dp.enabled else ', no DP'}"
-          f"{', zk commitments' if cfg.zk.enabled else ''}{' + secure aggregation' if cfg.zk.secagg else ''}, "
-          f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} "
-          f"on {cfg.lora.target_modules}\n  output: {run_dir}", flush=True)
+    if cfg.moe.experts:
+        print(f"finlora simulate: {args.clients} institutions x {cfg.num_rounds} rounds, model {cfg.model.name}, "
+              f"data {cfg.data.source} ({cfg.data.partitioner}): federated training of a router over the experts "
+              f"{cfg.moe.experts} (FedAvg, no DP, no zk)\n  output: {run_dir}", flush=True)
+    else:
+        print(f"finlora simulate: {args.clients} institutions x {cfg.num_rounds} rounds, model {cfg.model.name}, "
+              f"data {cfg.data.source} ({cfg.data.partitioner}), strategy {cfg.strategy.name}"
+              f"{' + FFA-LoRA' if cfg.lora.ffa else ''}"
+              f"{f', DP ({cfg.dp.level} level, epsilon {cfg.dp.epsilon:g})' if cfg.dp.enabled else ', no DP'}"
+              f"{', zk commitments' if cfg.zk.enabled else ''}{' + secure aggregation' if cfg.zk.secagg else ''}, "
+              f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} "
+              f"on {cfg.lora.target_modules}\n  output: {run_dir}", flush=True)
     result = run_simulation(args.clients, overrides, app_dir=Path(args.app) if args.app else PROJECT_ROOT,
                             cpus_per_client=args.cpus_per_client, gpus_per_client=args.gpus_per_client)
     problems = round_problems(run_dir, cfg.num_rounds)
@@ -123,7 +141,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"finlora simulate: FAILED (Flower run {result.run_id or '?'} status: {result.status}"
               f"{'; ' + '; '.join(problems) if problems else ''})", file=sys.stderr)
         return 1
-    print(f"finlora simulate: {cfg.num_rounds} rounds completed; global adapters in {run_dir}/round-<k>/")
+    what = "global mixtures (moe.json + router)" if cfg.moe.experts else "global adapters"
+    print(f"finlora simulate: {cfg.num_rounds} rounds completed; {what} in {run_dir}/round-<k>/")
     if cfg.zk.enabled:
         keys = Path(str(overrides.get("zk.keys-dir") or cfg.zk.keys_dir))
         print(f"audit it: finlora zk audit {run_dir} --keys {keys}")
@@ -233,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dp-level", choices=["sample", "client"], help="what DP protects (dp.level)")
     sim.add_argument("--zk", action=argparse.BooleanOptionalAction, default=None,
                      help="commit to, sign and verify every update; write ledger.jsonl (config zk.enabled)")
+    sim.add_argument("--moe", action="append", metavar="NAME=DIR",
+                     help="train a mixture-of-experts router over these frozen expert adapters instead of a LoRA "
+                          "adapter (repeat; at least 2; config moe.experts; DP and zk off unless asked for)")
     sim.add_argument("--secagg", action="store_true",
                      help="secure aggregation (zk.secagg): the server sees only masked updates and their sum; "
                           "needs 3+ clients")

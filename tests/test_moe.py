@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from peft import PeftModel
 
-from finlora.client.moe_train import train_router
-from finlora.common.config import load_config
+from finlora.client.local_data import local_data
+from finlora.client.moe_train import train_router, train_router_on
+from finlora.common.config import FinloraConfig, load_config
 from finlora.common.model import load_base_model
-from finlora.common.moe import MixtureError, ROUTER_KEY, build_mixture, load_mixture, save_mixture
+from finlora.common.moe import MixtureError, ROUTER_KEY, build_mixture, load_mixture, router_state, save_mixture
 from finlora.common.flower_processes import free_port
 from finlora.common.sample_data import sentiment_rows
+from finlora.server.router_round import RouterFedAvg
 from tests.conftest import make_random_adapter, popen_cli, run_cli, stop_all, wait_healthy
 
 
@@ -145,3 +150,74 @@ def test_a_mixture_is_served_under_one_name_beside_plain_adapters(experts, tmp_p
         stop_all(proc)
     bad = run_cli("serve", "--model", "tiny", "--moe", f"mix={tmp_path}", "--port", str(free_port()))
     assert bad.returncode == 2 and "--moe" in bad.stderr and "moe.json" in bad.stderr, bad.stderr[-1000:]
+
+
+def test_a_router_is_trained_federatedly_through_flower_and_is_the_fedavg_of_the_institutions(experts, tmp_path):
+    """``finlora simulate --moe``: two institutions train the router over the same frozen experts for two rounds
+    through Flower (SuperLink, Ray). Only the router crosses the wire; each round's saved mixture loads as it is; and
+    round 2's router is exactly the example-weighted average of the two routers the institutions trained from round
+    1's (recomputed here, in this process, from the same data, seeds and steps)."""
+    proc = run_cli("simulate", "--clients", "2", "--rounds", "2", "--moe", f"e0={experts['e0']}", "--moe",
+                   f"e1={experts['e1']}", "--local-steps", "3", "--out", str(tmp_path), "--run-id", "fedmoe")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_dir = tmp_path / "fedmoe"
+    metrics = {m["round"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(metrics) == [0, 1, 2] and all(metrics[r]["num_clients"] == 2 for r in (1, 2))
+    assert all(not metrics[r]["rejected"] and not metrics[r]["errors"] for r in (1, 2))
+
+    cfg = FinloraConfig.from_flat(json.loads((run_dir / "run_config.json").read_text()))
+    model, tokenizer = _fresh_base()
+    mixture = load_mixture(model, run_dir / "round-1")
+    router = router_state(mixture)
+    router_bytes = sum(t.numel() * t.element_size() for t in router.values())
+    assert all(router_bytes <= c["bytes_sent"] <= router_bytes + 400 * len(router)  # values, names and shapes
+               for r in (1, 2) for c in metrics[r]["clients"].values()), (router_bytes, metrics[1]["clients"])
+    start = {k: v.clone() for k, v in router_state(mixture).items()}
+    trained, counts = [], []
+    for partition in range(2):
+        mixture.load_state_dict(start, strict=False)
+        data = local_data(cfg.data, ("", partition, 2), tokenizer)
+        train_router_on(mixture, tokenizer, data.train, 3, cfg.train.batch_size, cfg.train.lr,
+                        cfg.train.seed + 1000 * 2 + partition, progress=False)
+        trained.append({k: v.clone() for k, v in router_state(mixture).items()})  # not the live parameters
+        counts.append(len(data.train))
+    saved = router_state(load_mixture(_fresh_base()[0], run_dir / "round-2"))
+    for key, value in saved.items():
+        average = sum(n * t[key].double() for n, t in zip(counts, trained)) / sum(counts)
+        assert torch.allclose(value.double(), average, atol=1e-6), key
+        assert not torch.equal(value, start[key])
+
+    refused = run_cli("simulate", "--clients", "2", "--moe", f"e0={experts['e0']}", "--moe", f"e1={experts['e1']}",
+                      "--dp", "--out", str(tmp_path))
+    assert refused.returncode == 2 and "moe.experts" in refused.stderr and "dp.enabled" in refused.stderr
+
+
+def test_a_bad_router_reply_is_left_out_and_too_few_valid_ones_keep_the_previous_router():
+    """The server side of a router round, in process: NaN, a wrong shape and an out-of-bound router are each left
+    out with their reason, an extra metric key cannot break Flower's average, and the average is example-weighted;
+    a round with fewer valid routers than ``strategy.min-train-nodes`` keeps the previous one."""
+    cfg = load_config({"moe.experts": "a=/a,b=/b", "zk.enabled": False, "dp.enabled": False,
+                       "strategy.min-train-nodes": 2}).check_combinations()
+    key = f"base_model.{ROUTER_KEY}.layers.0.weight"
+    strategy = RouterFedAvg(cfg, {key: (2, 8)})
+
+    def reply(node: int, value: float, examples: int = 10, shape=(2, 8), **extra) -> Message:
+        metrics = MetricRecord({"num-examples": examples, "train-loss": 1.0, **extra})
+        content = RecordDict({"arrays": ArrayRecord({key: torch.full(shape, value)}), "metrics": metrics})
+        return Message(content=content, metadata=Metadata(
+            run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"r{node}",
+            group_id="1", created_at=time.time(), ttl=600.0, message_type="train"))
+
+    for server_round in (1, 2):
+        strategy.current = {key: np.zeros((2, 8), np.float32)}
+        strategy.rounds[server_round] = {"started": time.perf_counter(), "clients": {}, "rejected": {}, "errors": {}}
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, 0.1), reply(2, 0.4, examples=30), reply(3, float("nan")),
+                                                   reply(4, 0.1, shape=(8, 2)), reply(5, 10.0),
+                                                   reply(6, 0.2, examples=20, bonus=7.0)])
+    expected = (0.1 * 10 + 0.4 * 30 + 0.2 * 20) / 60
+    assert np.allclose(arrays.to_numpy_ndarrays()[0], expected) and metrics["train-loss"] == 1.0
+    rejected = strategy.rounds[1]["rejected"]
+    assert sorted(rejected) == ["3", "4", "5"] and sorted(strategy.rounds[1]["clients"]) == ["1", "2", "6"]
+    assert "NaN" in rejected["3"] and "shape" in rejected["4"] and "max-update-norm" in rejected["5"], rejected
+    assert strategy.aggregate_train(2, [reply(1, 0.1), reply(3, float("nan"))]) == (None, None)
+    assert "fewer than strategy.min-train-nodes = 2" in strategy.rounds[2]["kept_previous"]
