@@ -208,8 +208,9 @@ def fedavg_run(tmp_path_factory: pytest.TempPathFactory, eval_data_dir: Path) ->
 
 @pytest.fixture(scope="session")
 def dp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """3 institutions x 3 rounds with sample-level DP (epsilon 8); institution 2 has its own budget of 6."""
+    """3 institutions x 3 rounds with sample-level DP (epsilon 8); institution 2 has its own budget of 6. zk off: DP
+    under zk proofs is ``fedavg_run`` (the defaults), a refusal under zk the secure-aggregation run's dropouts."""
     out = tmp_path_factory.mktemp("dp-runs")
-    proc = run_cli("simulate", "--clients", "3", "--rounds", "3", "--dp", "--epsilon", "8",
+    proc = run_cli("simulate", "--clients", "3", "--rounds", "3", "--dp", "--no-zk", "--epsilon", "8",
                    "--set", 'dp.client-epsilons="8,8,6"', "--out", str(out), "--run-id", "dp")
     return {"proc": proc, "run_dir": out / "dp"}
