@@ -20,9 +20,10 @@ from finlora.client.dp_setup import ledger_dir, start_new_period
 from finlora.client.moe_train import add_moe_parser
 from finlora.client.privacy import FileLedgerStore
 from finlora.common.certs import CertificateError, init_ca_and_server, init_node
-from finlora.common.config import ConfigError, load_config, parse_override
+from finlora.common.config import ConfigError, load_config, parse_experts, parse_override
 from finlora.common.data import DataError, default_data_dir, load_rows, partition_rows
 from finlora.common.io import atomic_write_jsonl
+from finlora.common.moe import MixtureError, check_experts
 from finlora.common.preflight import check_data, check_gpu, check_model, check_positive, check_writable
 from finlora.common.report import print_run_report, round_problems
 from finlora.eval.cli import add_compare_parser, add_eval_parser
@@ -116,6 +117,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_model(cfg.model.name, "--model" if args.model else "model.name")
     check_data(cfg.data, "--data" if args.data else "data.source", min_rows=args.clients)
     check_writable(out_dir, "--out")
+    if cfg.moe.experts:
+        try:
+            check_experts(parse_experts(cfg.moe.experts, "moe.experts"))
+        except MixtureError as exc:
+            raise ConfigError(f"{'--moe' if args.moe else 'moe.experts'}: {exc}") from exc
     run_dir = out_dir / run_id
     if cfg.zk.enabled and not cfg.zk.keys_dir:
         overrides["zk.keys-dir"] = str(provision_simulation_keys(run_dir / "keys", args.clients))

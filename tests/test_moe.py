@@ -190,6 +190,9 @@ def test_a_router_is_trained_federatedly_through_flower_and_is_the_fedavg_of_the
     refused = run_cli("simulate", "--clients", "2", "--moe", f"e0={experts['e0']}", "--moe", f"e1={experts['e1']}",
                       "--dp", "--out", str(tmp_path))
     assert refused.returncode == 2 and "moe.experts" in refused.stderr and "dp.enabled" in refused.stderr
+    missing = run_cli("simulate", "--clients", "2", "--moe", f"e0={experts['e0']}", "--moe", f"x={tmp_path}",
+                      "--out", str(tmp_path))
+    assert missing.returncode == 2 and "--moe" in missing.stderr and "'x'" in missing.stderr, missing.stderr
 
 
 def test_a_bad_router_reply_is_left_out_and_too_few_valid_ones_keep_the_previous_router():
