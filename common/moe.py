@@ -101,8 +101,6 @@ def mixture_experts(moe_dir: Path) -> dict[str, Path]:
 
 def load_mixture(model: Any, moe_dir: Path) -> Any:
     """The mixture saved in ``moe_dir`` on ``model``; its outputs equal the saved one's."""
-    from safetensors.torch import load_file
-
     moe_dir = Path(moe_dir).expanduser()
     experts, depth, layer_size, top_k = read_mixture_spec(moe_dir)
     if not (moe_dir / ROUTER_FILE).is_file():
@@ -111,10 +109,19 @@ def load_mixture(model: Any, moe_dir: Path) -> Any:
         mixture = build_mixture(model, experts, depth, layer_size, top_k)
     except AdapterError as exc:
         raise MixtureError(f"{moe_dir}: {exc}") from exc
-    saved = load_file(str(moe_dir / ROUTER_FILE))
+    load_router_weights(mixture, moe_dir)
+    return mixture.eval()
+
+
+def load_router_weights(mixture: Any, moe_dir: Path) -> None:
+    """Load ``moe_dir``'s saved router into ``mixture`` (built over the same experts), checking names and shapes."""
+    from safetensors.torch import load_file
+
+    path = Path(moe_dir).expanduser() / ROUTER_FILE
+    if not path.is_file():
+        raise MixtureError(f"{path.parent}: {ROUTER_FILE} missing")
+    saved = load_file(str(path))
     expected = router_state(mixture)
     if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
-        raise MixtureError(f"{moe_dir / ROUTER_FILE}: router weights do not fit {len(experts)} experts at depth "
-                           f"{depth} on this model")
+        raise MixtureError(f"{path}: router weights do not fit this mixture's experts, depth and model")
     mixture.load_state_dict(saved, strict=False)
-    return mixture.eval()

@@ -5,6 +5,7 @@ Layout (the command-line contract)::
     <out>/<run-id>/round-<k>/adapter_config.json
     <out>/<run-id>/round-<k>/adapter_model.safetensors
     <out>/<run-id>/round-<k>/server_optimizer.safetensors   FedAdam/FedYogi moments after round k
+    <out>/<run-id>/round-<k>/moe.json, router.safetensors   instead of the adapter, in a router run (moe.experts)
     <out>/<run-id>/run_config.json    the flat run config the run started with (what --resume continues)
     <out>/<run-id>/metrics.jsonl      one JSON object per completed round (round 0 = before training)
     <out>/<run-id>/wire.jsonl         what crossed Flower, per message: keys, shapes, bytes
@@ -24,9 +25,12 @@ import numpy as np
 
 from finlora.common.adapter import ADAPTER_FILE, CONFIG_FILE, Arrays, read_adapter_dir, save_adapter_dir
 from finlora.common.io import atomic_write_bytes, atomic_write_jsonl, atomic_write_text, read_jsonl_records
+from finlora.common.moe import MOE_CONFIG, ROUTER_FILE
 
 ROUND_DIR = re.compile(r"^round-(\d+)$")
 OPTIMIZER_FILE = "server_optimizer.safetensors"
+ROUND_FILES = ((ADAPTER_FILE, CONFIG_FILE), (ROUTER_FILE, MOE_CONFIG))
+"""What makes a round directory complete: a PEFT adapter, or a mixture (``moe.experts`` runs)."""
 
 
 class RunDirectoryError(RuntimeError):
@@ -47,10 +51,11 @@ class RunDirectory:
         return self.path / f"round-{server_round}"
 
     def completed_rounds(self) -> list[int]:
-        """Rounds with both a complete adapter directory and a metrics line, ascending."""
+        """Rounds with both a complete directory (an adapter, or a mixture's router) and a metrics line."""
         logged = {int(r["round"]) for r in read_jsonl_records(self.metrics_path)}
         on_disk = {int(m.group(1)) for d in self.path.glob("round-*")
-                   if (m := ROUND_DIR.match(d.name)) and (d / ADAPTER_FILE).is_file() and (d / CONFIG_FILE).is_file()}
+                   if (m := ROUND_DIR.match(d.name)) and any(all((d / f).is_file() for f in files)
+                                                             for files in ROUND_FILES)}
         return sorted(logged & on_disk)
 
     def start_fresh(self) -> None:
@@ -63,6 +68,11 @@ class RunDirectory:
 
     def resume_point(self) -> tuple[int, Arrays]:
         """The last completed round and its global adapter; drops log lines of rounds after it."""
+        last = self.resume_round()
+        return last, read_adapter_dir(self.round_dir(last))
+
+    def resume_round(self) -> int:
+        """The last completed round (its directory is ``round_dir(last)``); drops log lines of rounds after it."""
         rounds = self.completed_rounds()
         if not rounds:
             raise RunDirectoryError(f"{self.path}: nothing to resume (no completed round with an adapter and a "
@@ -75,7 +85,7 @@ class RunDirectory:
         if self.ledger_path.exists():  # zk: rounds after the last saved one were never completed
             kept_ledger = [e for e in read_jsonl_records(self.ledger_path) if int(e.get("round", 0)) <= last]
             atomic_write_jsonl(self.ledger_path, kept_ledger)
-        return last, read_adapter_dir(self.round_dir(last))
+        return last
 
     def save_round(self, server_round: int, arrays: Arrays, peft_config: Any, record: dict[str, Any],
                    optimizer_state: Arrays | None = None) -> None:

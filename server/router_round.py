@@ -7,8 +7,9 @@ the server scores the global mixture on the held-out rows and saves it as a mixt
 load as they are. Replies are checked as LoRA updates are (:func:`server.strategy.update_problem`): a malformed,
 non-finite or out-of-bound router is left out with its reason, never fails the run.
 
-What this run does not do (yet): DP-SGD, zk proofs and secure aggregation cover LoRA updates only, so
-``check_combinations`` requires them off; a run cannot be resumed.
+A run resumes (``resume``) from its last saved round, as a LoRA run does: rounds are numbered on from there, and
+nothing saved before is rewritten. What this run does not do (yet): DP-SGD, zk proofs and secure aggregation cover
+LoRA updates only, so ``check_combinations`` requires them off.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
 from finlora.common.adapter import from_array_record
-from finlora.common.config import ConfigError, FinloraConfig, parse_experts
+from finlora.common.config import FinloraConfig, parse_experts
 from finlora.common.data import encode_rows, load_rows, split_heldout
 from finlora.common.evaluation import answer_loss
 from finlora.common.model import load_base_model
-from finlora.common.moe import build_mixture, check_experts, router_state, save_mixture
+from finlora.common.moe import build_mixture, check_experts, load_router_weights, router_state, save_mixture
 from finlora.server.checkpoint import RunDirectory
 from finlora.server.strategy import NodeWaitDeadline, update_problem
 
@@ -40,27 +41,31 @@ ROUTER_LAYER_SIZE = 256
 class RouterFedAvg(FedAvg):
     """Flower's FedAvg over the router, with finlora's reply checks and a bounded wait for institutions."""
 
-    def __init__(self, cfg: FinloraConfig, router_shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, cfg: FinloraConfig, router_shapes: dict[str, tuple[int, ...]], round_offset: int = 0) -> None:
         s = cfg.strategy
         super().__init__(fraction_train=s.fraction_train, fraction_evaluate=0.0, min_train_nodes=s.min_train_nodes,
                          min_available_nodes=s.min_available_nodes)
         self.shapes = router_shapes
         self.max_update_norm, self.max_examples, self.timeout = s.max_update_norm, s.max_examples, s.round_timeout
+        self.round_offset = round_offset
+        """Rounds already done when this process started (a resumed run): Flower counts from 1 again."""
         self.current: dict[str, Any] = {}
         self.rounds: dict[int, dict[str, Any]] = {}
-        """Per round: accepted clients' metrics, rejected and failed institutions with reasons, seconds."""
+        """Per absolute round: accepted clients' metrics, rejected and failed institutions with reasons, seconds."""
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        absolute = server_round + self.round_offset  # what institutions see (their seeds) and the records use
         self.current = from_array_record(arrays)
-        self.rounds[server_round] = {"started": time.perf_counter(), "clients": {}, "rejected": {}, "errors": {}}
+        self.rounds[absolute] = {"started": time.perf_counter(), "clients": {}, "rejected": {}, "errors": {}}
         needed = max(self.min_available_nodes, self.min_train_nodes)
-        return super().configure_train(server_round, arrays, config,
-                                       NodeWaitDeadline(grid, self.timeout, needed, f"round {server_round}"))
+        return super().configure_train(absolute, arrays, config,
+                                       NodeWaitDeadline(grid, self.timeout, needed, f"round {absolute}"))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the valid routers; fewer than ``min_train_nodes`` valid ones keep the previous router."""
+        server_round += self.round_offset
         rec = self.rounds[server_round]
         contents = []
         for msg in replies:
@@ -96,27 +101,38 @@ def run_router_federation(grid: Grid, cfg: FinloraConfig, run_id: str) -> None:
     """Train ``moe.experts``' router for ``num-rounds`` rounds, saving and scoring the global mixture each round."""
     import torch
 
-    if cfg.resume:
-        raise ConfigError("resume: a federated router run cannot be resumed (start it again with a new run id)")
     experts = check_experts(parse_experts(cfg.moe.experts, "moe.experts"))
     run_dir = RunDirectory(cfg.resolved_out_dir() / run_id)
-    run_dir.start_fresh()
-    run_dir.save_config(cfg.to_flat())
     model, tokenizer, effective = load_base_model(cfg.model)
     torch.manual_seed(cfg.lora.seed)  # the initial router: the same for a given seed
     mixture = build_mixture(model, experts, depth=cfg.moe.depth).eval()
+    offset = 0
+    if cfg.resume:
+        offset = run_dir.resume_round()
+        load_router_weights(mixture, run_dir.round_dir(offset))
+        log(INFO, "resuming %s after round %d of %d", run_dir.path, offset, cfg.num_rounds)
+    else:
+        run_dir.start_fresh()
+        run_dir.save_config(cfg.to_flat())
+    if offset >= cfg.num_rounds:
+        log(INFO, "all %d rounds are done already", cfg.num_rounds)
+        return
     held = []
     if cfg.eval.heldout:
         held = encode_rows(split_heldout(load_rows(cfg.data), cfg.data.heldout_size, cfg.data.seed)[1], tokenizer,
                            cfg.data.max_length)
     initial = ArrayRecord(router_state(mixture))
-    strategy = RouterFedAvg(cfg, {k: tuple(v.shape) for k, v in router_state(mixture).items()})
-    log(INFO, "finlora router run %s: %s (%s), %d experts [%s], router %d tensors (%.1f kB), rounds 1..%d, output %s",
-        run_id, cfg.model.name, effective, len(experts), ", ".join(experts), len(initial),
-        initial.count_bytes() / 1e3, cfg.num_rounds, run_dir.path)
+    strategy = RouterFedAvg(cfg, {k: tuple(v.shape) for k, v in router_state(mixture).items()}, offset)
+    log(INFO, "finlora router run %s: %s (%s), %d experts [%s], router %d tensors (%.1f kB), rounds %d..%d, "
+        "output %s", run_id, cfg.model.name, effective, len(experts), ", ".join(experts), len(initial),
+        initial.count_bytes() / 1e3, offset + 1, cfg.num_rounds, run_dir.path)
 
     def save_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """The global mixture of this round: scored on the held-out rows, saved, its metrics line appended."""
+        """The global mixture of this round: scored on the held-out rows, saved, its metrics line appended. (Flower
+        calls it with round 0 first: in a resumed run that is the saved round, which is not rewritten.)"""
+        if server_round == 0 and offset:
+            return None
+        server_round += offset
         mixture.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         loss = answer_loss(mixture, held, cfg.eval.batch_size, tokenizer.pad_token_id)[0] if held else None
         save_mixture(mixture, experts, run_dir.round_dir(server_round), cfg.moe.depth, ROUTER_LAYER_SIZE, None,
@@ -136,5 +152,6 @@ def run_router_federation(grid: Grid, cfg: FinloraConfig, run_id: str) -> None:
             "n/a" if loss is None else f"{loss:.4f}")
         return MetricRecord({"heldout-loss": loss}) if loss is not None else None
 
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds, timeout=cfg.strategy.round_timeout,
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds - offset,
+                   timeout=cfg.strategy.round_timeout,
                    train_config=ConfigRecord({"num-rounds": cfg.num_rounds}), evaluate_fn=save_round)

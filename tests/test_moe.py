@@ -153,14 +153,22 @@ def test_a_mixture_is_served_under_one_name_beside_plain_adapters(experts, tmp_p
 
 
 def test_a_router_is_trained_federatedly_through_flower_and_is_the_fedavg_of_the_institutions(experts, tmp_path):
-    """``finlora simulate --moe``: two institutions train the router over the same frozen experts for two rounds
-    through Flower (SuperLink, Ray). Only the router crosses the wire; each round's saved mixture loads as it is; and
-    round 2's router is exactly the example-weighted average of the two routers the institutions trained from round
-    1's (recomputed here, in this process, from the same data, seeds and steps)."""
-    proc = run_cli("simulate", "--clients", "2", "--rounds", "2", "--moe", f"e0={experts['e0']}", "--moe",
+    """``finlora simulate --moe``: two institutions train the router over the same frozen experts through Flower
+    (SuperLink, Ray) for one round, and the run is resumed for a second. Only the router crosses the wire; each
+    round's saved mixture loads as it is, and resuming rewrites none of round 1's files; round 2's router is exactly
+    the example-weighted average of the two routers the institutions trained from round 1's (recomputed here, in
+    this process, from the same data, seeds and steps)."""
+    proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--moe", f"e0={experts['e0']}", "--moe",
                    f"e1={experts['e1']}", "--local-steps", "3", "--out", str(tmp_path), "--run-id", "fedmoe")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run_dir = tmp_path / "fedmoe"
+    round_files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for k in (0, 1)
+                   for p in (run_dir / f"round-{k}").iterdir()}
+    again = run_cli("simulate", "--clients", "2", "--rounds", "2", "--resume", str(run_dir))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    for path, (content, mtime) in round_files.items():
+        assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, path
+    assert "resuming" in again.stdout + again.stderr
     metrics = {m["round"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     assert sorted(metrics) == [0, 1, 2] and all(metrics[r]["num_clients"] == 2 for r in (1, 2))
     assert all(not metrics[r]["rejected"] and not metrics[r]["errors"] for r in (1, 2))
