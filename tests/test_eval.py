@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from finlora.common.adapter import load_lora_state, lora_state, save_adapter_dir
+from finlora.common.adapter import initial_adapter, load_lora_state, lora_state, save_adapter_dir, shapes_of
 from finlora.common.config import load_config
 from finlora.common.model import get_model_bundle, lora_config, resolve_model_path
 from finlora.common.sample_data import sentiment_rows
@@ -97,8 +97,13 @@ def test_text_fallback_metrics():
 
 @pytest.fixture(scope="module")
 def tiny():
+    """The tiny model with its initial adapter (B = 0: the base model's outputs). The bundle is the process's cached
+    one, which a test run earlier on this worker may have loaded other LoRA weights into (test_adapter.py does):
+    these tests must not depend on which tests shared their worker."""
     cfg = load_config()
-    return get_model_bundle(cfg.model, cfg.lora)
+    bundle = get_model_bundle(cfg.model, cfg.lora)
+    load_lora_state(bundle.model, initial_adapter(shapes_of(lora_state(bundle.model)), cfg.lora.seed))
+    return bundle
 
 
 def test_fast_mode_matches_direct_sequence_loglik(tiny):
