@@ -18,7 +18,7 @@ from finlora.common.config import ConfigError, load_config
 from finlora.common.data import (DataError, Example, Row, collate, encode_rows, length_grouped_batches,
                                  read_jsonl)
 from finlora.common.logs import get_logger
-from finlora.common.moe import MixtureError, build_mixture, check_experts, save_mixture
+from finlora.common.moe import LAYER_SIZE, MixtureError, build_mixture, check_experts, save_mixture
 from finlora.common.preflight import check_model
 
 log = get_logger(__name__)
@@ -119,7 +119,7 @@ def cmd_moe_train(args: argparse.Namespace) -> int:
     losses = train_router(mixture, tokenizer, rows, args.steps, args.batch_size, args.lr, args.max_length,
                           args.seed, progress=not args.no_progress)
     out = Path(args.out).expanduser()
-    save_mixture(mixture, experts, out, args.depth, 256, None, cfg.model.name,
+    save_mixture(mixture, experts, out, args.depth, LAYER_SIZE, None, cfg.model.name,
                  metadata={"steps": args.steps, "rows": len(rows), "first_loss": losses[0], "last_loss": losses[-1]})
     head, tail = sum(losses[:5]) / len(losses[:5]), sum(losses[-5:]) / len(losses[-5:])
     print(f"finlora moe train: loss {head:.4f} (first 5 steps) -> {tail:.4f} (last 5) in "

@@ -1,6 +1,6 @@
 """One federated round of a mixture's router (``moe.experts`` set): the institution loads the global router into
 its mixture (its base model with the frozen experts), trains the router on its own data and replies with the router
-only — a few hundred kB, where a LoRA update of the same model is megabytes.
+only: 878 bytes on the tiny model with two experts, where its LoRA update is 31 kB.
 
 The task runs wherever :data:`client.tasks.TASKS` runs ("train"): in a simulation's Ray actor or in the
 institution's resident trainer, which keeps the mixture loaded between rounds in :data:`MIXTURE_CACHE`.
@@ -17,10 +17,9 @@ from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from finlora.client.local_data import local_data
 from finlora.client.moe_train import train_router_on
 from finlora.client.node_settings import NodeSettings
-from finlora.common.adapter import AdapterError
 from finlora.common.config import FinloraConfig, parse_experts
 from finlora.common.model import load_base_model
-from finlora.common.moe import build_mixture, router_state
+from finlora.common.moe import build_mixture, load_router_state, router_state
 
 MIXTURE_CACHE: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 """Explicit per-process cache: (model, quantization, experts, depth) -> (mixture, tokenizer). Building one loads the
@@ -37,27 +36,12 @@ def cached_mixture(cfg: FinloraConfig) -> tuple[Any, Any]:
     return MIXTURE_CACHE[key]
 
 
-def load_router(mixture: Any, arrays: ArrayRecord, where: str) -> None:
-    """Load router weights into ``mixture`` after checking they are exactly its router's names and shapes."""
-    expected = router_state(mixture)
-    received = arrays.to_torch_state_dict()
-    if set(received) != set(expected):
-        missing, extra = sorted(set(expected) - set(received)), sorted(set(received) - set(expected))
-        raise AdapterError(f"{where}: router tensors do not match this mixture (missing {missing[:3]}, "
-                           f"unexpected {extra[:3]})")
-    for name, tensor in received.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise AdapterError(f"{where}: {name} has shape {tuple(tensor.shape)}, expected "
-                               f"{tuple(expected[name].shape)}")
-    mixture.load_state_dict(received, strict=False)
-
-
 def router_train_content(content: RecordDict, context: Context) -> RecordDict:
     """Train the received global router on this institution's rows; reply with the router and the loss."""
     cfg = FinloraConfig.from_flat(context.run_config)
     node = NodeSettings.parse(context.node_config)
     mixture, tokenizer = cached_mixture(cfg)
-    load_router(mixture, content["arrays"], "global router from the server")
+    load_router_state(mixture, content["arrays"].to_torch_state_dict(), "global router from the server")
     data = local_data(cfg.data, node.data_key, tokenizer)
     server_round = int(content["config"]["server-round"])
     start = time.perf_counter()

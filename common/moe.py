@@ -23,6 +23,8 @@ from finlora.common.io import atomic_write_dir
 MOE_CONFIG = "moe.json"
 ROUTER_FILE = "router.safetensors"
 ROUTER_KEY = "internal_xlora_classifier"
+LAYER_SIZE = 256
+"""The router classifier's hidden width (X-LoRA ``xlora_size``) of every mixture finlora builds."""
 
 
 class MixtureError(ValueError):
@@ -42,7 +44,7 @@ def check_experts(experts: Mapping[str, Path]) -> dict[str, Path]:
     return resolved
 
 
-def build_mixture(model: Any, experts: Mapping[str, Path], depth: int = 1, layer_size: int = 256,
+def build_mixture(model: Any, experts: Mapping[str, Path], depth: int = 1, layer_size: int = LAYER_SIZE,
                   top_k: int | None = None) -> Any:
     """Wrap ``model`` (a plain causal LM) with X-LoRA over ``experts``; experts frozen, router trainable."""
     from peft import XLoraConfig, get_peft_model
@@ -120,8 +122,19 @@ def load_router_weights(mixture: Any, moe_dir: Path) -> None:
     path = Path(moe_dir).expanduser() / ROUTER_FILE
     if not path.is_file():
         raise MixtureError(f"{path.parent}: {ROUTER_FILE} missing")
-    saved = load_file(str(path))
+    load_router_state(mixture, load_file(str(path)), str(path))
+
+
+def load_router_state(mixture: Any, state: Mapping[str, Any], where: str) -> None:
+    """Load router weights (torch tensors by name) into ``mixture`` once they are exactly its router's names and
+    shapes; ``where`` names their origin in the error (a file, or the server's message)."""
     expected = router_state(mixture)
-    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in saved):
-        raise MixtureError(f"{path}: router weights do not fit this mixture's experts, depth and model")
-    mixture.load_state_dict(saved, strict=False)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise MixtureError(f"{where}: router tensors do not fit this mixture (missing {missing[:3]}, unexpected "
+                           f"{extra[:3]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise MixtureError(f"{where}: {name} has shape {tuple(tensor.shape)}, expected "
+                               f"{tuple(expected[name].shape)}")
+    mixture.load_state_dict(dict(state), strict=False)

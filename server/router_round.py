@@ -30,13 +30,10 @@ from finlora.common.config import FinloraConfig, parse_experts
 from finlora.common.data import encode_rows, load_rows, split_heldout
 from finlora.common.evaluation import answer_loss
 from finlora.common.model import load_base_model
-from finlora.common.moe import build_mixture, check_experts, load_router_weights, router_state, save_mixture
+from finlora.common.moe import (LAYER_SIZE, build_mixture, check_experts, load_router_state, load_router_weights,
+                                router_state, save_mixture)
 from finlora.server.checkpoint import RunDirectory
 from finlora.server.strategy import NodeWaitDeadline, update_problem
-
-ROUTER_LAYER_SIZE = 256
-"""X-LoRA's classifier width, as ``finlora moe train`` builds it."""
-
 
 class RouterFedAvg(FedAvg):
     """Flower's FedAvg over the router, with finlora's reply checks and a bounded wait for institutions."""
@@ -86,15 +83,16 @@ class RouterFedAvg(FedAvg):
             # only what the average needs reaches Flower's arithmetic (an extra metric key cannot break it)
             contents.append(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord(
                 {"num-examples": metrics["num-examples"]})}))
+        clients = rec["clients"].values()
+        if clients:
+            rec["train_loss"] = sum(c["train_loss"] * c["num_examples"] for c in clients) / sum(
+                c["num_examples"] for c in clients)
         if len(contents) < max(1, self.min_train_nodes):
             rec["kept_previous"] = (f"round {server_round}: {len(contents)} valid router(s), fewer than "
                                     f"strategy.min-train-nodes = {self.min_train_nodes}; the previous router is kept")
             log(WARNING, "%s", rec["kept_previous"])
             return None, None
-        clients = rec["clients"].values()
-        examples = sum(c["num_examples"] for c in clients)
-        loss = sum(c["train_loss"] * c["num_examples"] for c in clients) / examples
-        return aggregate_arrayrecords(contents, self.weighted_by_key), MetricRecord({"train-loss": loss})
+        return aggregate_arrayrecords(contents, self.weighted_by_key), MetricRecord({"train-loss": rec["train_loss"]})
 
 
 def run_router_federation(grid: Grid, cfg: FinloraConfig, run_id: str) -> None:
@@ -121,8 +119,9 @@ def run_router_federation(grid: Grid, cfg: FinloraConfig, run_id: str) -> None:
     if cfg.eval.heldout:
         held = encode_rows(split_heldout(load_rows(cfg.data), cfg.data.heldout_size, cfg.data.seed)[1], tokenizer,
                            cfg.data.max_length)
-    initial = ArrayRecord(router_state(mixture))
-    strategy = RouterFedAvg(cfg, {k: tuple(v.shape) for k, v in router_state(mixture).items()}, offset)
+    router = router_state(mixture)
+    initial = ArrayRecord(router)
+    strategy = RouterFedAvg(cfg, {k: tuple(v.shape) for k, v in router.items()}, offset)
     log(INFO, "finlora router run %s: %s (%s), %d experts [%s], router %d tensors (%.1f kB), rounds %d..%d, "
         "output %s", run_id, cfg.model.name, effective, len(experts), ", ".join(experts), len(initial),
         initial.count_bytes() / 1e3, offset + 1, cfg.num_rounds, run_dir.path)
@@ -133,15 +132,14 @@ def run_router_federation(grid: Grid, cfg: FinloraConfig, run_id: str) -> None:
         if server_round == 0 and offset:
             return None
         server_round += offset
-        mixture.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        load_router_state(mixture, arrays.to_torch_state_dict(), f"round {server_round}'s aggregate")
         loss = answer_loss(mixture, held, cfg.eval.batch_size, tokenizer.pad_token_id)[0] if held else None
-        save_mixture(mixture, experts, run_dir.round_dir(server_round), cfg.moe.depth, ROUTER_LAYER_SIZE, None,
+        save_mixture(mixture, experts, run_dir.round_dir(server_round), cfg.moe.depth, LAYER_SIZE, None,
                      cfg.model.name, metadata={"round": server_round, "run": run_id})
         info = strategy.rounds.get(server_round, {})
         clients = info.get("clients", {})
         record = {"round": server_round, "heldout_loss": loss, "num_clients": len(clients),
-                  "train_loss": (sum(c["train_loss"] * c["num_examples"] for c in clients.values())
-                                 / sum(c["num_examples"] for c in clients.values())) if clients else None,
+                  "train_loss": info.get("train_loss"),
                   "seconds": round(time.perf_counter() - info["started"], 2) if info else 0.0,
                   "bytes_sent_per_client": (sum(c["bytes_sent"] for c in clients.values()) // len(clients)
                                             if clients else 0),
