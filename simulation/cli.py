@@ -49,7 +49,9 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
              "eval.final": args.final_eval or None, "zk.enabled": args.zk, "zk.secagg": args.secagg or None}
     overrides.update({k: v for k, v in pairs.items() if v is not None})
     if args.moe:
-        overrides["moe.experts"] = ",".join(_expert_pair(text) for text in args.moe)
+        experts = parse_experts(",".join(args.moe), "--moe")  # DIRs made absolute: Flower runs the apps elsewhere
+        overrides["moe.experts"] = ",".join(f"{name}={Path(path).expanduser().resolve()}"
+                                            for name, path in experts.items())
         # router runs average in plain FedAvg (check_combinations says why); an explicit --dp / --zk still errs
         for key, value in (("dp.enabled", False), ("zk.enabled", False), ("eval.every", 0)):
             overrides.setdefault(key, value)
@@ -60,14 +62,6 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         key, value = parse_override(text)
         overrides[key] = value
     return overrides
-
-
-def _expert_pair(text: str) -> str:
-    """``--moe NAME=DIR`` with DIR made absolute (Flower runs the apps elsewhere); errors name the flag."""
-    name, sep, path = text.partition("=")
-    if not sep or not name.strip() or not path.strip() or "," in text:
-        raise ConfigError(f"--moe {text!r}: expected NAME=DIR (no commas)")
-    return f"{name.strip()}={Path(path.strip()).expanduser().resolve()}"
 
 
 def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
