@@ -208,9 +208,10 @@ def fedavg_run(tmp_path_factory: pytest.TempPathFactory, eval_data_dir: Path) ->
 
 @pytest.fixture(scope="session")
 def dp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """3 institutions x 3 rounds with sample-level DP (epsilon 8); institution 2 has its own budget of 6. zk off: DP
-    under zk proofs is ``fedavg_run`` (the defaults), a refusal under zk the secure-aggregation run's dropouts."""
+    """3 institutions x 3 rounds with sample-level DP (epsilon 8); institution 2 has its own budget of 6. The same
+    run carries FedProx as the strategy and FFA-LoRA (only B travels, A is the shared frozen one) under zk: settings
+    that do not interact with the privacy accounting, checked on their own in test_dp.py (one simulation, not two)."""
     out = tmp_path_factory.mktemp("dp-runs")
-    proc = run_cli("simulate", "--clients", "3", "--rounds", "3", "--dp", "--no-zk", "--epsilon", "8",
-                   "--set", 'dp.client-epsilons="8,8,6"', "--out", str(out), "--run-id", "dp")
+    proc = run_cli("simulate", "--clients", "3", "--rounds", "3", "--dp", "--epsilon", "8", "--strategy", "fedprox",
+                   "--ffa", "--zk", "--set", 'dp.client-epsilons="8,8,6"', "--out", str(out), "--run-id", "dp")
     return {"proc": proc, "run_dir": out / "dp"}
