@@ -41,7 +41,7 @@ queueing behind ``fedavg_run``'s file on one worker."""
 SAME_GROUP = {"test_zk_simulation.py": "test_simulation.py"}
 """Files that share a session fixture with another file (``fedavg_run``) run on that file's worker."""
 LONGEST_FIRST = ("test_simulation.py", "test_zk_simulation.py", "test_deployment.py::test_secure_aggregation_over_tls",
-                 "test_dp.py", "test_deployment.py::test_server_killed", "test_deployment.py::test_tls_federation",
+                 "test_dp.py", "test_deployment.py::test_faults_at_the_door",
                  "test_secagg_simulation.py", "test_deployment.py", "test_moe.py",
                  "test_update_validation.py", "test_control_plane.py", "test_reply_attacks.py", "test_smollm2.py")
 """The suite's longest work (measured with ``--durations``), started first: the federations wait on heartbeats

@@ -203,56 +203,6 @@ def _app_hash(log: str, pattern: str) -> str:
     return found[0]
 
 
-def test_tls_federation_refuses_an_unregistered_node_a_wrong_ca_and_runs_only_pinned_apps(federation, tmp_path,
-                                                                                          processes):
-    """At the door: an unregistered key and a wrong CA are refused. Inside: bank-2 pins another app hash than the
-    one the server submits, so it refuses the app before installing it; the server records an error for it and the
-    round aggregates bank-0 and bank-1, whose default pin ('auto': their own finlora's FAB) equals the server's."""
-    server = processes.server('num-rounds = 1\n"strategy.round-timeout" = 300.0\n"strategy.min-available-nodes" = 3\n'
-                              '"strategy.fraction-evaluate" = 0.0\n')
-    clients = [processes.client(f"bank-{i}") for i in range(2)]
-    other_app = hashlib.sha256(b"some other app").hexdigest()
-    processes.client("bank-2", "--app-hash", other_app, "--no-resident")  # pinned to another app
-    intruder = processes.client("intruder", key=federation / "outsider" / "intruder.auth.key")
-    wrong_ca = processes.client("wrong-ca", "--sign-key", str(federation / "nodes" / "bank-1.key"),
-                                key=federation / "nodes" / "bank-1.auth.key", ca=federation / "other-ca" / "ca.crt")
-    # 300 s: five institutions start their trainers (torch imports) at once, beside another worker's test
-    assert processes.wait(intruder, 300) == 3
-    assert processes.wait(wrong_ca, 300) == 3, processes.log("wrong-ca.log")
-    assert processes.wait(server, 400) == 0, processes.tail()
-    # the run went on without the refused ones; the others leave once their last reply is sent
-    for name, client in zip(("bank-0", "bank-1"), clients):
-        assert processes.wait(client, 60) == 0, processes.log(f"{name}.log")[-2000:]
-        assert "finished (round 1 of 1 answered)" in processes.log(f"{name}.log")
-    assert "the SuperLink refused this node" in processes.log("intruder.log")
-    said = [line for line in processes.log("wrong-ca.log").splitlines() if line.startswith("finlora client wrong-ca:")]
-    assert any("TLS" in line and str(federation / "other-ca" / "ca.crt") in line for line in said), said
-    run_dir = tmp_path / "state" / "runs" / "federation"
-    metrics = _metrics(run_dir)
-    assert [m["round"] for m in metrics] == [0, 1] and metrics[1]["num_clients"] == 2
-    assert metrics[1]["heldout_loss"] < metrics[0]["heldout_loss"]
-    _audit_ok(run_dir, federation / "nodes")
-
-    # the server ends like simulate: the summary table, the plot, and who was left out by name
-    server_log = processes.log("server.log")
-    assert "held-out loss" in server_log and "bytes sent/client" in server_log and "loss.png" in server_log
-    assert "round 1: institution bank-2 was left out: " in server_log, server_log[-3000:]
-    assert "finlora server: scored on: held-out loss on 48 rows of sample" in server_log, server_log[-3000:]
-
-    # app pinning: the server's FAB is the honest institutions' 'auto' pin, and not bank-2's
-    submitted = _app_hash(processes.log("server.log"), "finlora server: app hash")
-    for name in ("bank-0", "bank-1"):
-        assert _app_hash(processes.log(f"{name}.log"), "runs only the app with hash") == submitted
-    refusal = f"app hash {submitted} is not the pinned {other_app}"
-    assert f"REFUSED the app the server sent: {refusal}" in processes.log("bank-2.log")
-    refused_node = str(_node_ids(processes.log("server.log"))["bank-2"])
-    assert refused_node not in metrics[1]["clients"], metrics[1]
-    assert refusal in metrics[1]["errors"][refused_node], metrics[1]["errors"]
-    installed = {name: list((tmp_path / "nodes" / name / "flwr-home" / "apps").glob("*"))
-                 for name in ("bank-0", "bank-2")}
-    assert installed["bank-0"] and not installed["bank-2"], installed  # the refused app was never installed
-
-
 def test_secure_aggregation_over_tls_survives_an_institution_killed_after_its_masked_update(federation, tmp_path,
                                                                                            processes):
     """zk.secagg in the TLS deployment: 4 institutions, and bank-3's SuperNode is SIGKILLed right after it sent its
@@ -300,23 +250,39 @@ def test_too_few_institutions_fail_the_run_instead_of_waiting_for_ever(federatio
     assert "finished:failed" in log
 
 
-def test_server_killed_after_round_1_resumes_and_a_supernode_killed_in_round_2_is_left_out(federation, tmp_path,
-                                                                                          processes):
-    """Two crashes in one 3-institution, 2-round federation (one federation instead of two: each costs minutes).
+def test_faults_at_the_door_and_in_the_run_a_killed_server_resumes_a_killed_supernode_is_left_out(federation,
+                                                                                                  tmp_path,
+                                                                                                  processes):
+    """The faults of a 4-institution, 2-round federation, in one run (each federation costs minutes):
 
-    1. The server machine crashes (finlora server, SuperLink, ServerApp: kill -9) once round 1 is saved; the same
+    1. At the door: an unregistered key and a client holding another federation's CA are refused (exit 3).
+    2. App pinning: bank-3 pins another app hash than the one the server submits, so it refuses the app before
+       installing it, in every round; the server records an error for it, the rounds aggregate the others, and
+       the server names it when it ends. The others' default pin ('auto': their own finlora's FAB) is the server's.
+    3. The server machine crashes (finlora server, SuperLink, ServerApp: kill -9) once round 1 is saved; the same
        command restarts it on the same state directory. The institutions' SuperNodes reconnect by themselves, the
        run resumes at round 2 from the saved round-1 adapter, and nothing saved before the crash is rewritten.
-    2. bank-2's SuperNode is SIGKILLed once it has received the resumed run's round-2 message. The SuperLink
-       notices the missing heartbeats (30-60 s) and answers for it with an error reply: round 2 aggregates the
-       other two."""
-    # min-available-nodes = 3: the resumed round samples bank-2 too (it waits for all three to reconnect)
-    config = ('num-rounds = 2\n"strategy.round-timeout" = 240.0\n"train.local-steps" = 4\n"eval.heldout" = false\n'
-              '"eval.every" = 0\n"strategy.fraction-train" = 1.0\n"strategy.fraction-evaluate" = 0.0\n'
-              '"strategy.min-train-nodes" = 2\n"strategy.min-available-nodes" = 3\n')
+    4. bank-2's SuperNode is SIGKILLed once it has received the resumed run's round-2 message. The SuperLink
+       notices the missing heartbeats (30-60 s) and answers for it with an error reply: round 2 aggregates
+       bank-0 and bank-1."""
+    # min-available-nodes = 4: the resumed round samples bank-2 too (it waits for all four to reconnect)
+    config = ('num-rounds = 2\n"strategy.round-timeout" = 240.0\n"train.local-steps" = 4\n"eval.every" = 0\n'
+              '"strategy.fraction-train" = 1.0\n"strategy.fraction-evaluate" = 0.0\n'
+              '"strategy.min-train-nodes" = 2\n"strategy.min-available-nodes" = 4\n')
     server = processes.server(config)
     # a budget above the plan: training done for the lost round 2 was charged to the ledgers before the crash
     clients = [processes.client(f"bank-{i}", "--dp-epsilon", "16", max_wait=300) for i in range(3)]
+    other_app = hashlib.sha256(b"some other app").hexdigest()
+    processes.client("bank-3", "--app-hash", other_app, "--no-resident", max_wait=300)  # pinned to another app
+    intruder = processes.client("intruder", key=federation / "outsider" / "intruder.auth.key")
+    wrong_ca = processes.client("wrong-ca", "--sign-key", str(federation / "nodes" / "bank-1.key"),
+                                key=federation / "nodes" / "bank-1.auth.key", ca=federation / "other-ca" / "ca.crt")
+    assert processes.wait(intruder, 300) == 3
+    assert processes.wait(wrong_ca, 300) == 3, processes.log("wrong-ca.log")
+    assert "the SuperLink refused this node" in processes.log("intruder.log")
+    said = [line for line in processes.log("wrong-ca.log").splitlines() if line.startswith("finlora client wrong-ca:")]
+    assert any("TLS" in line and str(federation / "other-ca" / "ca.crt") in line for line in said), said
+
     run_dir = tmp_path / "state" / "runs" / "federation"
     processes.wait_for(lambda: 1 in _rounds_logged(run_dir), "round 1 saved", 400, server)
     before = {m["round"]: m for m in _metrics(run_dir)}
@@ -355,13 +321,14 @@ def test_server_killed_after_round_1_resumes_and_a_supernode_killed_in_round_2_i
 
     log = processes.log("server-again.log")
     assert "(resuming)" in log and "resuming" in log.split("ready,")[1]
-    assert _node_ids(log) == _node_ids(processes.log("server.log"))  # the same SuperNodes, already registered
+    nodes = _node_ids(log)
+    assert nodes == _node_ids(processes.log("server.log"))  # the same SuperNodes, already registered
     assert log.count("already registered as SuperNode") == 4  # every key in nodes/: bank-0 .. bank-3
     assert "left unfinished by an earlier server process, stopped" in log  # its queued messages were dropped
     after = _metrics(run_dir)
     assert [m["round"] for m in after] == [0, 1, 2]  # each round once
     assert after[0] == before[0] and after[1] == before[1]  # nothing recomputed
-    assert after[1]["num_clients"] == 3
+    assert after[1]["num_clients"] == 3 and after[1]["heldout_loss"] < after[0]["heldout_loss"]
     for path, (content, mtime) in saved.items():
         assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, path
     assert (run_dir / "round-2" / "adapter_model.safetensors").is_file()
@@ -373,8 +340,29 @@ def test_server_killed_after_round_1_resumes_and_a_supernode_killed_in_round_2_i
     assert sent_round2 == {arrays_digest(read_adapter_dir(run_dir / "round-1"))}
 
     # the killed SuperNode: the round aggregated the two others, and names it with its error
-    dead = _node_ids(log)["bank-2"]
+    dead = nodes["bank-2"]
     assert after[2]["num_clients"] == 2 and not after[2]["kept_previous"]
     assert str(dead) not in after[2]["clients"] and str(dead) in after[2]["errors"], after[2]["errors"]
     assert f"node {dead} failed" in log
+
+    # app pinning: each server's FAB is the honest institutions' 'auto' pin, and not bank-3's, which refused it
+    # before installing it, in both rounds
+    submitted = _app_hash(processes.log("server.log"), "finlora server: app hash")
+    assert _app_hash(log, "finlora server: app hash") == submitted
+    for name in ("bank-0", "bank-1"):
+        assert set(re.findall(r"runs only the app with hash ([0-9a-f]{64})",
+                              processes.log(f"{name}.log"))) == {submitted}
+    refusal = f"app hash {submitted} is not the pinned {other_app}"
+    assert f"REFUSED the app the server sent: {refusal}" in processes.log("bank-3.log")
+    refused_node = str(nodes["bank-3"])
+    for k in (1, 2):
+        assert refused_node not in after[k]["clients"] and refusal in after[k]["errors"][refused_node], after[k]
+    installed = {name: list((tmp_path / "nodes" / name / "flwr-home" / "apps").glob("*"))
+                 for name in ("bank-0", "bank-3")}
+    assert installed["bank-0"] and not installed["bank-3"], installed  # the refused app was never installed
+
+    # the server ends like simulate: the summary table, the plot, and who was left out by name
+    assert "held-out loss" in log and "bytes sent/client" in log and "loss.png" in log
+    assert "round 2: institution bank-3 was left out: " in log, log[-3000:]
+    assert "finlora server: scored on: held-out loss on 48 rows of sample" in log, log[-3000:]
     _audit_ok(run_dir, federation / "nodes")
