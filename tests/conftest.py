@@ -33,7 +33,7 @@ TEST_RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 SPREAD_FILES = {"test_deployment.py"}
 """Files whose tests go to any worker one by one: each federation test is long and its module fixture (certificates)
 is cheap, so two of them run at once."""
-OWN_RUN = {"test_fedadam_over_int8_updates_runs_and_its_moments_survive_resume",
+OWN_RUN = {"test_fedadam_over_int8_updates_runs_and_resumes_with_its_moments",
            "test_failed_run_exits_nonzero_and_leaves_nothing_behind",
            "test_a_bad_proof_and_an_unregistered_key_are_rejected_and_the_round_goes_on"}
 """Tests that start a simulation of their own and share no fixture run: spread like SPREAD_FILES' tests instead of

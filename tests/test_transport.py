@@ -1,5 +1,5 @@
 """Wire precision of float updates (transport.dtype) and the update norm bound, both sides of the wire. (int8 updates
-crossing Flower end to end: test_simulation.py::test_fedadam_over_int8_updates_runs_and_its_moments_survive_resume.)"""
+crossing Flower end to end: test_simulation.py::test_fedadam_over_int8_updates_runs_and_resumes_with_its_moments.)"""
 
 from __future__ import annotations
 
