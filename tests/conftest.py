@@ -35,7 +35,7 @@ SPREAD_FILES = {"test_deployment.py"}
 is cheap, so two of them run at once."""
 OWN_RUN = {"test_fedadam_over_int8_updates_runs_and_resumes_with_its_moments",
            "test_failed_run_exits_nonzero_and_leaves_nothing_behind",
-           "test_a_bad_proof_and_an_unregistered_key_are_rejected_and_the_round_goes_on"}
+           "test_a_bad_proof_and_an_unregistered_key_are_rejected_under_fedprox_with_ffa_lora"}
 """Tests that start a simulation of their own and share no fixture run: spread like SPREAD_FILES' tests instead of
 queueing behind ``fedavg_run``'s file on one worker."""
 SAME_GROUP = {"test_zk_simulation.py": "test_simulation.py"}
@@ -61,7 +61,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 class SharedRunScheduling(LoadScopeScheduling):
     """pytest-xdist scheduling: every other file's tests stay on one worker, so a module or session fixture that runs
-    a simulation (``fedavg_run``, ``dp_run``, ``secagg_run``, a served model) runs once. Work units go out in
+    a simulation (``fedavg_run``, ``secagg_run``, a served model) runs once. Work units go out in
     collection order (``LONGEST_FIRST``), not xdist's largest-file-first. (xdist's own ``loadgroup`` marks are lost
     under pytest 9, whose node ids no longer take the group suffix.)"""
 
@@ -198,20 +198,11 @@ def eval_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fedavg_run(tmp_path_factory: pytest.TempPathFactory, eval_data_dir: Path) -> dict:
-    """3 institutions x 2 rounds of FedAvg on the tiny model, through the real CLI, Flower and Ray."""
+    """3 institutions x 2 rounds of FedAvg on the tiny model with the defaults (sample-level DP at epsilon 8, zk),
+    through the real CLI, Flower and Ray. Institution 2 has its own privacy budget of 7: it trains round 1
+    (epsilon 6.5), then refuses round 2 (8 > 7), and the others carry it."""
     out = tmp_path_factory.mktemp("runs")
     before = flower_processes()
     proc = run_cli("simulate", "--clients", "3", "--rounds", "2", "--out", str(out), "--run-id", "fedavg",
-                   "--set", f'eval.data-dir="{eval_data_dir}"')
+                   "--set", f'eval.data-dir="{eval_data_dir}"', "--set", 'dp.client-epsilons="8,8,7"')
     return {"proc": proc, "run_dir": out / "fedavg", "leftover": flower_processes() - before}
-
-
-@pytest.fixture(scope="session")
-def dp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """3 institutions x 3 rounds with sample-level DP (epsilon 8); institution 2 has its own budget of 6. The same
-    run carries FedProx as the strategy and FFA-LoRA (only B travels, A is the shared frozen one) under zk: settings
-    that do not interact with the privacy accounting, checked on their own in test_dp.py (one simulation, not two)."""
-    out = tmp_path_factory.mktemp("dp-runs")
-    proc = run_cli("simulate", "--clients", "3", "--rounds", "3", "--dp", "--epsilon", "8", "--strategy", "fedprox",
-                   "--ffa", "--zk", "--set", 'dp.client-epsilons="8,8,6"', "--out", str(out), "--run-id", "dp")
-    return {"proc": proc, "run_dir": out / "dp"}

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import torch
+from opacus.accountants import RDPAccountant
 
 from finlora.client.train import round_learning_rate
 from finlora.common.adapter import arrays_digest, read_adapter_dir
@@ -34,9 +35,9 @@ def test_three_institutions_two_rounds_lower_heldout_loss(fedavg_run):
     assert sorted(metrics) == [0, 1, 2]
     assert metrics[2]["heldout_loss"] < metrics[0]["heldout_loss"]
     assert metrics[0]["train_loss"] is None and metrics[1]["train_loss"] is not None
-    for k in (1, 2):
-        assert metrics[k]["num_clients"] == 3 and metrics[k]["bytes_sent_per_client"] > 0
-        assert {c["partition_id"] for c in metrics[k]["clients"].values()} == {0, 1, 2}
+    for k, partitions in ((1, {0, 1, 2}), (2, {0, 1})):  # institution 2's budget lasts one round
+        assert metrics[k]["num_clients"] == len(partitions) and metrics[k]["bytes_sent_per_client"] > 0
+        assert {c["partition_id"] for c in metrics[k]["clients"].values()} == partitions
         assert (fedavg_run["run_dir"] / f"round-{k}" / "adapter_config.json").is_file()
     assert "held-out loss" in fedavg_run["proc"].stdout  # the final summary table
     assert "base model really loaded as: unquantized float" in fedavg_run["proc"].stdout  # auto on a CPU
@@ -102,6 +103,33 @@ def test_server_evaluates_the_global_adapter_every_round(fedavg_run):
         saved = json.loads((fedavg_run["run_dir"] / "eval" / f"round-{k}" / "results.json").read_text())
         assert saved["fpb"]["accuracy"] == results["fpb"]["accuracy"]
     assert "benchmark evaluation of the global adapter after round 2" in fedavg_run["proc"].stdout
+
+
+def test_dp_simulation_accounts_refuses_and_still_learns(fedavg_run):
+    """Sample-level DP in the defaults' run: each round's epsilon is what Opacus's accountant gives for the recorded
+    steps, noise and sampling rate, never above the budget; institution 2 (its own budget of 7) trains round 1 and
+    then refuses, and the others carry round 2."""
+    _ok(fedavg_run)
+    proc = fedavg_run["proc"]
+    records = _metrics(fedavg_run["run_dir"])
+    assert records[2]["heldout_loss"] < records[0]["heldout_loss"]
+    by_partition: dict[int, list[tuple[int, dict]]] = {}
+    for k in (1, 2):
+        for p in records[k]["privacy"].values():
+            assert {"epsilon", "delta", "sigma", "sample_rate", "steps"} <= set(p)
+            by_partition.setdefault(p["partition_id"], []).append((k, p))
+    for pid in (0, 1):
+        eps = [p["epsilon"] for _, p in by_partition[pid]]
+        assert len(eps) == 2 and eps[0] < eps[1] <= 8.0
+        for _, p in by_partition[pid]:
+            acc = RDPAccountant()
+            for _ in range(p["steps"]):
+                acc.step(noise_multiplier=p["sigma"], sample_rate=p["sample_rate"])
+            assert abs(acc.get_epsilon(delta=p["delta"]) - p["epsilon"]) < 1e-6
+    assert [k for k, _ in by_partition[2]] == [1]
+    assert len(records[2]["refused"]) == 1
+    assert "PrivacyBudgetExhausted" in next(iter(records[2]["errors"].values()))
+    assert "epsilon spent" in proc.stdout and (fedavg_run["run_dir"] / "privacy.png").stat().st_size > 1000
 
 
 def test_fedadam_over_int8_updates_runs_and_resumes_with_its_moments(tmp_path, eval_data_dir):
