@@ -1,5 +1,6 @@
 """The federation's port passes the Fleet protocol only: an outsider holding the public ``ca.crt`` cannot register a
-SuperNode key, list or stop runs, or reach any other API of the SuperLink, which listens on 127.0.0.1 only.
+SuperNode key, list or stop runs, or reach any other API of the SuperLink, which listens on 127.0.0.1 only; and a
+run whose institutions do not all come fails after the round timeout instead of waiting for ever.
 
 Real ``finlora server`` (SuperLink with TLS + node auth, Fleet gateway on 0.0.0.0), attacked with Flower's own CLI
 and raw HTTPS; the operator's loopback connection then shows that nothing changed."""
@@ -34,9 +35,16 @@ def _flwr(flwr_home: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=120, check=False)
 
 
-def test_the_public_port_passes_only_the_fleet_api(federation, tmp_path, processes: Processes):
-    # the server waits for its institutions (none come): the control plane is attacked meanwhile
-    processes.server(f'num-rounds = 1\n"strategy.round-timeout" = 600.0\n{FAST_RUN}', host="0.0.0.0")
+def test_the_public_port_passes_only_the_fleet_api_and_too_few_institutions_fail_the_run(federation, tmp_path,
+                                                                                        processes: Processes):
+    """The control plane is attacked while the server waits for its institutions; only bank-0 of the two it needs
+    comes. Then the run ends as an under-attended one must: Flower's node sampling waits for
+    ``strategy.min-available-nodes`` without a deadline; finlora bounds the wait by ``strategy.round-timeout`` and
+    fails the run naming the setting. (One server for both: each start costs a SuperLink, a gateway and a
+    ServerApp.)"""
+    # 30 s: the attacks below take about 10 s (and the ServerApp only starts waiting some seconds after "ready")
+    server = processes.server(f'num-rounds = 1\n"strategy.round-timeout" = 30.0\n{FAST_RUN}', host="0.0.0.0")
+    processes.client("bank-0")  # 1 of the 2 institutions needed
     ca, port = federation / "certs" / "ca.crt", processes.port
     outsider_home = tmp_path / "outsider-flwr"
     outsider_home.mkdir()
@@ -85,3 +93,9 @@ def test_the_public_port_passes_only_the_fleet_api(federation, tmp_path, process
     assert listening and all(addr.ip == "127.0.0.1" and addr.port != port for addr in listening), listening
     public = [c.laddr for c in gateway[0].net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert [(a.ip, a.port) for a in public] == [("0.0.0.0", port)], public
+
+    # the run: one institution of the two needed, so it fails once the round timeout has passed
+    assert processes.wait(server, 200) == 1
+    log = processes.log("server.log")
+    assert "only 1 of the 2 institutions needed (strategy.min-available-nodes" in log, log[-3000:]
+    assert "finished:failed" in log
