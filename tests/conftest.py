@@ -40,14 +40,15 @@ OWN_RUN = {"test_fedadam_over_int8_updates_runs_and_resumes_with_its_moments",
 queueing behind ``fedavg_run``'s file on one worker."""
 SAME_GROUP = {"test_zk_simulation.py": "test_simulation.py"}
 """Files that share a session fixture with another file (``fedavg_run``) run on that file's worker."""
-LONGEST_FIRST = ("test_simulation.py", "test_zk_simulation.py", "test_deployment.py::test_secure_aggregation_over_tls",
-                 "test_dp.py", "test_deployment.py::test_faults_at_the_door",
-                 "test_secagg_simulation.py", "test_deployment.py", "test_moe.py",
-                 "test_update_validation.py", "test_control_plane.py", "test_reply_attacks.py", "test_smollm2.py")
-"""The suite's longest work (measured with ``--durations``), started first: the federations wait on heartbeats
-and timeouts much of the time, and that waiting overlaps the other worker's CPU-bound tests only when it does not
-come last. (xdist's own order puts the largest files first, which left the one-test federation scopes for the
-end, one core idle.)"""
+LONGEST_FIRST = ("test_deployment.py::test_secure_aggregation_over_tls", "test_simulation.py",
+                 "test_zk_simulation.py", "test_secagg_simulation.py",
+                 "test_deployment.py::test_faults_at_the_door", "test_dp.py", "test_moe.py",
+                 "test_update_validation.py", "test_control_plane.py", "test_deployment.py", "test_reply_attacks.py",
+                 "test_smollm2.py")
+"""The suite's longest work (measured with ``--durations``), started first, the two TLS federations apart: each
+waits on SuperNode heartbeats (30-60 s) and timeouts part of the time, and that waiting costs nothing only while the
+other worker computes. (xdist's own order puts the largest files first, which left the one-test federation scopes
+for the end with one core idle; two federations side by side left both cores idle while both waited.)"""
 
 
 def _priority(nodeid: str) -> int:
