@@ -10,8 +10,9 @@ Layout (the command-line contract)::
     <out>/<run-id>/metrics.jsonl      one JSON object per completed round (round 0 = before training)
     <out>/<run-id>/wire.jsonl         what crossed Flower, per message: keys, shapes, bytes
 
-Every file is replaced atomically, and a round's adapter is written before its metrics line, so a round
-listed in ``metrics.jsonl`` always has its adapter on disk: that is what ``--resume`` trusts.
+Every file is replaced atomically, and a round's metrics line is written last, after its adapter and after its
+zk ledger and wire lines: a round listed in ``metrics.jsonl`` has everything on disk (that is what ``--resume``
+trusts), and the lines of a round a crash cut short are dropped when the run resumes.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ class RunDirectory:
             atomic_write_jsonl(self.ledger_path, kept_ledger)
         return last
 
-    def save_round(self, server_round: int, arrays: Arrays, peft_config: Any, record: dict[str, Any],
+    def save_round(self, server_round: int, arrays: Arrays, peft_config: Any,
                    optimizer_state: Arrays | None = None) -> None:
-        """Adapter (and server optimizer state) first, then the metrics line (see the module docstring for why)."""
+        """A round's adapter (and server optimizer state); its metrics line comes last (see the module docstring)."""
         save_adapter_dir(arrays, peft_config, self.round_dir(server_round),
                          metadata={"finlora_round": str(server_round)})
         if optimizer_state:
@@ -97,7 +98,6 @@ class RunDirectory:
 
             atomic_write_bytes(self.round_dir(server_round) / OPTIMIZER_FILE,
                                save({k: np.ascontiguousarray(v) for k, v in optimizer_state.items()}))
-        self.append_metrics(record)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """One round's metrics line (replacing a line of the same round), written atomically."""

@@ -1,10 +1,11 @@
 """The last step of a server round: write down what it produced.
 
 Given the global adapter after a round and that round's immutable :class:`server.strategy.RoundOutcome`, the
-recorder measures the held-out loss, runs the benchmark evaluation when one is due, saves the adapter and the
-``metrics.jsonl`` line (adapter first: a round appears in ``metrics.jsonl`` only once its adapter is on disk),
-then the zk ledger line (it holds the adapter file's hash) and the wire log. It reads nothing back from the
-strategy and changes nothing in it.
+recorder measures the held-out loss, runs the benchmark evaluation when one is due, saves the adapter, the zk
+ledger line (it holds the adapter file's hash), the wire log, and last the ``metrics.jsonl`` line: a round appears
+in ``metrics.jsonl``, which ``--resume`` trusts, only once all of its files are on disk, so a server killed between
+two of these writes loses no ledger entry of a round it counts as done. It reads nothing back from the strategy and
+changes nothing in it.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class RoundRecorder:
         evaluations = run_benchmark_evals(self.cfg, server_round, adapter, self.run_dir.path)
         if evaluations:
             summary["eval"] = evaluations
-        self.run_dir.save_round(server_round, adapter, self.peft_config, summary, optimizer_state=optimizer_state)
+        self.run_dir.save_round(server_round, adapter, self.peft_config, optimizer_state=optimizer_state)
         if self.ledger is not None:
             if server_round == 0:
                 self.ledger.write_header()
@@ -102,6 +103,7 @@ class RoundRecorder:
                 self.ledger.record(server_round, outcome.zk)
         if outcome is not None:
             self.run_dir.append_wire(list(outcome.wire))
+        self.run_dir.append_metrics(summary)  # last: the round counts as done from here on
         log(INFO, "round %d saved to %s (held-out loss %s)", server_round, self.run_dir.round_dir(server_round),
             f"{heldout:.4f}" if heldout is not None else "n/a")
         return heldout
