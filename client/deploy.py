@@ -18,6 +18,10 @@ The institution's own privacy policy travels in the node config (``dp-required``
 Unless ``--no-resident``, a resident trainer (``client/resident/``) is started first and named in the node config
 (``trainer-socket``): it keeps the base model and the tokenized data loaded across messages, which Flower's
 one-process-per-message ClientApp cannot. It is restarted if it dies while the SuperNode runs, and stopped with it.
+
+If the SuperNode dies (killed, crashed), ``finlora client`` deactivates it at the SuperLink in its place
+(``client/node_down.py``), as a SuperNode that stops normally does itself, so that the server's round does not wait
+a minute of missed heartbeats for a reply that cannot come; then it exits with the SuperNode's code.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finlora.client.node_down import deactivate_node, node_id_in
 from finlora.client.node_settings import PROGRESS_KEY
 from finlora.client.progress import read_progress
 from finlora.client.resident import ResidentTrainer, TrainerStartError
@@ -177,6 +182,7 @@ def run_client(opts: ClientOptions) -> int:
     node_config[PROGRESS_KEY] = str(progress_path)
     sent_at: list[float] = []
     lost_at: list[float] = []
+    node_ids: list[int] = []
     finished = ""
     try:
         if opts.resident:
@@ -212,6 +218,8 @@ def run_client(opts: ClientOptions) -> int:
                     sent_at.append(time.time())
                 if LOST_MARK in line:
                     lost_at.append(time.time())
+                if (node_id := node_id_in(line)) is not None:
+                    node_ids.append(node_id)
 
         reader = threading.Thread(target=relay, daemon=True)
         reader.start()
@@ -256,7 +264,22 @@ def run_client(opts: ClientOptions) -> int:
         return 0
     if code not in (0, 130):
         print(f"finlora client {opts.name}: flower-supernode exited with code {code}", file=sys.stderr, flush=True)
+        if node_ids and not opts.insecure:
+            _say_goodbye_for(opts, node_ids[-1])
     return code
+
+
+def _say_goodbye_for(opts: ClientOptions, node_id: int) -> None:
+    """Deactivate the dead SuperNode at the SuperLink (``client/node_down.py``), so that the server's round stops
+    waiting for it now rather than after a minute of missed heartbeats."""
+    try:
+        deactivate_node(opts.superlink, opts.ca, opts.key, node_id)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the heartbeats to tell the SuperLink
+        print(f"finlora client {opts.name}: could not tell the SuperLink that SuperNode {node_id} is gone ({exc}); "
+              f"it will notice the missed heartbeats", file=sys.stderr, flush=True)
+    else:
+        print(f"finlora client {opts.name}: told the SuperLink that SuperNode {node_id} is gone (deactivated)",
+              file=sys.stderr, flush=True)
 
 
 def _finished(progress: dict | None, sent_at: list[float], lost_at: list[float], exit_after_idle: float | None) -> str:

@@ -46,8 +46,8 @@ LONGEST_FIRST = ("test_deployment.py::test_secure_aggregation_over_tls", "test_s
                  "test_update_validation.py", "test_control_plane.py", "test_deployment.py", "test_reply_attacks.py",
                  "test_smollm2.py")
 """The suite's longest work (measured with ``--durations``), started first, the two TLS federations apart: each
-waits on SuperNode heartbeats (30-60 s) and timeouts part of the time, and that waiting costs nothing only while the
-other worker computes. (xdist's own order puts the largest files first, which left the one-test federation scopes
+waits on SuperNode start-ups, round timeouts and restarts part of the time, and that waiting costs nothing only while
+the other worker computes. (xdist's own order puts the largest files first, which left the one-test federation scopes
 for the end with one core idle; two federations side by side left both cores idle while both waited.)"""
 
 

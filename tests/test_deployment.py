@@ -206,7 +206,8 @@ def _app_hash(log: str, pattern: str) -> str:
 def test_secure_aggregation_over_tls_survives_an_institution_killed_after_its_masked_update(federation, tmp_path,
                                                                                            processes):
     """zk.secagg in the TLS deployment: 4 institutions, and bank-3's SuperNode is SIGKILLed right after it sent its
-    masked update (its second query.secagg reply). The server gets its self-mask from the others' shares, the round
+    masked update (its second query.secagg reply), and its finlora client deactivates it at the SuperLink in its
+    place. The server gets its self-mask from the others' shares, the round
     aggregates all four committed updates (bank-3's included: it is in the sum), and the audit checks the sum
     against the four weighted commitments. No message to the server carried an update."""
     server = processes.server('num-rounds = 1\n"strategy.round-timeout" = 240.0\n"train.local-steps" = 4\n'
@@ -232,6 +233,7 @@ def test_secure_aggregation_over_tls_survives_an_institution_killed_after_its_ma
     assert ledger[0]["secagg"] is True and "kept_previous" not in ledger[1], ledger[1]
     assert sorted(c["node_id"] for c in ledger[1]["clients"]) == ["bank-0", "bank-1", "bank-2", "bank-3"]
     dead = str(_node_ids(processes.log("server.log"))["bank-3"])
+    assert f"told the SuperLink that SuperNode {dead} is gone" in processes.log("bank-3.log")
     assert "secagg" in _metrics(run_dir)[1]["errors"][dead], _metrics(run_dir)[1]["errors"]
     for entry in read_jsonl_records(run_dir / "wire.jsonl"):
         if entry["direction"] == "client->server":
@@ -251,9 +253,9 @@ def test_faults_at_the_door_and_in_the_run_a_killed_server_resumes_a_killed_supe
     3. The server machine crashes (finlora server, SuperLink, ServerApp: kill -9) once round 1 is saved; the same
        command restarts it on the same state directory. The institutions' SuperNodes reconnect by themselves, the
        run resumes at round 2 from the saved round-1 adapter, and nothing saved before the crash is rewritten.
-    4. bank-2's SuperNode is SIGKILLed once it has received the resumed run's round-2 message. The SuperLink
-       notices the missing heartbeats (30-60 s) and answers for it with an error reply: round 2 aggregates
-       bank-0 and bank-1."""
+    4. bank-2's SuperNode is SIGKILLed once it has received the resumed run's round-2 message. Its finlora client
+       deactivates it at the SuperLink in its place (no minute of missed heartbeats), the SuperLink answers for it
+       with an error reply, and round 2 aggregates bank-0 and bank-1."""
     # min-available-nodes = 4: the resumed round samples bank-2 too (it waits for all four to reconnect)
     config = ('num-rounds = 2\n"strategy.round-timeout" = 240.0\n"train.local-steps" = 4\n"eval.every" = 0\n'
               '"strategy.fraction-train" = 1.0\n"strategy.fraction-evaluate" = 0.0\n'
@@ -292,7 +294,8 @@ def test_faults_at_the_door_and_in_the_run_a_killed_server_resumes_a_killed_supe
 
     def bank_2_has_the_resumed_round() -> bool:
         run = re.findall(r"Successfully started run (\d+)", processes.log("server-again.log"))
-        return bool(run) and "Receiving: train message" in processes.log("bank-2.log").split(f"[RUN {run[0]}]", 1)[-1]
+        said = processes.log("bank-2.log").split(f"[RUN {run[0]}]", 1) if run else []
+        return len(said) == 2 and "Receiving: train message" in said[1]  # not the crashed run's message
 
     processes.wait_for(bank_2_has_the_resumed_round, "bank-2 received round 2", 400, again)
     supernodes = [p for p in psutil.Process(clients[2].pid).children(recursive=True)
@@ -333,6 +336,8 @@ def test_faults_at_the_door_and_in_the_run_a_killed_server_resumes_a_killed_supe
     assert after[2]["num_clients"] == 2 and not after[2]["kept_previous"]
     assert str(dead) not in after[2]["clients"] and str(dead) in after[2]["errors"], after[2]["errors"]
     assert f"node {dead} failed" in log
+    assert f"told the SuperLink that SuperNode {dead} is gone" in processes.log("bank-2.log")
+    assert f"Deactivated node_id={dead}" in (tmp_path / "state" / "superlink.log").read_text()  # the SuperLink's own
 
     # app pinning: each server's FAB is the honest institutions' 'auto' pin, and not bank-3's, which refused it
     # before installing it, in both rounds
