@@ -16,9 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
+from finlora.client.node_down import deactivate_node
 from finlora.common.adapter import arrays_digest, read_adapter_dir
 from finlora.common.flower_processes import free_port
 from finlora.common.io import read_jsonl_records
@@ -255,7 +257,8 @@ def test_faults_at_the_door_and_in_the_run_a_killed_server_resumes_a_killed_supe
        run resumes at round 2 from the saved round-1 adapter, and nothing saved before the crash is rewritten.
     4. bank-2's SuperNode is SIGKILLed once it has received the resumed run's round-2 message. Its finlora client
        deactivates it at the SuperLink in its place (no minute of missed heartbeats), the SuperLink answers for it
-       with an error reply, and round 2 aggregates bank-0 and bank-1."""
+       with an error reply, and round 2 aggregates bank-0 and bank-1. Another institution's key cannot deactivate
+       a node (bank-1 tries it on bank-0 after round 1)."""
     # min-available-nodes = 4: the resumed round samples bank-2 too (it waits for all four to reconnect)
     config = ('num-rounds = 2\n"strategy.round-timeout" = 240.0\n"train.local-steps" = 4\n"eval.every" = 0\n'
               '"strategy.fraction-train" = 1.0\n"strategy.fraction-evaluate" = 0.0\n'
@@ -276,6 +279,10 @@ def test_faults_at_the_door_and_in_the_run_a_killed_server_resumes_a_killed_supe
 
     run_dir = tmp_path / "state" / "runs" / "federation"
     processes.wait_for(lambda: 1 in _rounds_logged(run_dir), "round 1 saved", 400, server)
+    # only a node itself can say it is gone: bank-1's key cannot deactivate bank-0 (bank-0 stays in round 2)
+    with pytest.raises(httpx.HTTPStatusError, match="401"):
+        deactivate_node(f"127.0.0.1:{processes.port}", federation / "certs" / "ca.crt",
+                        federation / "nodes" / "bank-1.auth.key", _node_ids(processes.log("server.log"))["bank-0"])
     before = {m["round"]: m for m in _metrics(run_dir)}
     saved = {p: (p.read_bytes(), p.stat().st_mtime_ns) for k in (0, 1) for p in (run_dir / f"round-{k}").iterdir()}
     wire_before = read_jsonl_records(run_dir / "wire.jsonl")
@@ -337,7 +344,9 @@ def test_faults_at_the_door_and_in_the_run_a_killed_server_resumes_a_killed_supe
     assert str(dead) not in after[2]["clients"] and str(dead) in after[2]["errors"], after[2]["errors"]
     assert f"node {dead} failed" in log
     assert f"told the SuperLink that SuperNode {dead} is gone" in processes.log("bank-2.log")
-    assert f"Deactivated node_id={dead}" in (tmp_path / "state" / "superlink.log").read_text()  # the SuperLink's own
+    superlink_log = (tmp_path / "state" / "superlink.log").read_text()  # both SuperLinks', appended
+    assert f"Deactivated node_id={dead}" in superlink_log
+    assert f"Deactivated node_id={nodes['bank-0']}" not in superlink_log  # bank-1's attempt was refused
 
     # app pinning: each server's FAB is the honest institutions' 'auto' pin, and not bank-3's, which refused it
     # before installing it, in both rounds
