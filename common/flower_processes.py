@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -242,31 +241,6 @@ def stop_process_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait(timeout=grace_s)
-
-
-def list_runs(env: Mapping[str, str], workdir: Path, connection: str) -> list[dict[str, Any]]:
-    """The SuperLink's runs (``flwr ls --format json``: ``run-id``, ``status``, ``created-at``, ...).
-
-    Raises :class:`FlowerProcessError` when the answer is not Flower's JSON.
-    """
-    out = subprocess.run([flower_bin("flwr"), "ls", connection, "--format", "json"], cwd=workdir, env=dict(env),
-                         capture_output=True, text=True, check=False)
-    try:
-        return list(json.loads(out.stdout).get("runs", []))
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise FlowerProcessError(f"flwr ls said: {out.stdout.strip()[:200]} {out.stderr.strip()[:200]}") from exc
-
-
-def last_run_status(env: Mapping[str, str], workdir: Path, connection: str) -> tuple[str, str]:
-    """(run id, status) of the newest run on the SuperLink, via ``flwr ls --format json``."""
-    try:
-        runs = list_runs(env, workdir, connection)
-    except FlowerProcessError as exc:
-        return "", f"unknown ({exc})"
-    if not runs:
-        return "", "unknown (no run listed)"
-    newest = max(runs, key=lambda r: str(r.get("created-at", "")))
-    return str(newest.get("run-id", "")), str(newest.get("status", "unknown"))
 
 
 def stop_leftover_process(pid_file: Path, must_contain: tuple[str, ...], grace_s: float = 10.0) -> bool:

@@ -6,11 +6,12 @@ installation off) **on 127.0.0.1 only**, on an internal port, and in front of it
 API, so the SuperLink's unauthenticated Control API (register nodes, list / stop / start runs) stays with the
 operator's ``flwr`` CLI on loopback (``STATE/flwr-home``). The SuperLink's loopback TLS uses a CA made for it under
 ``STATE/loopback-tls``; the gateway presents the federation's ``server.pem``. Then it registers the institutions'
-SuperNode public keys, prints the hash of the app bundle (FAB) it submits (institutions pin it with
-``finlora client --app-hash``), submits the finlora app with the run config, streams Flower's log, and stops the
-gateway and the SuperLink at the end. Everything lives under the state directory;
-restarted with the same state directory, the run resumes from its last completed round. Exit code 0 only
-when Flower reports the run completed (``flwr run`` itself exits 0 on a failed run).
+SuperNode public keys (over that loopback Control API, from this process: ``common/flower_control.py``), prints
+the hash of the app bundle (FAB) it submits (institutions pin it with ``finlora client --app-hash``), submits
+the finlora app with the run config, streams Flower's log, and stops the gateway and the SuperLink at the end.
+Everything lives under the state directory; restarted with the same state directory, the run resumes from its
+last completed round. Exit code 0 only when Flower reports the run completed (``flwr run`` itself exits 0 on a
+failed run).
 
 Restarting after a crash (``kill -9``, a lost machine) is safe: a SuperLink left running on the state directory
 is stopped first, keys already registered in the persisted SuperLink database are recognised (Flower answers
@@ -36,9 +37,10 @@ from typing import Any
 from finlora.common.certs import init_ca_and_server
 from finlora.common.config import ConfigError, PROJECT_ROOT, flatten_table, load_config
 from finlora.common.data import default_data_dir
-from finlora.common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, last_run_status,
-                                             list_runs, stage_app, stop_leftover_process, stop_process_tree, toml_value,
-                                             wait_gateway_ready, wait_superlink_healthy)
+from finlora.common.flower_control import ControlError, SuperLinkControl, last_run_status
+from finlora.common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, stage_app,
+                                             stop_leftover_process, stop_process_tree, toml_value, wait_gateway_ready,
+                                             wait_superlink_healthy)
 from finlora.common.io import atomic_write_text, read_jsonl_records
 from finlora.common.preflight import check_data, check_port_free
 from finlora.common.report import print_run_report
@@ -201,6 +203,7 @@ def run_server(opts: ServerOptions) -> int:
     atomic_write_text(pid_file, f"{superlink.pid}\n")
     gateway: subprocess.Popen | None = None
     staged: Path | None = None
+    control: SuperLinkControl | None = None
     try:
         with open(gateway_log, "ab") as gateway_out:  # crash tracebacks land beside its log lines
             gateway = subprocess.Popen(gateway_cmd, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
@@ -208,13 +211,15 @@ def run_server(opts: ServerOptions) -> int:
         atomic_write_text(gateway_pid_file, f"{gateway.pid}\n")
         wait_superlink_healthy(internal_port, superlink, state / "superlink.log", ca_cert=loopback_ca)
         wait_gateway_ready(opts.host, opts.port, gateway, gateway_log, ca_cert=fed_ca)
-        registered = 0 if opts.insecure else len(_register_nodes(opts.nodes, env, state))
+        control = SuperLinkControl(f"127.0.0.1:{internal_port}", loopback_ca)
+        registered = 0 if opts.insecure else len(_register_nodes(opts.nodes, control, state))
         if not opts.insecure and cfg.zk.enabled and not overrides.get("zk.registry"):
             overrides["zk.registry"] = str(state / REGISTRY_FILE)  # institution -> SuperNode id, fixed before the run
         if not opts.insecure and registered < cfg.strategy.min_available_nodes:
             raise ConfigError(f"strategy.min-available-nodes is {cfg.strategy.min_available_nodes} but only "
                               f"{registered} institution keys are in {opts.nodes}: the run could never start")
-        _stop_unfinished_runs(env, state)
+        _stop_unfinished_runs(control)
+        control.close()
         app_dir = (opts.app or PROJECT_ROOT).resolve()
         staged = stage_app(app_dir, Path(tempfile.mkdtemp(prefix="finlora-app-")))  # 'flwr run' walks all it gets
         fab_hash = app_fab_hash(staged)  # what 'flwr run' below submits (Flower's FAB builds are deterministic)
@@ -225,8 +230,10 @@ def run_server(opts: ServerOptions) -> int:
         overrides_text = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
         proc = subprocess.run([flower_bin("flwr"), "run", str(staged), CONNECTION,
                                "--stream", "--run-config", overrides_text], cwd=state, env=env, check=False)
-        run_id, status = last_run_status(env, state, CONNECTION)
+        run_id, status = last_run_status(f"127.0.0.1:{internal_port}", loopback_ca)
     finally:
+        if control is not None:
+            control.close()
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
         if gateway is not None:
@@ -282,7 +289,7 @@ def _loopback_certificates(directory: Path) -> Any:
     return type(files)(*(p.resolve() for p in (files.ca_cert, files.ca_key, files.server_cert, files.server_key)))
 
 
-def _register_nodes(nodes: Path | None, env: dict[str, str], state: Path) -> dict[str, int | None]:
+def _register_nodes(nodes: Path | None, control: SuperLinkControl, state: Path) -> dict[str, int | None]:
     """Register every ``<name>.auth.pub`` (OpenSSH) in ``nodes`` with the running SuperLink; idempotent.
 
     The SuperLink database persists across restarts, so a key may be registered already: Flower then answers
@@ -300,46 +307,42 @@ def _register_nodes(nodes: Path | None, env: dict[str, str], state: Path) -> dic
     for key in keys:
         name = key.name.removesuffix(".auth.pub")
         digest = hashlib.sha256(key.read_bytes().strip()).hexdigest()
-        out = _flwr(env, state, "supernode", "register", str(key.resolve()), CONNECTION)
-        said = f"{out.stdout} {out.stderr}"
-        if out.returncode == 0 and (match := re.search(r"SuperNode (\d+) registered", said)):
-            node_id: int | None = int(match.group(1))
-            how = "registered"
-        elif ALREADY_REGISTERED in said:
+        node_id: int | None
+        try:
+            node_id, how = control.register_node(key.resolve()), "registered"
+        except ControlError as exc:
+            if ALREADY_REGISTERED not in str(exc):
+                raise ConfigError(f"registering {key} failed: {_gist(str(exc))}") from exc
             known = next((v for v in previous.values() if v.get("key_sha256") == digest), None)
             node_id, how = (known or {}).get("node_id"), "already registered"
-        else:
-            raise ConfigError(f"registering {key} failed: {_gist(said)}")
         current[name] = {"node_id": node_id, "key_sha256": digest}
         shown = node_id if node_id is not None else "(id not recorded)"
         print(f"finlora server: institution {name} {how} as SuperNode {shown}", flush=True)
     kept_ids = {v["node_id"] for v in current.values()}
     for name, old in previous.items():
         if old.get("node_id") is not None and old["node_id"] not in kept_ids:
-            out = _flwr(env, state, "supernode", "unregister", str(old["node_id"]), CONNECTION)
-            if out.returncode != 0:
+            try:
+                control.unregister_node(int(old["node_id"]))
+            except ControlError as exc:
                 raise ConfigError(f"unregistering SuperNode {old['node_id']} (institution {name}, whose key is no "
-                                  f"longer in {nodes}) failed: {_gist(out.stdout + ' ' + out.stderr)}")
+                                  f"longer in {nodes}) failed: {_gist(str(exc))}") from exc
             print(f"finlora server: institution {name}: its old key is no longer in {nodes}; SuperNode "
                   f"{old['node_id']} unregistered", flush=True)
     atomic_write_text(registry_path, json.dumps(current, indent=2, sort_keys=True) + "\n")
     return {name: v["node_id"] for name, v in current.items()}
 
 
-def _stop_unfinished_runs(env: dict[str, str], state: Path) -> None:
+def _stop_unfinished_runs(control: SuperLinkControl) -> None:
     """Stop runs a crashed server left unfinished in the persisted database (Flower then drops their messages)."""
-    for run in list_runs(env, state, CONNECTION):
-        status = str(run.get("status", ""))
-        if status and not status.startswith("finished"):
-            out = _flwr(env, state, "stop", str(run.get("run-id")), CONNECTION)
-            outcome = "stopped" if out.returncode == 0 else f"could not be stopped ({_gist(out.stdout + out.stderr)})"
-            print(f"finlora server: Flower run {run.get('run-id')} ({status}), left unfinished by an earlier server "
+    for run in control.list_runs():
+        if run.status and not run.status.startswith("finished"):
+            try:
+                control.stop_run(int(run.run_id))
+                outcome = "stopped"
+            except ControlError as exc:
+                outcome = f"could not be stopped ({_gist(str(exc))})"
+            print(f"finlora server: Flower run {run.run_id} ({run.status}), left unfinished by an earlier server "
                   f"process, {outcome}", flush=True)
-
-
-def _flwr(env: dict[str, str], state: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([flower_bin("flwr"), *args], cwd=state, env=env, capture_output=True, text=True,
-                          check=False)
 
 
 def _gist(text: str, limit: int = 400) -> str:

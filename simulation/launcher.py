@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from finlora.common.config import PROJECT_ROOT
-from finlora.common.flower_processes import (flower_bin, flower_env, free_port, last_run_status, stage_app,
-                                             stop_process_tree, toml_value, wait_superlink_healthy)
+from finlora.common.flower_control import last_run_status
+from finlora.common.flower_processes import (flower_bin, flower_env, free_port, stage_app, stop_process_tree,
+                                             toml_value, wait_superlink_healthy)
 
 CONNECTION = "finlora-sim"
 
@@ -76,7 +77,7 @@ def run_simulation(num_supernodes: int, run_config: Mapping[str, Any], app_dir: 
             cmd += ["--run-config", overrides]
         proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=log_to, stderr=subprocess.STDOUT if log_to else None,
                               check=False)
-        run_id, status = last_run_status(env, workdir, CONNECTION)
+        run_id, status = last_run_status(f"127.0.0.1:{http_port}", None)
         return SimulationResult(run_id=run_id, status=status, returncode=proc.returncode, workdir=workdir)
     finally:
         stop_process_tree(superlink)
