@@ -7,8 +7,9 @@ What ``flwr run`` alone gets wrong for us (see shared/notes/flower-1.42.md), and
   on free loopback ports, in its own process group, and stop it and every descendant (Ray included) at
   the end, whatever happened;
 * the SuperLink would ``uv sync`` the project's dependencies for every run: switched off;
-* ``flwr run --stream`` exits 0 when the ServerApp failed: we ask ``flwr ls --format json`` for the run's
-  status and report failure with a non-zero exit;
+* ``flwr run --stream`` exits 0 when the ServerApp failed: we ask the SuperLink's Control API for the run's
+  status (what ``flwr ls`` shows, without its process: ``common/flower_control.py``) and report failure with a
+  non-zero exit;
 * ``FLWR_HOME`` is private to the run (telemetry and update checks off), so nothing is read from or
   written to the user's Flower configuration.
 """
