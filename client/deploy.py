@@ -234,6 +234,8 @@ def run_client(opts: ClientOptions) -> int:
                 stop_process_tree(proc)
                 code = 0
                 break
+        if code not in (0, 130) and node_ids and not refused.is_set() and not opts.insecure:
+            _say_goodbye_for(opts, node_ids[-1])  # before cleaning up: the round is waiting
     except KeyboardInterrupt:
         code = 130
     except TrainerStartError as exc:
@@ -264,8 +266,6 @@ def run_client(opts: ClientOptions) -> int:
         return 0
     if code not in (0, 130):
         print(f"finlora client {opts.name}: flower-supernode exited with code {code}", file=sys.stderr, flush=True)
-        if node_ids and not opts.insecure:
-            _say_goodbye_for(opts, node_ids[-1])
     return code
 
 
