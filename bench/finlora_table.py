@@ -91,6 +91,31 @@ class RowResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser, out: tuple[str, str], work: str, rounds: int,
+                         local_steps: tuple[int, str], train_rows: tuple[int, str]) -> None:
+    """What the real-data benchmarks here share: where the data, the results (``bench/<out[0]>``) and the work
+    go, and the training budget (with each benchmark's own defaults)."""
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--out", default=str(REPO / "bench" / out[0]), help=out[1])
+    parser.add_argument("--work", default=work, help="runs, eval outputs and logs")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--local-steps", type=int, default=local_steps[0], help=local_steps[1])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--train-rows", type=int, default=train_rows[0], help=train_rows[1])
+    parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj", help="LoRA target modules")
+
+
+def check_data_dir(parser: argparse.ArgumentParser, data_dir: Path, tasks: tuple[str, ...]) -> None:
+    """Every task's FinLoRA train and test file is there (else a usage error naming the missing one)."""
+    for task in tasks:
+        for split in ("train", "test"):
+            if not (data_dir / split / f"{task}.jsonl").is_file():
+                parser.error(f"--data-dir {data_dir}: {split}/{task}.jsonl is missing (FinLoRA data, see "
+                             f"../shared/data/MANIFEST.md)")
+
+
 def log(msg: str, start: float) -> None:
     print(f"[{time.perf_counter() - start:7.0f} s] {msg}", flush=True)
 
@@ -316,18 +341,11 @@ def chart(results: dict[str, RowResult], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--out", default=str(REPO / "bench" / "finlora_table"), help="table.json/.md/.png")
-    parser.add_argument("--work", default="/tmp/finlora-table", help="runs, eval outputs and logs")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=6, help="per institution per round (central: 3x)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--max-length", type=int, default=192)
-    parser.add_argument("--train-rows", type=int, default=400, help="rows of each task in the training mixture")
+    add_budget_arguments(parser, out=("finlora_table", "table.json/.md/.png"), work="/tmp/finlora-table", rounds=3,
+                         local_steps=(6, "per institution per round (central: 3x)"),
+                         train_rows=(400, "rows of each task in the training mixture"))
     parser.add_argument("--balanced", action="store_true", help="label-balanced training rows within each task "
                         "(measured worse here: a uniform prior costs accuracy on FPB/TFNS's neutral-heavy test sets)")
-    parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj", help="LoRA target modules")
     parser.add_argument("--eval-samples", type=int, default=80, help="rows per sentiment task")
     parser.add_argument("--ner-eval-samples", type=int, default=40)
     parser.add_argument("--finlora-samples", type=int, default=12, help="rows per task in the mode comparison")
@@ -342,11 +360,7 @@ def main() -> int:
     if unknown:
         parser.error(f"--rows: unknown {', '.join(unknown)} (expected some of {', '.join(ROWS)})")
     data_dir, work, out = Path(args.data_dir), Path(args.work), Path(args.out)
-    for task in TASKS:
-        for split in ("train", "test"):
-            if not (data_dir / split / f"{task}.jsonl").is_file():
-                parser.error(f"--data-dir {data_dir}: {split}/{task}.jsonl is missing (FinLoRA data, see "
-                             f"../shared/data/MANIFEST.md)")
+    check_data_dir(parser, data_dir, TASKS)
     start = time.perf_counter()
     from finlora.common.gguf_model import smollm2_model_dir
 

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from finlora_table import REPO, finlora_cmd, log, run
+from finlora_table import add_budget_arguments, check_data_dir, finlora_cmd, log, run
 
 from finlora.common.io import atomic_write_text
 
@@ -65,16 +65,9 @@ def train_adapter(name: str, data: Path, steps: int, args: argparse.Namespace, w
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--out", default=str(REPO / "bench" / "moe_compare"), help="comparison.json/.md/.png")
-    parser.add_argument("--work", default="/tmp/finlora-moe", help="runs, eval outputs and logs")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--local-steps", type=int, default=12, help="per expert and round (multi-task: 2x)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--max-length", type=int, default=192)
-    parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj")
-    parser.add_argument("--train-rows", type=int, default=300, help="training rows of each task")
+    add_budget_arguments(parser, out=("moe_compare", "comparison.json/.md/.png, budget.json"), work="/tmp/finlora-moe",
+                         rounds=2, local_steps=(20, "per expert and round (multi-task: 2x)"),
+                         train_rows=(400, "training rows of each task"))
     parser.add_argument("--router-steps", type=int, default=24)
     parser.add_argument("--eval-samples", type=int, default=64, help="test rows per task")
     parser.add_argument("--quick", action="store_true", help="tiny budget: checks every stage, numbers mean nothing")
@@ -83,11 +76,7 @@ def main() -> int:
         args.rounds, args.local_steps, args.batch_size, args.train_rows = 1, 1, 4, 16
         args.router_steps, args.eval_samples, args.max_length = 2, 4, 128
     data_dir, work, out = Path(args.data_dir), Path(args.work), Path(args.out)
-    for task in TASKS:
-        for split in ("train", "test"):
-            if not (data_dir / split / f"{task}.jsonl").is_file():
-                parser.error(f"--data-dir {data_dir}: {split}/{task}.jsonl is missing (FinLoRA data, see "
-                             f"../shared/data/MANIFEST.md)")
+    check_data_dir(parser, data_dir, TASKS)
     start = time.perf_counter()
     rows = {task: task_rows(data_dir, task, args.train_rows, seed=i) for i, task in enumerate(TASKS)}
     mixed = [r for task in TASKS for r in rows[task]]
