@@ -20,8 +20,9 @@ Unless ``--no-resident``, a resident trainer (``client/resident/``) is started f
 one-process-per-message ClientApp cannot. It is restarted if it dies while the SuperNode runs, and stopped with it.
 
 If the SuperNode dies (killed, crashed), ``finlora client`` deactivates it at the SuperLink in its place
-(``client/node_down.py``), as a SuperNode that stops normally does itself, so that the server's round does not wait
-a minute of missed heartbeats for a reply that cannot come; then it exits with the SuperNode's code.
+(``client/node_down.py``), as a SuperNode that stops normally does itself, once its last reply has had time to be
+read (``REPLY_READ_GRACE_S``), so that the server's round does not wait a minute of missed heartbeats for a reply
+that cannot come; then it exits with the SuperNode's code.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ SENT_MARK = "Sent successfully"
 """What ``flower-supernode`` logs once a reply has reached the SuperLink (Flower 1.42, ``_push_messages``)."""
 LOST_MARK = "Connection attempt failed"
 """What it logs when the SuperLink does not answer (Flower 1.42, ``flwr/supercore/retry/http_retry.py``)."""
+REPLY_READ_GRACE_S = 15.0
+"""How long after its SuperNode's last reply ``finlora client`` waits before deactivating the dead SuperNode: the
+ServerApp pulls replies every 3 s (Flower 1.42, ``http_grid``), and the SuperLink answers for an offline node with
+an error even when the node's reply is there unread (``check_node_availability_for_in_message`` runs first), so a
+reply sent just before the SuperNode died would otherwise be lost."""
 PROGRESS_FILE = "progress.json"
 """Under the client's state directory: the ClientApp's last finished task (``client/progress.py``)."""
 PIN_ENV = "FINLORA_PINNED_APP_HASH"
@@ -235,7 +241,7 @@ def run_client(opts: ClientOptions) -> int:
                 code = 0
                 break
         if code not in (0, 130) and node_ids and not refused.is_set() and not opts.insecure:
-            _say_goodbye_for(opts, node_ids[-1])  # before cleaning up: the round is waiting
+            _say_goodbye_for(opts, node_ids[-1], sent_at[-1] if sent_at else None)  # before cleaning up
     except KeyboardInterrupt:
         code = 130
     except TrainerStartError as exc:
@@ -269,9 +275,12 @@ def run_client(opts: ClientOptions) -> int:
     return code
 
 
-def _say_goodbye_for(opts: ClientOptions, node_id: int) -> None:
+def _say_goodbye_for(opts: ClientOptions, node_id: int, last_reply_at: float | None) -> None:
     """Deactivate the dead SuperNode at the SuperLink (``client/node_down.py``), so that the server's round stops
-    waiting for it now rather than after a minute of missed heartbeats."""
+    waiting for it within seconds rather than after a minute of missed heartbeats; not before its last reply is
+    ``REPLY_READ_GRACE_S`` old, so that the server has read it."""
+    if last_reply_at is not None:
+        time.sleep(max(0.0, last_reply_at + REPLY_READ_GRACE_S - time.time()))
     try:
         deactivate_node(opts.superlink, opts.ca, opts.key, node_id)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - any failure leaves the heartbeats to tell the SuperLink

@@ -205,12 +205,7 @@ def run_server(opts: ServerOptions) -> int:
     staged: Path | None = None
     control: SuperLinkControl | None = None
     try:
-        with open(gateway_log, "ab") as gateway_out:  # crash tracebacks land beside its log lines
-            gateway = subprocess.Popen(gateway_cmd, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
-                                       stdout=gateway_out, stderr=gateway_out, start_new_session=True)
-        atomic_write_text(gateway_pid_file, f"{gateway.pid}\n")
         wait_superlink_healthy(internal_port, superlink, state / "superlink.log", ca_cert=loopback_ca)
-        wait_gateway_ready(opts.host, opts.port, gateway, gateway_log, ca_cert=fed_ca)
         control = SuperLinkControl(f"127.0.0.1:{internal_port}", loopback_ca)
         registered = 0 if opts.insecure else len(_register_nodes(opts.nodes, control, state))
         if not opts.insecure and cfg.zk.enabled and not overrides.get("zk.registry"):
@@ -218,8 +213,16 @@ def run_server(opts: ServerOptions) -> int:
         if not opts.insecure and registered < cfg.strategy.min_available_nodes:
             raise ConfigError(f"strategy.min-available-nodes is {cfg.strategy.min_available_nodes} but only "
                               f"{registered} institution keys are in {opts.nodes}: the run could never start")
+        # Before the public port opens: a SuperNode that reconnects while the dead server's run is stopped under it,
+        # between pulling one of its messages and confirming it, keeps that message stored (Flower 1.42,
+        # start_client_internal on RunNotRunningException) and was seen to send no reply of the resumed run.
         _stop_unfinished_runs(control)
         control.close()
+        with open(gateway_log, "ab") as gateway_out:  # crash tracebacks land beside its log lines
+            gateway = subprocess.Popen(gateway_cmd, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=gateway_out, stderr=gateway_out, start_new_session=True)
+        atomic_write_text(gateway_pid_file, f"{gateway.pid}\n")
+        wait_gateway_ready(opts.host, opts.port, gateway, gateway_log, ca_cert=fed_ca)
         app_dir = (opts.app or PROJECT_ROOT).resolve()
         staged = stage_app(app_dir, Path(tempfile.mkdtemp(prefix="finlora-app-")))  # 'flwr run' walks all it gets
         fab_hash = app_fab_hash(staged)  # what 'flwr run' below submits (Flower's FAB builds are deterministic)
