@@ -17,7 +17,7 @@ Restarting after a crash (``kill -9``, a lost machine) is safe: a SuperLink left
 is stopped first, keys already registered in the persisted SuperLink database are recognised (Flower answers
 "Public key already in use"), an institution whose key left ``--nodes`` is unregistered, and runs the dead
 server left unfinished are stopped (which also drops their undelivered messages, so institutions do not train
-for a run nobody listens to) before the resumed run is submitted.
+for a run nobody listens to) before the public port opens and the resumed run is submitted.
 """
 
 from __future__ import annotations
