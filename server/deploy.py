@@ -203,21 +203,19 @@ def run_server(opts: ServerOptions) -> int:
     atomic_write_text(pid_file, f"{superlink.pid}\n")
     gateway: subprocess.Popen | None = None
     staged: Path | None = None
-    control: SuperLinkControl | None = None
     try:
         wait_superlink_healthy(internal_port, superlink, state / "superlink.log", ca_cert=loopback_ca)
-        control = SuperLinkControl(f"127.0.0.1:{internal_port}", loopback_ca)
-        registered = 0 if opts.insecure else len(_register_nodes(opts.nodes, control, state))
+        with SuperLinkControl(f"127.0.0.1:{internal_port}", loopback_ca) as control:
+            registered = 0 if opts.insecure else len(_register_nodes(opts.nodes, control, state))
+            if not opts.insecure and registered < cfg.strategy.min_available_nodes:
+                raise ConfigError(f"strategy.min-available-nodes is {cfg.strategy.min_available_nodes} but only "
+                                  f"{registered} institution keys are in {opts.nodes}: the run could never start")
+            # Before the public port opens: a SuperNode that reconnects while the dead server's run is stopped under
+            # it, between pulling one of its messages and confirming it, keeps that message stored (Flower 1.42,
+            # start_client_internal on RunNotRunningException) and was seen to send no reply of the resumed run.
+            _stop_unfinished_runs(control)
         if not opts.insecure and cfg.zk.enabled and not overrides.get("zk.registry"):
             overrides["zk.registry"] = str(state / REGISTRY_FILE)  # institution -> SuperNode id, fixed before the run
-        if not opts.insecure and registered < cfg.strategy.min_available_nodes:
-            raise ConfigError(f"strategy.min-available-nodes is {cfg.strategy.min_available_nodes} but only "
-                              f"{registered} institution keys are in {opts.nodes}: the run could never start")
-        # Before the public port opens: a SuperNode that reconnects while the dead server's run is stopped under it,
-        # between pulling one of its messages and confirming it, keeps that message stored (Flower 1.42,
-        # start_client_internal on RunNotRunningException) and was seen to send no reply of the resumed run.
-        _stop_unfinished_runs(control)
-        control.close()
         with open(gateway_log, "ab") as gateway_out:  # crash tracebacks land beside its log lines
             gateway = subprocess.Popen(gateway_cmd, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
                                        stdout=gateway_out, stderr=gateway_out, start_new_session=True)
@@ -235,8 +233,6 @@ def run_server(opts: ServerOptions) -> int:
                                "--stream", "--run-config", overrides_text], cwd=state, env=env, check=False)
         run_id, status = last_run_status(f"127.0.0.1:{internal_port}", loopback_ca)
     finally:
-        if control is not None:
-            control.close()
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
         if gateway is not None:
