@@ -24,7 +24,7 @@ from finlora.zk.secagg import (BAD_SHARE, BAD_SIGNATURE, FALSE_COMPLAINT, Packin
                                SecAggError, SecAggServer, aggregate_opens, default_threshold, field_stream, mask_vector,
                                reconstruct, round_weights, shamir_share, share_valid)
 
-LENGTH = 9000  # three commitment rows, the last one ragged
+LENGTH = 9000  # nine commitment rows of 1,024 (commit.row_size), the last one ragged
 BITS = 16
 
 
@@ -151,13 +151,13 @@ def test_shamir_any_threshold_shares_rebuild_and_feldman_catches_a_wrong_share()
 def test_packing_round_trips_extreme_values_summed_over_clients():
     limit = (1 << 15) - 1
     weights = [7, 1, 12, 3]
-    packing = Packing.for_round(LENGTH, 3, BITS, sum(weights))
+    packing = Packing.for_round(LENGTH, num_rows(LENGTH), BITS, sum(weights))
     vectors = [np.full(LENGTH, limit * (-1) ** i, dtype=np.int64) for i in range(4)]
     vectors[1][::3] = -limit
-    total = sum(packing.pack(w * v, [w * 5]*3) for w, v in zip(weights, vectors)) % GROUP_ORDER
+    total = sum(packing.pack(w * v, [w * 5] * num_rows(LENGTH)) for w, v in zip(weights, vectors)) % GROUP_ORDER
     values, blindings = packing.unpack(total)
     assert np.array_equal(values, sum(w * v for w, v in zip(weights, vectors)))
-    assert blindings == [5 * sum(weights)] * 3
+    assert blindings == [5 * sum(weights)] * num_rows(LENGTH)
     assert packing.to_bytes(total) and packing.from_bytes(packing.to_bytes(total)).tolist() == total.tolist()
 
 
@@ -180,7 +180,7 @@ def test_the_server_gets_the_exact_weighted_sum_and_masked_inputs_unrelated_to_t
     assert not rnd.server.culprits
     for name, p in parties.items():  # what the server saw of each institution
         seen = rnd.packing.from_bytes(rnd.masked[name])
-        plain = rnd.packing.pack(rnd.weights[name] * p.values, [0] * 3)
+        plain = rnd.packing.pack(rnd.weights[name] * p.values, [0] * num_rows(LENGTH))
         assert not np.any(seen == plain)
         seen_f = np.array([float(v) / GROUP_ORDER for v in seen])
         plain_f = np.array([float(v) / GROUP_ORDER for v in plain])

@@ -21,8 +21,8 @@ from safetensors.numpy import load_file, save_file
 from finlora.zk import signing
 from finlora.zk.audit import audit_run
 from finlora.zk.cli import main as zk_main
-from finlora.zk.commit import (GROUP_ORDER, commit_row_points, commit_rows, commitments_digest, decode_points,
-                               random_blindings)
+from finlora.zk.commit import (GROUP_ORDER, SMALL_LENGTH_MAX, SMALL_ROW_SIZE, commit_row_points, commit_rows,
+                               commitments_digest, decode_points, num_rows, random_blindings, rows_of)
 from finlora.zk.encoding import Layout, apply_aggregate, dequantize, in_range, norm_within, quantize_update
 from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE, derive_generators, generators, generators_digest
 from finlora.zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, read_ledger, record_kept_round,
@@ -34,7 +34,7 @@ from finlora.zk.wire import pack_blindings, unpack_blindings, unpack_commitments
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = "zk-test"
 BOUND, FRAC, BITS = 1.0, 10, 8
-N_VALUES = 2 * ROW_SIZE + 904  # three rows, the last one ragged
+N_VALUES = 2 * SMALL_ROW_SIZE + 904  # three rows of row_size(N_VALUES) = 1,024, the last one ragged
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,20 @@ def test_commitments_are_additively_homomorphic_with_negatives_and_a_ragged_row(
     assert [a + b for a, b in zip(decode_points(cx), decode_points(cy))] == summed
     assert commit_rows(x, rx)[0] == cx  # deterministic given the blindings
     assert commit_rows(x)[0] != cx  # fresh blindings hide the same vector
+
+
+def test_rows_are_1024_values_up_to_65536_and_4096_above() -> None:
+    """The public length fixes the row size (commit.row_size): a small update's proof runs over rows of 1,024, a
+    large one keeps its row commitments few with rows of 4,096. A row of 1,024 is committed with the first 1,024
+    pinned generators, so the commitment of a short row is the same either way."""
+    assert num_rows(SMALL_LENGTH_MAX) == SMALL_LENGTH_MAX // SMALL_ROW_SIZE == 64
+    assert num_rows(SMALL_LENGTH_MAX + 1) == 17
+    assert rows_of(np.ones(SMALL_LENGTH_MAX + 1, np.int64)).shape == (17, ROW_SIZE)
+    assert rows_of(np.ones(1500, np.int64)).shape == (2, SMALL_ROW_SIZE)
+    x = np.arange(1, 1001, dtype=np.int64)
+    long_row = np.zeros(SMALL_LENGTH_MAX + 1, np.int64)
+    long_row[:1000] = x
+    assert commit_rows(x, [7])[0][0] == commit_rows(long_row, [7] + [0] * 16)[0][0]
 
 
 # --- encoding -------------------------------------------------------------------------------------------
@@ -428,9 +442,9 @@ def test_audit_fails_on_a_forged_client_entry(run_dir: Path, tmp_path: Path, key
     run = _tampered(run_dir, tmp_path)
     entries = read_ledger(run)
     client = dict(entries[1]["clients"][0])
-    forged = make_submission(np.zeros(len(unpack_commitments(base64.b64decode(client["commitments"]))) * ROW_SIZE,
-                                      np.int64), client["num_examples"], keys["inst-11"], RUN_ID, 1,
-                             client["node_id"])
+    rows = len(unpack_commitments(base64.b64decode(client["commitments"])))
+    forged = make_submission(np.zeros(rows * SMALL_ROW_SIZE, np.int64), client["num_examples"], keys["inst-11"],
+                             RUN_ID, 1, client["node_id"])
     client["commitments"] = base64.b64encode(b"".join(forged.commitments)).decode()
     client["signature"] = forged.signature.hex()
     entries[1]["clients"][0] = client

@@ -18,13 +18,13 @@ from py_arkworks_bls12381 import G1Point
 
 from finlora.zk import generators as zk_generators
 from finlora.zk import normproof, signing, sumcheck
-from finlora.zk.commit import GROUP_ORDER, commit_rows, random_blindings
+from finlora.zk.commit import GROUP_ORDER, SMALL_ROW_SIZE, commit_rows, random_blindings, row_size
 from finlora.zk.field import msm
 from finlora.zk.generators import ROW_SIZE, generators
 from finlora.zk.normproof import NormProof, ProofError, Shape, Statement, bound_sq, prove, verify
 from finlora.zk.verify import BAD_PROOF, make_submission, verify_round
 
-N_RAGGED = ROW_SIZE + 904  # two rows, the last ragged
+N_RAGGED = SMALL_ROW_SIZE + 904  # two rows of row_size(N_RAGGED) = 1,024, the last ragged
 BITS = 8
 
 
@@ -152,7 +152,7 @@ def test_a_value_one_past_the_range_is_rejected(how: str) -> None:
     x = [3, -7, half, 5] + [0] * 96       # x_2 = 2^(k-1): one past [-2^(k-1), 2^(k-1))
     coms, blinds = commit_rows(np.array(x))
     st = _statement(100, 10**9)
-    total = Shape.of(st).rows_padded * ROW_SIZE
+    total = Shape.of(st).rows_padded * Shape.of(st).row_size
     beta = _digits_of([v + half for v in x], BITS, total)
     if how == "non-digit":
         # u_2 = 2^k: no k/2-digit pattern; put a 4 in the top digit so sum_t 4^t b_t is still exactly u_2.
@@ -170,7 +170,7 @@ def test_a_norm_one_unit_above_the_bound_is_rejected(how: str) -> None:
     s = sum(v * v for v in x)
     st = _statement(100, s - 1)            # the norm is one unit above the bound
     coms, blinds = commit_rows(np.array(x))
-    total = Shape.of(st).rows_padded * ROW_SIZE
+    total = Shape.of(st).rows_padded * Shape.of(st).row_size
     beta = _digits_of([v + (1 << (BITS - 1)) for v in x], BITS, total)
     if how == "negative-slack-bits":       # B^2 - s = -1: its low K bits (all ones) are all the prover can show
         proof = _forged(st, x, blinds, beta, s, -1)
@@ -187,7 +187,7 @@ def test_the_wrap_around_trick_is_rejected() -> None:
     s_mod = sum(v * v for v in x) % GROUP_ORDER   # 29,999: within the bound mod r
     st = _statement(100, 40_000)
     blinds = random_blindings(1)
-    total = Shape.of(st).rows_padded * ROW_SIZE
+    total = Shape.of(st).rows_padded * Shape.of(st).row_size
     beta = _digits_of([(v + (1 << (BITS - 1))) % (1 << BITS) for v in x], BITS, total)
     forged = normproof._prove(st, x, blinds, beta, s_mod, st.bound_sq - s_mod)
     real_coms = [p.to_compressed_bytes() for p in _row_points(x, blinds)]
@@ -198,8 +198,9 @@ def test_the_wrap_around_trick_is_rejected() -> None:
 def _row_points(x: list[int], blinds: list[int]) -> list:
     """Row commitments of any integers (commit_rows takes int64 only; sqrt(-1) mod r is 255 bits)."""
     gens, h = generators()
-    padded = x + [0] * (-len(x) % ROW_SIZE)
-    return [msm([*gens, h], [*padded[j * ROW_SIZE:(j + 1) * ROW_SIZE], b]) for j, b in enumerate(blinds)]
+    n = row_size(len(x))
+    padded = x + [0] * (-len(x) % n)
+    return [msm([*gens[:n], h], [*padded[j * n:(j + 1) * n], b]) for j, b in enumerate(blinds)]
 
 
 def test_malformed_proofs_and_statements_get_a_clear_error(honest: dict) -> None:
@@ -226,7 +227,7 @@ def test_the_cheating_harness_makes_valid_proofs_from_an_honest_witness() -> Non
     s = sum(v * v for v in x)
     st = _statement(100, s)
     coms, blinds = commit_rows(np.array(x))
-    beta = _digits_of([v + (1 << (BITS - 1)) for v in x], BITS, Shape.of(st).rows_padded * ROW_SIZE)
+    beta = _digits_of([v + (1 << (BITS - 1)) for v in x], BITS, Shape.of(st).rows_padded * Shape.of(st).row_size)
     verify(st, coms, _forged(st, x, blinds, beta, s, 0))
 
 

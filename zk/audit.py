@@ -22,9 +22,9 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from finlora.zk import normproof, signing
-from finlora.zk.commit import commitments_digest, decode_points, opening_terms, rows_of
+from finlora.zk.commit import ROW_RULE, commitments_digest, decode_points, opening_terms, rows_of
 from finlora.zk.encoding import Layout, apply_aggregate
-from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE
+from finlora.zk.generators import PINNED_DIGEST
 from finlora.zk.ledger import file_sha256, load_aggregate, read_ledger
 from finlora.zk.verify import client_weights, proof_statement
 from finlora.zk.wire import unpack_blindings, unpack_commitments
@@ -55,7 +55,7 @@ def _check_header(run_dir: Path, header: dict[str, Any], keys: Mapping[str, Ed25
     problems += _key_problems(header.get("public_keys", {}), keys)
     if header.get("weighting", "examples") not in WEIGHTINGS:
         problems.append(f"unknown weighting {header.get('weighting')!r} (expected one of {', '.join(WEIGHTINGS)})")
-    if header.get("generators_digest") != PINNED_DIGEST or header.get("row_size") != ROW_SIZE:
+    if header.get("generators_digest") != PINNED_DIGEST or header.get("row_size") != ROW_RULE:
         problems.append("ledger was written with other Pedersen generators / row size")
     path = run_dir / header["adapter_file"]
     if not path.exists():

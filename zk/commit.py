@@ -1,4 +1,4 @@
-"""Pedersen vector commitments in a Hyrax layout: one commitment per row of ``ROW_SIZE`` values.
+"""Pedersen vector commitments in a Hyrax layout: one commitment per row of ``row_size(N)`` values.
 
 C_i = sum_j x_ij G_j + r_i H. Negative x are the scalars x mod r on both sides; for speed the committer
 multiplies |x| onto -G_j instead (the same group element), which keeps the MSM scalars small.
@@ -24,6 +24,22 @@ POINT_BYTES = 48
 SCALAR_BYTES = 32
 _SMALL = 1 << 15
 
+SMALL_ROW_SIZE = 1024
+SMALL_LENGTH_MAX = 1 << 16
+ROW_RULE = f"{SMALL_ROW_SIZE} up to {SMALL_LENGTH_MAX} values, else {ROW_SIZE}"
+"""How the row size follows from the public length N (the ledger header records it; the audit checks it)."""
+
+
+def row_size(length: int) -> int:
+    """Values per row of a vector of ``length``: SMALL_ROW_SIZE (1,024) up to SMALL_LENGTH_MAX (65,536) values, else
+    ROW_SIZE (4,096). Both are prefixes of the one pinned generator set, and the proof's two dot-product arguments
+    run over one row's width, at ~7 multiexp points per entry. A small update (a tiny model's adapter, FFA-LoRA's B
+    matrices, a mixture's router) has only a few rows, so its proof was mostly those arguments: rows of 1,024 make
+    it 2.6x faster (2.31 s -> 0.88 s at 7,854 values, 4.30 s -> 2.72 s at 49,152). From 2^18 values on the digit
+    rows dominate (6.9 s either way), and rows of 4,096 keep the row commitments, which the verifier decodes with
+    subgroup checks, 4x fewer (its 2 s target at 4.7 M values)."""
+    return SMALL_ROW_SIZE if length <= SMALL_LENGTH_MAX else ROW_SIZE
+
 
 def to_scalar(value: int) -> Scalar:
     """Scalar(value mod r), built from its 32 little-endian bytes: about 25x faster than ``Scalar(int)``, whose
@@ -43,12 +59,12 @@ def _negated_generators() -> tuple[G1Point, ...]:
 
 
 def num_rows(length: int) -> int:
-    return max(1, -(-length // ROW_SIZE))
+    return max(1, -(-length // row_size(length)))
 
 
 def rows_of(x: np.ndarray) -> np.ndarray:
-    """The vector as a (rows, ROW_SIZE) int64 matrix, the ragged last row padded with zeros."""
-    out = np.zeros((num_rows(len(x)), ROW_SIZE), dtype=np.int64)
+    """The vector as a (rows, row_size) int64 matrix, the ragged last row padded with zeros."""
+    out = np.zeros((num_rows(len(x)), row_size(len(x))), dtype=np.int64)
     out.reshape(-1)[: len(x)] = x
     return out
 
@@ -181,5 +197,5 @@ def sum_terms(terms: Sequence[OpeningTerms]) -> OpeningTerms:
     lhs = G1Point.identity()
     for t in terms:
         lhs = lhs + t.lhs
-    columns = [sum(col) for col in zip(*(t.columns for t in terms))] if terms else [0] * ROW_SIZE
+    columns = [sum(col) for col in zip(*(t.columns for t in terms))] if terms else [0]
     return OpeningTerms(lhs, tuple(columns), sum(t.blinding for t in terms) % GROUP_ORDER)

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from finlora.common.io import atomic_write_bytes, atomic_write_jsonl, read_jsonl_records
 from finlora.zk.encoding import Layout
-from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE
+from finlora.zk.generators import PINNED_DIGEST
 from finlora.zk.signing import public_key_raw
 from finlora.zk.verify import Submission
-from finlora.zk.commit import commitments_digest
+from finlora.zk.commit import ROW_RULE, commitments_digest
 from finlora.zk.wire import pack_blindings, pack_commitments, unpack_commitments
 
 LEDGER_FILE = "ledger.jsonl"
@@ -84,7 +84,7 @@ def header_entry(run_id: str, public_keys: Mapping[str, Ed25519PublicKey], round
     """The first ledger line of a run (write it once, before round 1). ``weighting``: how the aggregate weighs
     each accepted client (``examples``: its signed count; ``equal``: 1 each), which the audit re-derives;
     ``proofs``: every accepted update carries a range + norm proof, which the audit verifies."""
-    return {"type": "header", "version": VERSION, "run_id": run_id, "row_size": ROW_SIZE, "weighting": weighting,
+    return {"type": "header", "version": VERSION, "run_id": run_id, "row_size": ROW_RULE, "weighting": weighting,
             "generators_digest": PINNED_DIGEST, "norm_bound": float(norm_bound), "frac_bits": int(frac_bits),
             "bits": int(bits), "proofs": bool(proofs), "secagg": bool(secagg), "adapter_file": round0_adapter,
             "adapter_sha256": round0_adapter_sha256,

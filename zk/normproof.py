@@ -1,12 +1,13 @@
 """A zero-knowledge proof that a committed update is in range and within the L2 bound.
 
-Statement (public): the row commitments C_0..C_{m0-1} of an integer vector x of length N (rows of ROW_SIZE
-values, the ragged last row padded with zeros), the range bits k, the bound B^2 in fixed-point units, and the
-context the proof is bound to (run id, round, institution). Claim: the prover knows openings (x, r_j) of the
-C_j with (1) every x_i in [-2^(k-1), 2^(k-1)) and (2) sum_i x_i^2 <= B^2. Nothing else about x is revealed.
+Statement (public): the row commitments C_0..C_{m0-1} of an integer vector x of length N (rows of n = row_size(N)
+values, 1,024 or 4,096, the ragged last row padded with zeros), the range bits k, the bound B^2 in fixed-point
+units, and the context the proof is bound to (run id, round, institution). Claim: the prover knows openings
+(x, r_j) of the C_j with (1) every x_i in [-2^(k-1), 2^(k-1)) and (2) sum_i x_i^2 <= B^2. Nothing else about x is
+revealed.
 
 Construction (docs/zk.md has the argument, references and parameters):
-- the D = k/2 base-4 digits of u = x + 2^(k-1) are committed in rows ("digit rows") of W = w * ROW_SIZE digits;
+- the D = k/2 base-4 digits of u = x + 2^(k-1) are committed in rows ("digit rows") of W = w * n digits;
 - one batched sumcheck proves sum eq(tau, .) * b(b-1)(b-2)(b-3) = 0 over every digit (each is 0..3) together
   with sum x^2 = s for a committed s; every sumcheck message is a Pedersen commitment to its coefficients
   (Hyrax-style), so the messages reveal nothing;
@@ -32,16 +33,16 @@ from fractions import Fraction
 import numpy as np
 from py_arkworks_bls12381 import G1Point, Scalar
 
-from finlora.zk.commit import POINT_BYTES, SCALAR_BYTES, combine_rows, decode_points, num_rows
+from finlora.zk.commit import POINT_BYTES, SCALAR_BYTES, combine_rows, decode_points, num_rows, row_size
 from finlora.zk.field import P, coeffs_from_evals, eq_factors, eq_table, inv, msm
-from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE, generators, proof_points, wide_generators
+from finlora.zk.generators import PINNED_DIGEST, generators, proof_points, wide_generators
 from finlora.zk.ipa import DotProof, TensorTerms, dot_check_terms, prove_dot, tensor_vector
 from finlora.zk.sigma import (BitProof, OpeningProof, SquareProof, commit_scalar, prove_bits, prove_openings,
                               prove_square, verify_bits, verify_openings, verify_square)
 from finlora.zk.sumcheck import DEGREE, DIGIT_BITS, RADIX, prefix_eq, prove_rounds
 from finlora.zk.transcript import Transcript
 
-PROTOCOL = b"finlora-zk/norm-proof/v2"
+PROTOCOL = b"finlora-zk/norm-proof/v3"
 MAX_DIGIT_ROWS = 768
 """Digit rows are widened (w doubles) until at most this many are needed: 768 * 48 bytes = 36 kB of the proof."""
 
@@ -88,8 +89,9 @@ class Shape:
     rows: int          # m0, committed value rows
     rows_padded: int   # m, a power of two
     bits: int          # k
-    row_factor: int    # w: a digit row holds w * ROW_SIZE digits
+    row_factor: int    # w: a digit row holds w * row_size digits
     d_bits: int        # K, bits of B^2 - s
+    row_size: int      # n, values per row (commit.row_size of the length)
 
     @classmethod
     def of(cls, st: Statement) -> Shape:
@@ -99,7 +101,7 @@ class Shape:
         w = 1
         while digits * m0 > w * MAX_DIGIT_ROWS and w < digits * m:
             w *= 2
-        return cls(m0, m, st.bits, w, max(1, st.bound_sq.bit_length()))
+        return cls(m0, m, st.bits, w, max(1, st.bound_sq.bit_length()), row_size(st.length))
 
     @property
     def digits(self) -> int:
@@ -108,7 +110,7 @@ class Shape:
 
     @property
     def width(self) -> int:
-        return self.row_factor * ROW_SIZE
+        return self.row_factor * self.row_size
 
     @property
     def log_rows(self) -> int:
@@ -116,7 +118,7 @@ class Shape:
 
     @property
     def vars_x(self) -> int:
-        return self.log_rows + ROW_SIZE.bit_length() - 1
+        return self.log_rows + self.row_size.bit_length() - 1
 
     @property
     def vars_b(self) -> int:
@@ -139,7 +141,7 @@ class Shape:
         """(points, scalars) in a serialised proof."""
         log_w = self.width.bit_length() - 1
         points = (self.digit_rows_sent + 1 + (DEGREE + 1) * self.vars_b + len(EVALUATIONS) + 3 * 2
-                  + (2 + 2 * (ROW_SIZE.bit_length() - 1)) + (2 + 2 * log_w) + 3 * self.d_bits + 1)
+                  + (2 + 2 * (self.row_size.bit_length() - 1)) + (2 + 2 * log_w) + 3 * self.d_bits + 1)
         scalars = 3 * 3 + 2 * 4 + 3 * self.d_bits + 2 + 1
         return points, scalars
 
@@ -219,7 +221,7 @@ class NormProof:
         evaluations = take(pt, len(EVALUATIONS))
         sq_pts = take(pt, 6)
         dots_pts = []
-        for log_n in (ROW_SIZE.bit_length() - 1, shape.width.bit_length() - 1):
+        for log_n in (shape.row_size.bit_length() - 1, shape.width.bit_length() - 1):
             c_d, c_delta = take(pt, 2)
             dots_pts.append((c_d, c_delta, take(pt, log_n), take(pt, log_n)))
         d_bits = take(pt, shape.d_bits)
@@ -244,6 +246,7 @@ def _start(st: Statement, commitments: Sequence[G1Point], shape: Shape) -> Trans
     s, u = proof_points()
     tr.absorb(b"params/generators", bytes.fromhex(PINNED_DIGEST))
     tr.absorb_points(b"params/s-u", [s, u])
+    tr.absorb_int(b"params/row-size", shape.row_size)
     tr.absorb_int(b"params/digit-row-width", shape.width)
     tr.absorb(b"statement/run", st.run_id.encode())
     tr.absorb_int(b"statement/round", st.round_num)
@@ -341,8 +344,8 @@ def _rand() -> int:
 
 
 def _digit_table(x: np.ndarray, shape: Shape) -> np.ndarray:
-    """Base-4 digits of u = x + 2^(k-1) for every padded position, index (j * ROW_SIZE + c) * D + t (uint8 0..3)."""
-    u = np.full(shape.rows_padded * ROW_SIZE, 1 << (shape.bits - 1), dtype=np.int64)
+    """Base-4 digits of u = x + 2^(k-1) for every padded position, index (j * n + c) * D + t (uint8 0..3)."""
+    u = np.full(shape.rows_padded * shape.row_size, 1 << (shape.bits - 1), dtype=np.int64)
     u[: len(x)] += x
     out = np.empty((len(u), shape.digits), dtype=np.uint8)
     for t in range(shape.digits):
@@ -413,13 +416,13 @@ def _prove(st: Statement, x: list[int], row_blindings: list[int], beta: np.ndarr
     shape = Shape.of(st)
     report = progress or (lambda _msg: None)
     h = generators(1)[1]
-    gens_x = wide_generators(ROW_SIZE)
+    gens_x = wide_generators(shape.row_size)
     gens_b = wide_generators(shape.width)
-    total = shape.rows_padded * ROW_SIZE
+    total = shape.rows_padded * shape.row_size
     small = all(abs(int(v)) < (1 << 62) for v in x)
     x_table = np.zeros(total, dtype=np.int64 if small else object)
     x_table[: len(x)] = [int(v) for v in x]
-    x_rows = x_table.reshape(shape.rows_padded, ROW_SIZE)
+    x_rows = x_table.reshape(shape.rows_padded, shape.row_size)
     if commitments is None:
         row_points = [msm([*gens_x, h], [*x_rows[j].tolist(), row_blindings[j]]) for j in range(shape.rows)]
     else:
@@ -555,7 +558,7 @@ def verify(st: Statement, commitments: Sequence[bytes] | Sequence[G1Point], proo
     value_fail = "evaluation: the value rows' dot-product argument fails"
     digit_fail = "evaluation: the digit rows' dot-product argument fails"
     l_x = eq_table(rs[:shape.log_rows])
-    check_x = dot_check_terms(tr, wide_generators(ROW_SIZE), (rows, l_x[: shape.rows].tolist()),
+    check_x = dot_check_terms(tr, wide_generators(shape.row_size), (rows, l_x[: shape.rows].tolist()),
                               _value_weights(shape, rs), proof.c_vx, proof.dot_x)
     if check_x is None:
         raise ProofError(value_fail)

@@ -47,8 +47,9 @@ MAX_EXAMPLES = 1 << 31
 class Submission:
     """What a client sends for one round: the opening (values, blindings), the row commitments, a signature.
 
-    ``values`` is the flat int64 vector; ``commitments`` compressed G1 points (48 bytes per row of ROW_SIZE values);
-    ``proof`` the zero-knowledge range + norm proof on the commitments (empty when the run asks for none).
+    ``values`` is the flat int64 vector; ``commitments`` compressed G1 points (48 bytes per row of
+    ``commit.row_size(N)`` values); ``proof`` the zero-knowledge range + norm proof on the commitments (empty when
+    the run asks for none).
     """
 
     node_id: str
