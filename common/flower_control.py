@@ -1,10 +1,11 @@
-"""The SuperLink's Control API, called from this process: register / unregister SuperNodes, list and stop runs.
+"""The SuperLink's Control API, called from this process: register / unregister SuperNodes, start, list and stop
+runs, stream a run's logs.
 
 Each ``flwr`` CLI call is a fresh Python process that imports Flower (~1 CPU-s) to make one HTTP request, and a
-server start made N + 3 of them (one ``flwr supernode register`` per institution, ``flwr ls`` twice, ``flwr
-stop``). These are the same requests, built from Flower's own client (``ControlHttpClient``), request messages
-and interceptors exactly as ``flwr supernode register`` / ``unregister`` / ``ls`` / ``stop`` send them, over one
-connection. ``flwr run`` stays the CLI: it builds and submits the FAB and streams the run's logs.
+server start made N + 4 of them (one ``flwr supernode register`` per institution, ``flwr ls`` twice, ``flwr
+stop``, ``flwr run``). These are the same requests, built from Flower's own client (``ControlHttpClient``), request
+messages, FAB builder, config parser, log streamer and interceptors exactly as ``flwr supernode register`` /
+``unregister`` / ``ls`` / ``stop`` / ``run --stream`` send them, over one connection.
 
 Flower is imported when a :class:`SuperLinkControl` is made, not at the top: ``common`` is imported by every
 process of the project and most never talk to a SuperLink.
@@ -88,6 +89,39 @@ class SuperLinkControl:
         response = self._call("ListRuns", ListRunsRequest())
         rows = format_runs([run_from_proto(p) for p in response.run_dict.values()], response.now)
         return sorted((RunInfo(str(r.run_id), r.status_text, r.pending_at) for r in rows), key=lambda r: r.pending_at)
+
+    def start_run(self, app: Path, run_config: str = "", federation_config: str = "") -> int:
+        """Submit the app directory ``app`` as ``flwr run APP --run-config RUN_CONFIG --federation-config
+        FEDERATION_CONFIG`` does (both in the CLI's ``key=value ...`` syntax, parsed by Flower's own parser); the
+        new run's id. Prints the CLI's "Successfully started run N" line (operators and tests look for it)."""
+        import hashlib
+
+        from flwr.cli.build import build_fab_from_disk
+        from flwr.common.config import parse_config_args
+        from flwr.common.serde import fab_to_proto, user_config_to_proto
+        from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=E0611
+        from flwr.supercore.fab import Fab
+        from flwr.supercore.utils import simulation_config_from_json
+
+        fab_bytes = build_fab_from_disk(app)
+        federation = {k.replace("-", "_"): v for k, v in parse_config_args([federation_config]).items()}
+        request = StartRunRequest(
+            fab=fab_to_proto(Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})),
+            override_config=user_config_to_proto(parse_config_args([run_config] if run_config else None)),
+            federation="", override_federation_config=simulation_config_from_json(federation) if federation else None,
+            app_spec="")
+        response = self._call("StartRun", request)
+        if not response.HasField("run_id"):
+            raise ControlError(f"the SuperLink at {self.address} did not start the run")
+        print(f"Successfully started run {response.run_id}", flush=True)
+        return int(response.run_id)
+
+    def stream_logs(self, run_id: int) -> None:
+        """Print the run's log as it is written, until the run has finished (``flwr run --stream``, Flower's own
+        streamer)."""
+        from flwr.cli.log import start_stream
+
+        start_stream(run_id, self._client)
 
     def stop_run(self, run_id: int) -> None:
         from flwr.proto.control_pb2 import StopRunRequest  # pylint: disable=E0611

@@ -8,7 +8,8 @@ operator's ``flwr`` CLI on loopback (``STATE/flwr-home``). The SuperLink's loopb
 ``STATE/loopback-tls``; the gateway presents the federation's ``server.pem``. Then it registers the institutions'
 SuperNode public keys (over that loopback Control API, from this process: ``common/flower_control.py``), prints
 the hash of the app bundle (FAB) it submits (institutions pin it with ``finlora client --app-hash``), submits
-the finlora app with the run config, streams Flower's log, and stops the gateway and the SuperLink at the end.
+the finlora app with the run config and streams Flower's log (the same API, as ``flwr run --stream`` would), and
+stops the gateway and the SuperLink at the end.
 Everything lives under the state directory; restarted with the same state directory, the run resumes from its
 last completed round. Exit code 0 only when Flower reports the run completed (``flwr run`` itself exits 0 on a
 failed run).
@@ -33,6 +34,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import click
 
 from finlora.common.certs import init_ca_and_server
 from finlora.common.config import ConfigError, PROJECT_ROOT, flatten_table, load_config
@@ -222,15 +225,21 @@ def run_server(opts: ServerOptions) -> int:
         atomic_write_text(gateway_pid_file, f"{gateway.pid}\n")
         wait_gateway_ready(opts.host, opts.port, gateway, gateway_log, ca_cert=fed_ca)
         app_dir = (opts.app or PROJECT_ROOT).resolve()
-        staged = stage_app(app_dir, Path(tempfile.mkdtemp(prefix="finlora-app-")))  # 'flwr run' walks all it gets
-        fab_hash = app_fab_hash(staged)  # what 'flwr run' below submits (Flower's FAB builds are deterministic)
+        staged = stage_app(app_dir, Path(tempfile.mkdtemp(prefix="finlora-app-")))  # the FAB builder walks all
+        fab_hash = app_fab_hash(staged)  # what start_run below submits (Flower's FAB builds are deterministic)
         print(f"finlora server: app hash {fab_hash} (the FAB of {app_dir}; publish it to the institutions, which "
               f"run only the app they pin: 'finlora client --app-hash {fab_hash}' or the default 'auto')", flush=True)
         print(f"finlora server: ready, {registered} institution keys registered; waiting for institutions",
               flush=True)
         overrides_text = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
-        proc = subprocess.run([flower_bin("flwr"), "run", str(staged), CONNECTION,
-                               "--stream", "--run-config", overrides_text], cwd=state, env=env, check=False)
+        started = True  # 'flwr run --stream' from this process: Flower's own FAB builder, request and log streamer
+        with SuperLinkControl(f"127.0.0.1:{internal_port}", loopback_ca) as control:
+            try:
+                control.stream_logs(control.start_run(staged, overrides_text))
+            except (ControlError, click.ClickException) as exc:  # Flower's CLI helpers raise the latter
+                print(f"finlora server: the Flower run could not be started or followed: {exc}", file=sys.stderr,
+                      flush=True)
+                started = False
         run_id, status = last_run_status(f"127.0.0.1:{internal_port}", loopback_ca)
     finally:
         if staged is not None:
@@ -240,7 +249,7 @@ def run_server(opts: ServerOptions) -> int:
             gateway_pid_file.unlink(missing_ok=True)
         stop_process_tree(superlink)
         pid_file.unlink(missing_ok=True)
-    ok = status.endswith("completed") and proc.returncode == 0
+    ok = status.endswith("completed") and started
     report_run(run_dir, state / REGISTRY_FILE)
     print(f"finlora server: scored on: {describe_server_data(cfg)}", flush=True)
     print(f"finlora server: Flower run {run_id or '?'} {status}; outputs in {run_dir}", flush=True)

@@ -8,28 +8,31 @@ What ``flwr run`` alone gets wrong for us (see shared/notes/flower-1.42.md), and
   the end, whatever happened;
 * the SuperLink would ``uv sync`` the project's dependencies for every run: switched off;
 * ``flwr run --stream`` exits 0 when the ServerApp failed: we ask the SuperLink's Control API for the run's
-  status (what ``flwr ls`` shows, without its process: ``common/flower_control.py``) and report failure with a
-  non-zero exit;
+  status (what ``flwr ls`` shows) and report failure with a non-zero exit. The run is submitted and its log
+  streamed from this process too, with Flower's own FAB builder, request and streamer
+  (``common/flower_control.py``): no ``flwr`` CLI process, which would import Flower once more;
 * ``FLWR_HOME`` is private to the run (telemetry and update checks off), so nothing is read from or
   written to the user's Flower configuration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
+
 from finlora.common.config import PROJECT_ROOT
-from finlora.common.flower_control import last_run_status
+from finlora.common.flower_control import ControlError, SuperLinkControl, last_run_status
 from finlora.common.flower_processes import (flower_bin, flower_env, free_port, stage_app, stop_process_tree,
                                              toml_value, wait_superlink_healthy)
-
-CONNECTION = "finlora-sim"
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,6 @@ def run_simulation(num_supernodes: int, run_config: Mapping[str, Any], app_dir: 
     flwr_home.mkdir(parents=True, exist_ok=True)
     http_port = free_port()
     env = flower_env(flwr_home, http_port)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = ":local:"\n')
     superlink_log = workdir / "superlink.log"
     superlink = subprocess.Popen(  # noqa: S603 - fixed argv
         [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -70,16 +71,18 @@ def run_simulation(num_supernodes: int, run_config: Mapping[str, Any], app_dir: 
     try:
         wait_superlink_healthy(http_port, superlink, superlink_log)
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        app = stage_app(Path(app_dir), workdir / "app")  # only the app's files: 'flwr run' walks all it is given
-        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--federation-config",
-               f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client:g} "
-               f"client-resources-num-gpus={gpus_per_client:g}"]
-        if overrides:
-            cmd += ["--run-config", overrides]
-        proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=log_to, stderr=subprocess.STDOUT if log_to else None,
-                              check=False)
+        app = stage_app(Path(app_dir), workdir / "app")  # only the app's files: the FAB builder walks all it gets
+        federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client:g} "
+                      f"client-resources-num-gpus={gpus_per_client:g}")
+        returncode = 0
+        with contextlib.redirect_stdout(log_to or sys.stdout), SuperLinkControl(f"127.0.0.1:{http_port}", None) as link:
+            try:
+                link.stream_logs(link.start_run(app, overrides, federation))
+            except (ControlError, click.ClickException) as exc:  # Flower's CLI helpers raise the latter
+                print(f"finlora: the Flower run could not be started or followed: {exc}", file=sys.stderr)
+                returncode = 1
         run_id, status = last_run_status(f"127.0.0.1:{http_port}", None)
-        return SimulationResult(run_id=run_id, status=status, returncode=proc.returncode, workdir=workdir)
+        return SimulationResult(run_id=run_id, status=status, returncode=returncode, workdir=workdir)
     finally:
         stop_process_tree(superlink)
         if own_workdir:

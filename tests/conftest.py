@@ -13,6 +13,8 @@ import httpx
 import pytest
 from xdist.scheduler import LoadScopeScheduling
 
+from finlora.zk.generators import generators
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -24,6 +26,10 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ[TEST_RUN_MARKER] = TEST_RUN_ID  # inherited by every process this test run starts
+    # The Pedersen generators into this home's cache once, here: otherwise the first test's processes (a federation's
+    # residents, a simulation's actor and ServerApp) all derive them at once (~1 CPU-s each) before one of them
+    # has written the cache.
+    generators()
 
 
 TEST_RUN_MARKER = "FINLORA_TEST_RUN"

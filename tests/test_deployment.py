@@ -207,35 +207,36 @@ def _app_hash(log: str, pattern: str) -> str:
 
 def test_secure_aggregation_over_tls_survives_an_institution_killed_after_its_masked_update(federation, tmp_path,
                                                                                            processes):
-    """zk.secagg in the TLS deployment: 4 institutions, and bank-3's SuperNode is SIGKILLed right after it sent its
-    masked update (its second query.secagg reply), and its finlora client deactivates it at the SuperLink in its
-    place. The server gets its self-mask from the others' shares, the round
-    aggregates all four committed updates (bank-3's included: it is in the sum), and the audit checks the sum
-    against the four weighted commitments. No message to the server carried an update."""
+    """zk.secagg in the TLS deployment: 3 institutions with threshold 2, and bank-2's SuperNode is SIGKILLed right
+    after it sent its masked update (its second query.secagg reply), and its finlora client deactivates it at the
+    SuperLink in its place. The server gets its self-mask from the two others' shares, the round aggregates all
+    three committed updates (bank-2's included: it is in the sum), and the audit checks the sum against the three
+    weighted commitments. No message to the server carried an update. (The simulation test covers the default
+    threshold, 3 of 4, and more dropouts than it tolerates.)"""
     server = processes.server('num-rounds = 1\n"strategy.round-timeout" = 240.0\n"train.local-steps" = 4\n'
                               '"eval.heldout" = false\n"eval.every" = 0\n"strategy.fraction-evaluate" = 0.0\n'
-                              '"strategy.min-train-nodes" = 3\n"strategy.min-available-nodes" = 4\n'
-                              '"zk.secagg" = true\n')
-    clients = [processes.client(f"bank-{i}") for i in range(4)]
+                              '"strategy.min-train-nodes" = 3\n"strategy.min-available-nodes" = 3\n'
+                              '"zk.secagg" = true\n"zk.secagg-threshold" = 2\n')
+    clients = [processes.client(f"bank-{i}") for i in range(3)]
 
     def masked_update_sent() -> bool:
-        log = processes.log("bank-3.log")
+        log = processes.log("bank-2.log")
         parts = log.split("Sending: query.secagg message")
         return len(parts) >= 3 and "Sent successfully" in parts[2]
 
-    processes.wait_for(masked_update_sent, "bank-3 sent its masked update", 500, server)
-    supernodes = [p for p in psutil.Process(clients[3].pid).children(recursive=True)
+    processes.wait_for(masked_update_sent, "bank-2 sent its masked update", 500, server)
+    supernodes = [p for p in psutil.Process(clients[2].pid).children(recursive=True)
                   if "flower-supernode" in _cmdline(p)]
     assert len(supernodes) == 1, supernodes
     supernodes[0].send_signal(signal.SIGKILL)
     assert processes.wait(server, 600) == 0, processes.tail()
-    assert all(processes.wait(c, 60) == 0 for c in clients[:3]), processes.tail()
+    assert all(processes.wait(c, 60) == 0 for c in clients[:2]), processes.tail()
     run_dir = tmp_path / "state" / "runs" / "federation"
     ledger = read_jsonl_records(run_dir / "ledger.jsonl")
     assert ledger[0]["secagg"] is True and "kept_previous" not in ledger[1], ledger[1]
-    assert sorted(c["node_id"] for c in ledger[1]["clients"]) == ["bank-0", "bank-1", "bank-2", "bank-3"]
-    dead = str(_node_ids(processes.log("server.log"))["bank-3"])
-    assert f"told the SuperLink that SuperNode {dead} is gone" in processes.log("bank-3.log")
+    assert sorted(c["node_id"] for c in ledger[1]["clients"]) == ["bank-0", "bank-1", "bank-2"]
+    dead = str(_node_ids(processes.log("server.log"))["bank-2"])
+    assert f"told the SuperLink that SuperNode {dead} is gone" in processes.log("bank-2.log")
     assert "secagg" in _metrics(run_dir)[1]["errors"][dead], _metrics(run_dir)[1]["errors"]
     for entry in read_jsonl_records(run_dir / "wire.jsonl"):
         if entry["direction"] == "client->server":
