@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finlora.common.dp_accounting import ACCOUNTANTS, epsilon_of
-from finlora.common.io import atomic_write_text
+from finlora.common.io import atomic_write_text, cache_root
 
 LEDGER_RECORD = "dp-ledger"
 """Key of the ledger's ConfigRecord in Flower's ``context.state``."""
@@ -41,17 +41,48 @@ class PrivacyConfigError(ValueError):
     """The DP settings cannot be satisfied (unknown accountant, delta out of range, no sigma found)."""
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """Sigma that spends ``target_epsilon`` after ``steps`` steps at ``sample_rate`` (tolerance 0.5 %)."""
+CALIBRATION_CACHE = "dp-calibrations.json"
+"""A named on-disk cache (under ``$FINLORA_HOME/dp``): calibrated sigma by (accountant, epsilon, delta, rate, steps).
+Opacus's binary search costs ~0.5-0.9 s of accountant evaluations; every institution of every run repeats the same
+one. A cached sigma is used only after one evaluation (~0.05 s) shows it is what the search itself could return,
+epsilon within [target - tolerance, target]: a lowered (tampered) sigma would spend more than the target, so it is
+recalibrated, never used."""
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                    cache_dir: Path | None = None) -> float:
+    """Sigma that spends ``target_epsilon`` after ``steps`` steps at ``sample_rate`` (tolerance 0.5 %), from
+    ``cache_dir/CALIBRATION_CACHE`` when a checked entry is there (default: ``$FINLORA_HOME/dp``)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     if accountant not in ACCOUNTANTS:
         raise PrivacyConfigError(f"dp.accountant must be one of {ACCOUNTANTS}, got '{accountant}'")
     if not 0 < delta < 1:
         raise PrivacyConfigError(f"dp.delta must be in (0, 1), got {delta}")
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant,
-                                      epsilon_tolerance=0.005 * target_epsilon))
+    tolerance = 0.005 * target_epsilon
+    path = Path(cache_dir or cache_root() / "dp") / CALIBRATION_CACHE
+    key = json.dumps([accountant, float(target_epsilon), float(delta), float(sample_rate), int(steps)])
+    cache = _read_calibrations(path)
+    cached = cache.get(key)
+    if isinstance(cached, float) and cached > 0:
+        spent = epsilon_of([(cached, sample_rate, steps)], delta, accountant)
+        if target_epsilon - tolerance <= spent <= target_epsilon:
+            return cached
+    sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                       steps=steps, accountant=accountant, epsilon_tolerance=tolerance))
+    try:
+        atomic_write_text(path, json.dumps({**_read_calibrations(path), key: sigma}, indent=1))
+    except OSError:
+        pass  # a read-only cache only costs the next calibration its search
+    return sigma
+
+
+def _read_calibrations(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ from finlora.client.dp_setup import ledger_store, open_ledger, own_budget
 from finlora.client.dp_train import make_private, per_example_loss, poisson_batches
 from finlora.client.privacy_engine import InstitutionPrivacyEngine
 from finlora.client.local_data import local_data
-from finlora.client.privacy import (ContextLedgerStore, FileLedgerStore, PrivacyBudgetExhausted, PrivacyLedger,
-                                    calibrate_noise)
+from finlora.client.privacy import (CALIBRATION_CACHE, ContextLedgerStore, FileLedgerStore, PrivacyBudgetExhausted,
+                                    PrivacyLedger, calibrate_noise)
 from finlora.common.adapter import load_lora_state, lora_state
 from finlora.common.config import load_config
 from finlora.common.data import collate
@@ -108,6 +109,25 @@ def test_calibrated_sigma_reaches_target_epsilon(accountant):
         sigma = calibrate_noise(target, delta, q, steps, accountant)
         got = epsilon_of([(sigma, q, steps)], delta, accountant)
         assert abs(got - target) / target < 0.02 and got <= target * 1.0001
+
+
+def test_a_calibration_is_cached_and_a_cached_sigma_below_the_target_is_recalibrated(tmp_path):
+    """The cache saves the search, never the check: a cached sigma is used only when its epsilon is what the
+    search could have returned; a lowered one (more epsilon than the target: a tampered file) is searched again."""
+    q, steps, delta = 8 / 170, 48, 1 / 1700
+    sigma = calibrate_noise(8.0, delta, q, steps, "rdp", cache_dir=tmp_path)
+    cache = tmp_path / CALIBRATION_CACHE
+    entries = json.loads(cache.read_text())
+    assert list(entries.values()) == [sigma]
+    key = next(iter(entries))
+    cache.write_text(json.dumps({key: sigma * 1.0005}))  # a little more noise: still a valid answer, so it is used
+    assert calibrate_noise(8.0, delta, q, steps, "rdp", cache_dir=tmp_path) == sigma * 1.0005
+    cache.write_text(json.dumps({key: sigma * 0.5}))  # half the noise: epsilon far above 8
+    assert epsilon_of([(sigma * 0.5, q, steps)], delta, "rdp") > 8.0
+    assert calibrate_noise(8.0, delta, q, steps, "rdp", cache_dir=tmp_path) == sigma
+    assert json.loads(cache.read_text()) == {key: sigma}
+    assert calibrate_noise(1.0, delta, q, steps, "rdp", cache_dir=tmp_path) > sigma  # another target, its own entry
+    assert len(json.loads(cache.read_text())) == 2
 
 
 def test_ledger_survives_restart_and_refuses_beyond_budget(tmp_path):
