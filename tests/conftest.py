@@ -50,11 +50,14 @@ LONGEST_FIRST = ("test_deployment.py::test_secure_aggregation_over_tls", "test_s
                  "test_zk_simulation.py", "test_secagg_simulation.py",
                  "test_deployment.py::test_faults_at_the_door", "test_dp.py", "test_moe.py",
                  "test_update_validation.py", "test_control_plane.py", "test_deployment.py", "test_reply_attacks.py",
-                 "test_smollm2.py")
+                 "test_smollm2.py", "test_serve.py", "test_eval.py", "test_zk_proof.py", "test_first_hour.py",
+                 "test_resident.py", "test_training.py")
 """The suite's longest work (measured with ``--durations``), started first, the two TLS federations apart: each
 waits on SuperNode start-ups, round timeouts and restarts part of the time, and that waiting costs nothing only while
 the other worker computes. (xdist's own order puts the largest files first, which left the one-test federation scopes
-for the end with one core idle; two federations side by side left both cores idle while both waited.)"""
+for the end with one core idle; two federations side by side left both cores idle while both waited.) The files of
+5-40 s (a served model, SmolLM2, the eval CLI, proofs) come next, so that the last work units are the many
+sub-second tests, which even out the two workers' ends (test_serve.py alone at the end left one core idle ~30 s)."""
 
 
 def _priority(nodeid: str) -> int:
