@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -51,10 +51,11 @@ class SimulationResult:
 
 def run_simulation(num_supernodes: int, run_config: Mapping[str, Any], app_dir: Path = PROJECT_ROOT,
                    cpus_per_client: float = 1.0, gpus_per_client: float = 0.0, workdir: Path | None = None,
-                   log_to: Any = None) -> SimulationResult:
+                   log_to: TextIO | None = None) -> SimulationResult:
     """Run the app once in the simulation engine; returns the run's final status (never raises on a failed run).
 
-    ``run_config`` holds flat dotted keys overriding ``[tool.flwr.app.config]``.
+    ``run_config`` holds flat dotted keys overriding ``[tool.flwr.app.config]``; ``log_to``, a text file the run's
+    streamed log is written to instead of stdout.
     """
     own_workdir = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="finlora-sim-"))
