@@ -1,7 +1,7 @@
 """The commitment layer (zk/): encoding, Pedersen/Hyrax commitments, verification, ledger and audit.
 
-Small vectors (2 rows of 4,096 values plus a ragged third row of 904: 9,096 values, ``N_VALUES``); the whole
-file runs in seconds.
+Small vectors (2 rows of 1,024 values plus a ragged third row of 904: 2,952 values, ``N_VALUES``; a vector of up
+to 65,536 values has rows of 1,024, see ``commit.row_size``); the whole file runs in seconds.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The cheating provers call ``normproof._prove`` — the prover on an explicit witness — with forged witnesses
 (a value past the range with its digits wrapped or not in 0..3, a norm over the bound, the sqrt(-1) wrap-around
 trick), so each attack runs the real protocol end to end and the verifier must reject it. Vectors are one or
-two rows (4,096 values each, the second ragged) so a proof takes a few seconds.
+two rows (1,024 values each at these lengths, the second ragged) so a proof takes about a second.
 """
 
 from __future__ import annotations
