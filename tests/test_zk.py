@@ -21,8 +21,8 @@ from safetensors.numpy import load_file, save_file
 from finlora.zk import signing
 from finlora.zk.audit import audit_run
 from finlora.zk.cli import main as zk_main
-from finlora.zk.commit import (GROUP_ORDER, SMALL_LENGTH_MAX, SMALL_ROW_SIZE, commit_row_points, commit_rows,
-                               commitments_digest, decode_points, num_rows, random_blindings, rows_of)
+from finlora.zk.commit import (GROUP_ORDER, ROW_RULE, SMALL_LENGTH_MAX, SMALL_ROW_SIZE, commit_row_points,
+                               commit_rows, commitments_digest, decode_points, num_rows, random_blindings, rows_of)
 from finlora.zk.encoding import Layout, apply_aggregate, dequantize, in_range, norm_within, quantize_update
 from finlora.zk.generators import PINNED_DIGEST, ROW_SIZE, derive_generators, generators, generators_digest
 from finlora.zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, read_ledger, record_kept_round,
@@ -436,6 +436,19 @@ def test_audit_fails_when_an_update_is_injected(run_dir: Path, tmp_path: Path) -
     verdicts = _audit(run)
     assert _failed_rounds(run) == [2]
     assert "sum of weighted client commitments != commitment of the aggregate" in verdicts[2].problems
+
+
+def test_audit_refuses_a_ledger_written_under_another_row_rule(run_dir: Path, tmp_path: Path) -> None:
+    """The row size is part of what the commitments mean: a header from protocol v2 (rows of 4,096 at every size)
+    or any other rule than this code's is refused at round 0, not checked against commitments it cannot read."""
+    run = _tampered(run_dir, tmp_path)
+    entries = read_ledger(run)
+    assert entries[0]["row_size"] == ROW_RULE and _failed_rounds(run) == []
+    entries[0]["row_size"] = ROW_SIZE
+    (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    verdicts = _audit(run)
+    assert 0 in _failed_rounds(run)
+    assert "ledger was written with other Pedersen generators / row size" in verdicts[0].problems
 
 
 def test_audit_fails_on_a_forged_client_entry(run_dir: Path, tmp_path: Path, keys: dict) -> None:
