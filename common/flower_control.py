@@ -13,6 +13,8 @@ process of the project and most never talk to a SuperLink.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,13 +105,14 @@ class SuperLinkControl:
         from flwr.supercore.fab import Fab
         from flwr.supercore.utils import simulation_config_from_json
 
-        fab_bytes = build_fab_from_disk(app)
-        federation = {k.replace("-", "_"): v for k, v in parse_config_args([federation_config]).items()}
-        request = StartRunRequest(
-            fab=fab_to_proto(Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})),
-            override_config=user_config_to_proto(parse_config_args([run_config] if run_config else None)),
-            federation="", override_federation_config=simulation_config_from_json(federation) if federation else None,
-            app_spec="")
+        with _cli_errors("StartRun", self.address):
+            fab_bytes = build_fab_from_disk(app)
+            federation = {k.replace("-", "_"): v for k, v in parse_config_args([federation_config]).items()}
+            request = StartRunRequest(
+                fab=fab_to_proto(Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})),
+                override_config=user_config_to_proto(parse_config_args([run_config] if run_config else None)),
+                federation="", app_spec="",
+                override_federation_config=simulation_config_from_json(federation) if federation else None)
         response = self._call("StartRun", request)
         if not response.HasField("run_id"):
             raise ControlError(f"the SuperLink at {self.address} did not start the run")
@@ -121,7 +124,8 @@ class SuperLinkControl:
         streamer)."""
         from flwr.cli.log import start_stream
 
-        start_stream(run_id, self._client)
+        with _cli_errors("StreamLogs", self.address):
+            start_stream(run_id, self._client)
 
     def stop_run(self, run_id: int) -> None:
         from flwr.proto.control_pb2 import StopRunRequest  # pylint: disable=E0611
@@ -143,6 +147,36 @@ class SuperLinkControl:
             raise ControlError(f"{method} at {self.address}: {said}") from exc
         except httpx.HTTPError as exc:
             raise ControlError(f"{method} at {self.address}: {exc!r}") from exc
+
+
+@contextlib.contextmanager
+def _cli_errors(method: str, address: str) -> Iterator[None]:
+    """Flower's CLI helpers (FAB builder, config parser, log streamer) report failures as ``click.ClickException``
+    with a user-facing message, the FAB builder also as ``ValueError`` / ``OSError`` (no ``pyproject.toml``, an
+    unreadable file): raised here as :class:`ControlError`, like every other failure of this module."""
+    import click
+
+    try:
+        yield
+    except click.ClickException as exc:
+        raise ControlError(f"{method} at {address}: {exc.format_message()}") from exc
+    except (ValueError, OSError) as exc:
+        raise ControlError(f"{method} at {address}: {exc}") from exc
+
+
+def run_to_end(address: str, root_certificates: Path | None, app: Path, run_config: str = "",
+               federation_config: str = "") -> tuple[str, str, str]:
+    """``flwr run APP --stream`` from this process (:meth:`SuperLinkControl.start_run`, then
+    :meth:`SuperLinkControl.stream_logs` until the run has finished), then the newest run's (id, status) as
+    :func:`last_run_status` reads it, and why the run could not be submitted or followed ("" when it could).
+    Never raises a :class:`ControlError`: the status says how the run ended (``flwr run`` exits 0 on a failed run)."""
+    problem = ""
+    try:
+        with SuperLinkControl(address, root_certificates) as control:
+            control.stream_logs(control.start_run(app, run_config, federation_config))
+    except ControlError as exc:
+        problem = str(exc)
+    return (*last_run_status(address, root_certificates), problem)
 
 
 def last_run_status(address: str, root_certificates: Path | None) -> tuple[str, str]:

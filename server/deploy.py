@@ -35,12 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-
 from finlora.common.certs import init_ca_and_server
 from finlora.common.config import ConfigError, PROJECT_ROOT, flatten_table, load_config
 from finlora.common.data import default_data_dir
-from finlora.common.flower_control import ControlError, SuperLinkControl, last_run_status
+from finlora.common.flower_control import ControlError, SuperLinkControl, run_to_end
 from finlora.common.flower_processes import (app_fab_hash, flower_bin, flower_env, free_port, stage_app,
                                              stop_leftover_process, stop_process_tree, toml_value, wait_gateway_ready,
                                              wait_superlink_healthy)
@@ -232,15 +230,10 @@ def run_server(opts: ServerOptions) -> int:
         print(f"finlora server: ready, {registered} institution keys registered; waiting for institutions",
               flush=True)
         overrides_text = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
-        started = True  # 'flwr run --stream' from this process: Flower's own FAB builder, request and log streamer
-        with SuperLinkControl(f"127.0.0.1:{internal_port}", loopback_ca) as control:
-            try:
-                control.stream_logs(control.start_run(staged, overrides_text))
-            except (ControlError, click.ClickException) as exc:  # Flower's CLI helpers raise the latter
-                print(f"finlora server: the Flower run could not be started or followed: {exc}", file=sys.stderr,
-                      flush=True)
-                started = False
-        run_id, status = last_run_status(f"127.0.0.1:{internal_port}", loopback_ca)
+        run_id, status, problem = run_to_end(f"127.0.0.1:{internal_port}", loopback_ca, staged, overrides_text)
+        if problem:
+            print(f"finlora server: the Flower run could not be started or followed: {problem}", file=sys.stderr,
+                  flush=True)
     finally:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
@@ -249,7 +242,7 @@ def run_server(opts: ServerOptions) -> int:
             gateway_pid_file.unlink(missing_ok=True)
         stop_process_tree(superlink)
         pid_file.unlink(missing_ok=True)
-    ok = status.endswith("completed") and started
+    ok = status.endswith("completed") and not problem
     report_run(run_dir, state / REGISTRY_FILE)
     print(f"finlora server: scored on: {describe_server_data(cfg)}", flush=True)
     print(f"finlora server: Flower run {run_id or '?'} {status}; outputs in {run_dir}", flush=True)

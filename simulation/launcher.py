@@ -27,10 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import click
-
 from finlora.common.config import PROJECT_ROOT
-from finlora.common.flower_control import ControlError, SuperLinkControl, last_run_status
+from finlora.common.flower_control import run_to_end
 from finlora.common.flower_processes import (flower_bin, flower_env, free_port, stage_app, stop_process_tree,
                                              toml_value, wait_superlink_healthy)
 
@@ -41,7 +39,8 @@ class SimulationResult:
 
     run_id: str
     status: str
-    returncode: int
+    problem: str
+    """Why the run could not be submitted or its log followed ("" when it could)."""
     workdir: Path
 
     @property
@@ -75,15 +74,11 @@ def run_simulation(num_supernodes: int, run_config: Mapping[str, Any], app_dir: 
         app = stage_app(Path(app_dir), workdir / "app")  # only the app's files: the FAB builder walks all it gets
         federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client:g} "
                       f"client-resources-num-gpus={gpus_per_client:g}")
-        returncode = 0
-        with contextlib.redirect_stdout(log_to or sys.stdout), SuperLinkControl(f"127.0.0.1:{http_port}", None) as link:
-            try:
-                link.stream_logs(link.start_run(app, overrides, federation))
-            except (ControlError, click.ClickException) as exc:  # Flower's CLI helpers raise the latter
-                print(f"finlora: the Flower run could not be started or followed: {exc}", file=sys.stderr)
-                returncode = 1
-        run_id, status = last_run_status(f"127.0.0.1:{http_port}", None)
-        return SimulationResult(run_id=run_id, status=status, returncode=returncode, workdir=workdir)
+        with contextlib.redirect_stdout(log_to or sys.stdout):
+            run_id, status, problem = run_to_end(f"127.0.0.1:{http_port}", None, app, overrides, federation)
+        if problem:
+            print(f"finlora: the Flower run could not be started or followed: {problem}", file=sys.stderr)
+        return SimulationResult(run_id=run_id, status=status, problem=problem, workdir=workdir)
     finally:
         stop_process_tree(superlink)
         if own_workdir:
