@@ -290,9 +290,12 @@ class ZkConfig:
         within ``norm_bound`` (``zk/normproof.py``); the server verifies it before aggregating and rejects that
         update on a bad or missing proof, and the ledger keeps the proofs for ``finlora zk audit``.
     secagg : bool
-        Secure aggregation (``zk/secagg.py``): institutions send their update only masked, and the server unmasks
-        only the round's weighted sum, which it checks against the weighted commitments. Needs ``zk.proof`` (the
-        server never sees an update to check its range and norm) and at least three institutions per round.
+        Secure aggregation (``zk/secagg.py``, on by default): institutions send their update only masked, and the
+        server unmasks only the round's weighted sum, which it checks against the weighted commitments. Needs
+        ``zk.proof`` (the server never sees an update to check its range and norm) and at least three institutions
+        per round (``strategy.min-train-nodes``, 3 by default). Off whenever ``zk.enabled`` is off (there are no
+        commitments to check the sum against); ``finlora simulate`` also turns it off for 2 clients unless
+        ``--secagg`` is given.
     secagg_threshold : int
         Shares needed to remove a dropped institution's masks (t of n); 0 means floor(2n/3) + 1. A round with fewer
         than t institutions left at any stage is dropped and the previous global adapter kept.
@@ -451,18 +454,21 @@ class FinloraConfig:
 
     def check_combinations(self) -> FinloraConfig:
         """Reject settings that cannot work together, naming the keys (before any process starts)."""
-        if self.zk.enabled and self.strategy.name not in ("fedavg", "fedprox"):
-            raise ConfigError(f"zk.enabled needs strategy.name fedavg or fedprox: the ledger proves global = previous "
-                              f"+ committed average, which a server optimizer ({self.strategy.name}) breaks")
         if self.zk.enabled and self.dp.enabled and self.dp.level == "client":
             raise ConfigError("zk.enabled cannot be combined with dp.level = client: server-added noise is not in "
                               "the committed aggregate (use dp.level = sample)")
-        if self.zk.secagg and not (self.zk.enabled and self.zk.proof):
-            raise ConfigError("zk.secagg needs zk.enabled = true and zk.proof = true: with masked updates only the "
-                              "zero-knowledge proofs can show the server that each update is in range and bound")
+        if self.zk.secagg and not self.zk.enabled:
+            # secure aggregation masks the committed updates: without commitments there is nothing it can check,
+            # so zk.enabled = false means plaintext float updates (what that setting has always meant)
+            return dataclasses.replace(self, zk=dataclasses.replace(self.zk, secagg=False)).check_combinations()
+        if self.zk.secagg and not self.zk.proof:
+            raise ConfigError("zk.secagg (on by default) needs zk.proof = true: with masked updates only the "
+                              "zero-knowledge proofs can show the server that each update is in range and bound "
+                              "(set zk.secagg = false to send updates unmasked)")
         if self.zk.secagg and self.strategy.min_train_nodes < 3:
-            raise ConfigError(f"zk.secagg needs strategy.min-train-nodes >= 3 (got {self.strategy.min_train_nodes}): "
-                              f"with two institutions each could subtract its own update from the sum")
+            raise ConfigError(f"zk.secagg (on by default) needs strategy.min-train-nodes >= 3 (got "
+                              f"{self.strategy.min_train_nodes}): with two institutions each could subtract its own "
+                              f"update from the sum (a two-institution federation sets zk.secagg = false)")
         if self.zk.secagg and self.zk.secagg_threshold == 1:
             raise ConfigError("zk.secagg-threshold = 1: one share would let anyone remove a mask (use 0 or >= 2)")
         if self.transport.dtype != "float32" and self.zk.enabled:

@@ -22,7 +22,7 @@ from finlora.server.heldout import HeldoutEvaluator
 from finlora.server.recorder import RoundRecorder
 from finlora.server.router_round import run_router_federation
 from finlora.server.strategy import (make_strategy, optimizer_state, restore_optimizer_state, sampled_clients_per_round,
-                                     with_client_level_dp)
+                                     server_optimizer_of, with_client_level_dp)
 from finlora.server.zk_round import ZkLedger, ZkVerifier
 
 app = ServerApp()
@@ -85,7 +85,8 @@ def main(grid: Grid, context: Context) -> None:
                                       sampled_clients_per_round(cfg.strategy))
     recorder = RoundRecorder(
         cfg, run_dir, peft_config, strategy.weighting, evaluator=HeldoutEvaluator(cfg) if cfg.eval.heldout else None,
-        ledger=(ZkLedger(cfg.zk, verifier.run_id, run_dir.path, verifier.public_keys, equal_weights)
+        ledger=(ZkLedger(cfg.zk, verifier.run_id, run_dir.path, verifier.public_keys, equal_weights,
+                         server_optimizer_of(strategy))
                 if verifier is not None else None),
         extra_summary=(lambda rounds: {"client_level_privacy": client_level_privacy(cfg, rounds)})
         if client_level else None)

@@ -3,7 +3,8 @@
 One round reads top to bottom as: :class:`LoraStrategy` (this wrapper) -> the wire codec (``common/transport.py``
 for float updates, ``zk/codec.py`` for committed ones) -> the verifier (``server/zk_round.py``, zk mode;
 ``server/secagg_round.py`` with ``zk.secagg``, whose masking stages the wrapper sends as ``query.secagg`` messages)
--> the wrapped strategy's aggregation (Flower's own, or the exact integer aggregate in zk mode) -> the recorder
+-> the wrapped strategy's aggregation (Flower's own, or the exact integer aggregate in zk mode, along which
+FedAdam/FedYogi then take their own server step) -> the recorder
 (``server/recorder.py``), which receives the round's immutable :class:`RoundOutcome`.
 
 :class:`LoraStrategy` wraps a Flower strategy the way Flower's DP wrappers do and adds, without touching its
@@ -30,6 +31,7 @@ arithmetic:
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -54,6 +56,7 @@ from finlora.server.secagg_round import secure_aggregate
 from finlora.server.zk_round import ZkRoundResult, ZkVerifier
 from finlora.zk import codec
 from finlora.zk.secagg_codec import QUERY_ACTION, SECAGG_RECORD
+from finlora.zk.server_opt import ServerOptimizer
 
 WEIGHT_KEY = "finlora-weight"
 """The only weight Flower aggregates by; the server sets it on every accepted reply and never reads it from one."""
@@ -246,8 +249,9 @@ class LoraStrategy(Strategy):
         return f"finlora LoRA rounds around {self.strategy!r}"
 
     def summary(self) -> None:
-        log(INFO, "\t├──> finlora: %d LoRA tensors, update norm bound %g, weighting %s, zk %s",
-            len(self.expected_shapes), self.max_update_norm, self.weighting, self.verifier is not None)
+        log(INFO, "\t├──> finlora: %d LoRA tensors, update norm bound %g, weighting %s, zk %s, secure aggregation %s",
+            len(self.expected_shapes), self.max_update_norm, self.weighting, self.verifier is not None,
+            self.verifier is not None and self.verifier.cfg.secagg)
         self.strategy.summary()
 
     @property
@@ -379,7 +383,21 @@ class LoraStrategy(Strategy):
             return None, None
         if new_global is None or len(kept) < self.min_valid:
             return self._keep_previous(server_round, rec, len(kept))
+        if isinstance(self.strategy, (FedAdam, FedYogi)):
+            new_global = self._server_step(server_round, new_global, valid[0])
         return to_array_record(new_global), aggregate_metricrecords(kept, self.weighted_by_key)
+
+    def _server_step(self, server_round: int, averaged: dict[str, np.ndarray], template: Message
+                     ) -> dict[str, np.ndarray]:
+        """FedAdam/FedYogi in zk mode: the wrapped strategy's own server step along the verified committed average,
+        handed to it as the one reply of a FedAvg (weight 1: FedAvg returns it unchanged), cast to float32. The
+        audit recomputes this step from the ledger (``zk/server_opt.py``)."""
+        content = RecordDict({"arrays": to_array_record(averaged), "metrics": MetricRecord({WEIGHT_KEY: 1.0})})
+        stepped, _ = self.strategy.aggregate_train(server_round,
+                                                   [Message(content=content, metadata=copy.copy(template.metadata))])
+        if stepped is None:
+            raise RuntimeError(f"round {server_round}: {self.strategy.__class__.__name__} returned no arrays")
+        return {k: np.asarray(v, dtype=np.float32) for k, v in from_array_record(stepped).items()}
 
     def _exchange(self, server_round: int, stage: str, requests: Mapping[str, Mapping[str, Any]]
                   ) -> dict[str, dict[str, Any]]:
@@ -493,6 +511,15 @@ def optimizer_state(strategy: LoraStrategy) -> dict[str, Any] | None:
     if not isinstance(inner, (FedAdam, FedYogi)) or not m_t or not v_t:
         return None
     return {**{f"m.{k}": v for k, v in m_t.items()}, **{f"v.{k}": v for k, v in v_t.items()}}
+
+
+def server_optimizer_of(strategy: LoraStrategy) -> ServerOptimizer | None:
+    """The wrapped FedAdam/FedYogi's hyperparameters, for the zk ledger's header (``None`` for other strategies)."""
+    inner = strategy.strategy
+    if not isinstance(inner, (FedAdam, FedYogi)):
+        return None
+    return ServerOptimizer("fedadam" if isinstance(inner, FedAdam) else "fedyogi", float(inner.eta),
+                           float(inner.beta_1), float(inner.beta_2), float(inner.tau))
 
 
 def restore_optimizer_state(strategy: LoraStrategy, state: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from finlora.zk import codec
 from finlora.zk.encoding import Layout, apply_aggregate
 from finlora.zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, record_kept_round,
                                record_round, seen_digests)
+from finlora.zk.server_opt import ServerOptimizer
 from finlora.zk.signing import load_key_registry
 from finlora.zk.verify import aggregate, signed_by, verify_round
 
@@ -173,6 +174,8 @@ class ZkLedger:
     run_dir: Path
     public_keys: Mapping[str, Any]
     equal_weights: bool = False
+    server_optimizer: ServerOptimizer | None = None
+    """FedAdam/FedYogi: the header states its hyperparameters, and the audit recomputes every step."""
 
     def write_header(self) -> None:
         """First ledger line: keys, parameters and the round-0 adapter's hash (call after saving round 0)."""
@@ -180,7 +183,9 @@ class ZkLedger:
                                                 file_sha256(self.run_dir / adapter_relpath(0)), self.cfg.norm_bound,
                                                 self.cfg.frac_bits, self.cfg.bits,
                                                 weighting="equal" if self.equal_weights else "examples",
-                                                proofs=self.cfg.proof, secagg=self.cfg.secagg))
+                                                proofs=self.cfg.proof, secagg=self.cfg.secagg,
+                                                server_optimizer=(self.server_optimizer.to_json()
+                                                                  if self.server_optimizer else None)))
 
     def record(self, server_round: int, result: ZkRoundResult) -> None:
         """Ledger line of a round (call after its adapter file is saved: the line holds the file's hash)."""

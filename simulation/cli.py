@@ -20,7 +20,7 @@ from finlora.client.dp_setup import ledger_dir, start_new_period
 from finlora.client.moe_train import add_moe_parser
 from finlora.client.privacy import FileLedgerStore
 from finlora.common.certs import CertificateError, init_ca_and_server, init_node
-from finlora.common.config import ConfigError, load_config, parse_experts, parse_override
+from finlora.common.config import ConfigError, load_config, parse_experts, parse_override, pyproject_defaults
 from finlora.common.data import DataError, default_data_dir, load_rows, partition_rows
 from finlora.common.io import atomic_write_jsonl
 from finlora.common.moe import MixtureError, check_experts
@@ -36,9 +36,11 @@ from finlora.zk.cli import add_zk_parser
 from finlora.zk.signing import write_key_pair
 
 
-def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Map the simulate flags onto config keys (``--set k=v`` last, so it wins)."""
+def _overrides_from_args(args: argparse.Namespace, saved: dict[str, Any]) -> dict[str, Any]:
+    """Map the simulate flags onto config keys (``--set k=v`` last, so it wins); ``saved``: a resumed run's
+    config (empty for a new run)."""
     overrides: dict[str, Any] = {"num-rounds": args.rounds}
+    given = dict(parse_override(text) for text in args.set or [])
     pairs = {"model.name": args.model, "model.quantization": args.quantization, "data.source": args.data,
              "strategy.name": args.strategy, "lora.ffa": args.ffa or None,
              "data.partitioner": "dirichlet" if args.dirichlet is not None else None,
@@ -46,7 +48,7 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
              "dp.enabled": args.dp, "dp.epsilon": args.epsilon, "dp.delta": args.delta,
              "dp.max-grad-norm": args.max_grad_norm, "dp.level": args.dp_level,
              "eval.every": args.eval_every, "eval.tasks": args.eval_tasks, "eval.max-samples": args.eval_max_samples,
-             "eval.final": args.final_eval or None, "zk.enabled": args.zk, "zk.secagg": args.secagg or None}
+             "eval.final": args.final_eval or None, "zk.enabled": args.zk, "zk.secagg": args.secagg}
     overrides.update({k: v for k, v in pairs.items() if v is not None})
     if args.moe:
         experts = parse_experts(",".join(args.moe), "--moe")  # DIRs made absolute: Flower runs the apps elsewhere
@@ -55,12 +57,16 @@ def _overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         # router runs average in plain FedAvg (check_combinations says why); an explicit --dp / --zk still errs
         for key, value in (("dp.enabled", False), ("zk.enabled", False), ("eval.every", 0)):
             overrides.setdefault(key, value)
-    min_nodes = min(3 if args.secagg else 2, args.clients)  # secure aggregation hides nothing with two
+    if args.secagg is None and "zk.secagg" not in given and "zk.secagg" not in saved and args.clients < 3:
+        # secure aggregation (on by default) hides an update only among 3+ institutions: a researcher's
+        # 2-institution simulation runs without it (the banner says so); an explicit --secagg errs
+        overrides["zk.secagg"] = False
+    effective = {**pyproject_defaults(), **saved, **overrides, **given}
+    secagg = effective["zk.secagg"] and effective["zk.enabled"]  # no commitments, nothing to mask (config.py)
+    min_nodes = min(3 if secagg else 2, args.clients)  # secure aggregation hides nothing with two
     overrides.update({"strategy.min-train-nodes": min_nodes, "strategy.min-evaluate-nodes": min_nodes,
                       "strategy.min-available-nodes": args.clients})
-    for text in args.set or []:
-        key, value = parse_override(text)
-        overrides[key] = value
+    overrides.update(given)
     return overrides
 
 
@@ -101,13 +107,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--secagg needs --clients 3 or more (got {args.clients}): with two institutions each "
                           f"could subtract its own update from the sum")
     out_dir, run_id = _run_location(args)
-    overrides = _overrides_from_args(args)
-    if args.resume:  # continue the run as it was started; flags given now still win
-        saved = RunDirectory(out_dir / run_id).saved_config()
-        overrides = {**{k: v for k, v in saved.items() if k not in ("num-rounds", "resume")}, **overrides}
+    saved = RunDirectory(out_dir / run_id).saved_config() if args.resume else {}
+    saved = {k: v for k, v in saved.items() if k not in ("num-rounds", "resume")}
+    # continue a resumed run as it was started; flags given now still win
+    overrides = {**saved, **_overrides_from_args(args, saved)}
     overrides = _absolute_paths(overrides)  # after the saved config: a default never replaces a saved location
     overrides.update({"out-dir": str(out_dir), "run-id": run_id, "resume": bool(args.resume)})
     cfg = load_config(overrides).check_combinations()  # fail here, with the key's name, not inside a Ray actor
+    if args.secagg and not cfg.zk.secagg:
+        raise ConfigError("--secagg needs zk (secure aggregation masks the committed updates): drop --no-zk")
     check_model(cfg.model.name, "--model" if args.model else "model.name")
     check_data(cfg.data, "--data" if args.data else "data.source", min_rows=args.clients)
     check_writable(out_dir, "--out")
@@ -255,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--moe", action="append", metavar="NAME=DIR",
                      help="train a mixture-of-experts router over these frozen expert adapters instead of a LoRA "
                           "adapter (repeat; at least 2; config moe.experts; DP and zk off unless asked for)")
-    sim.add_argument("--secagg", action="store_true",
-                     help="secure aggregation (zk.secagg): the server sees only masked updates and their sum; "
-                          "needs 3+ clients")
+    sim.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
+                     help="secure aggregation (zk.secagg, on by default with zk and 3+ clients): the server sees only "
+                          "masked updates and their sum")
     sim.add_argument("--eval-every", type=int, metavar="K", help="benchmark-evaluate every K rounds (eval.every)")
     sim.add_argument("--eval-tasks", help="tasks for those evaluations, comma-separated or 'all' (eval.tasks)")
     sim.add_argument("--eval-max-samples", type=int, help="rows per task for those evaluations (eval.max-samples)")

@@ -208,11 +208,13 @@ def eval_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fedavg_run(tmp_path_factory: pytest.TempPathFactory, eval_data_dir: Path) -> dict:
-    """3 institutions x 2 rounds of FedAvg on the tiny model with the defaults (sample-level DP at epsilon 8, zk),
-    through the real CLI, Flower and Ray. Institution 2 has its own privacy budget of 7: it trains round 1
-    (epsilon 6.5), then refuses round 2 (8 > 7), and the others carry it."""
+    """3 institutions x 2 rounds of FedAvg on the tiny model with the defaults (sample-level DP at epsilon 8, zk)
+    but committed updates sent unmasked (``--no-secagg``: these tests read them on the wire; the masked path is
+    ``test_secagg_simulation.py``'s), through the real CLI, Flower and Ray. Institution 2 has its own privacy
+    budget of 7: it trains round 1 (epsilon 6.5), then refuses round 2 (8 > 7), and the others carry it."""
     out = tmp_path_factory.mktemp("runs")
     before = flower_processes()
-    proc = run_cli("simulate", "--clients", "3", "--rounds", "2", "--out", str(out), "--run-id", "fedavg",
-                   "--set", f'eval.data-dir="{eval_data_dir}"', "--set", 'dp.client-epsilons="8,8,7"')
+    proc = run_cli("simulate", "--clients", "3", "--rounds", "2", "--no-secagg", "--out", str(out),
+                   "--run-id", "fedavg", "--set", f'eval.data-dir="{eval_data_dir}"',
+                   "--set", 'dp.client-epsilons="8,8,7"')
     return {"proc": proc, "run_dir": out / "fedavg", "leftover": flower_processes() - before}

@@ -151,14 +151,14 @@ def _verifier(setup: dict, registry: dict | None = None, equal: bool = False) ->
         path = setup["tmp"] / "institutions.json"
         path.write_text(json.dumps({name: {"node_id": node, "key_sha256": "-"} for name, node in registry.items()}))
         overrides["zk.registry"] = str(path)
-    cfg = load_config(overrides)
+    cfg = load_config({"zk.secagg": False, **overrides})  # committed updates in the clear: what these attacks read
     return ZkVerifier.open(cfg.zk, RUN_ID, setup["run"], setup["keys_dir"], equal_weights=equal)
 
 
 def _zk_content(setup: dict, claimed: str, key_of: str, server_round: int, global_: dict, rng, examples: int = 40,
                 metric_examples: int | None = None) -> RecordDict:
     """A zk reply claiming to be ``claimed``, signed with ``key_of``'s key (the sender holds only its own)."""
-    cfg = load_config()
+    cfg = load_config({"zk.secagg": False})
     local = _update(global_, rng, 0.5)
     arrays, zk_record, _ = zk_reply_records(local, global_, cfg.zk, setup["keys_dir"] / f"{key_of}.key", RUN_ID,
                                               server_round, key_of, examples, seed=int(rng.integers(1 << 30)))
@@ -208,7 +208,7 @@ def test_a_node_outside_the_registry_cannot_speak_for_anyone(zk_setup):
 
 
 def _zk_strategy(zk_setup, **overrides):
-    cfg = load_config({"strategy.min-train-nodes": 1, **overrides})
+    cfg = load_config({"strategy.min-train-nodes": 1, "zk.secagg": False, **overrides})
     verifier = _verifier(zk_setup, equal=cfg.strategy.weighting == "equal")
     strategy = make_strategy(cfg.strategy, SHAPES, zk=verifier)
     strategy.current_global = initial_adapter(SHAPES, 0)
@@ -243,8 +243,8 @@ def test_zk_equal_weighting_counts_each_institution_once(zk_setup):
 def test_a_signature_from_another_deployment_does_not_verify(zk_setup):
     """Finding 8: run ids were the same across deployments (default run name 'federation'); the signed run id now
     carries each deployment's random nonce, so an update replayed from another deployment is rejected."""
-    other = ZkVerifier.open(load_config().zk, "attacks#ffeeddccbbaa99887766554433221100", zk_setup["run"],
-                            zk_setup["keys_dir"])
+    other = ZkVerifier.open(load_config({"zk.secagg": False}).zk, "attacks#ffeeddccbbaa99887766554433221100",
+                            zk_setup["run"], zk_setup["keys_dir"])
     global_, rng = initial_adapter(SHAPES, 0), np.random.default_rng(7)
     signed_here = _zk_content(zk_setup, "bank-a", "bank-a", 1, global_, rng)  # under RUN_ID's nonce
     _, result = other.verify_and_aggregate(1, [("11", signed_here)], global_)

@@ -346,14 +346,23 @@ def test_a_client_refuses_a_survivor_set_too_few_survivors_signed_and_forged_adv
 
 @pytest.mark.parametrize("overrides,message", [
     ({"zk.secagg": True, "zk.proof": False, "strategy.min-train-nodes": 3},
-     "zk.secagg needs zk.enabled = true and zk.proof"),
-    ({"zk.secagg": True, "strategy.min-train-nodes": 2}, "zk.secagg needs strategy.min-train-nodes >= 3"),
+     r"zk.secagg \(on by default\) needs zk.proof = true"),
+    ({"strategy.min-train-nodes": 2}, r"zk.secagg \(on by default\) needs strategy.min-train-nodes >= 3 \(got 2\)"),
     ({"zk.secagg": True, "strategy.min-train-nodes": 3, "zk.secagg-threshold": 1}, "zk.secagg-threshold = 1"),
     ({"zk.secagg-threshold": -1}, "zk.secagg-threshold"),
 ])
 def test_secure_aggregation_settings_that_cannot_work_fail_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides).check_combinations()
+
+
+def test_secure_aggregation_is_on_by_default_and_off_only_without_commitments():
+    """On by default, for the 3+ institutions it needs; ``zk.enabled = false`` (plaintext float updates, nothing
+    committed to check a sum against) is the one setting that turns it off without saying ``zk.secagg = false``."""
+    default = load_config()
+    assert default.zk.enabled and default.zk.proof and default.zk.secagg
+    assert default.strategy.min_train_nodes == default.strategy.min_available_nodes == 3
+    assert load_config({"zk.enabled": False, "strategy.min-train-nodes": 2}).zk.secagg is False
 
 
 def test_a_client_refuses_a_minority_threshold_and_a_server_that_hides_its_honest_peers():

@@ -26,6 +26,7 @@ from finlora.zk.commit import ROW_RULE, commitments_digest, decode_points, openi
 from finlora.zk.encoding import Layout, apply_aggregate
 from finlora.zk.generators import PINNED_DIGEST
 from finlora.zk.ledger import file_sha256, load_aggregate, read_ledger
+from finlora.zk.server_opt import Moments, ServerOptimizer
 from finlora.zk.verify import client_weights, proof_statement
 from finlora.zk.wire import unpack_blindings, unpack_commitments
 
@@ -152,8 +153,29 @@ def _check_kept_round(run_dir: Path, entry: dict[str, Any], prev_path: Path, pre
     return problems
 
 
+@dataclass
+class _OptimizerTrail:
+    """The server optimizer the header names and its moments so far, carried from round to round by the audit
+    itself (never read from the server's checkpoints)."""
+
+    optimizer: ServerOptimizer
+    moments: Moments
+
+
+def _expected_adapter(previous: dict[str, np.ndarray], averaged: dict[str, np.ndarray], layout: Layout,
+                      round_num: int, trail: _OptimizerTrail | None) -> dict[str, np.ndarray]:
+    """What round ``round_num`` must have published: the committed average itself, or the server optimizer's
+    step along it (on the keys that travel; the others copied)."""
+    if trail is None:
+        return averaged
+    moved = [key for key, _, _ in layout.slices()]
+    stepped, trail.moments = trail.optimizer.step(round_num, {k: previous[k] for k in moved},
+                                                  {k: averaged[k] for k in moved}, trail.moments)
+    return {**averaged, **stepped}
+
+
 def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], prev_path: Path,
-                 prev_sha: str, keys: Mapping[str, Ed25519PublicKey]) -> list[str]:
+                 prev_sha: str, keys: Mapping[str, Ed25519PublicKey], trail: _OptimizerTrail | None) -> list[str]:
     if "kept_previous" in entry:
         return _check_kept_round(run_dir, entry, prev_path, prev_sha)
     problems, points = _check_signatures(header, entry, keys)
@@ -188,15 +210,17 @@ def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], p
         return [*problems, f"missing {entry['adapter_file']}"]
     problems += chain
     new_path = run_dir / entry["adapter_file"]
-    expected = apply_aggregate(_load_adapter(prev_path), agg, layout, max(1, entry["total_weight"]),
-                               header["frac_bits"])
+    previous = _load_adapter(prev_path)
+    averaged = apply_aggregate(previous, agg, layout, max(1, entry["total_weight"]), header["frac_bits"])
+    expected = _expected_adapter(previous, averaged, layout, int(entry["round"]), trail)
     saved = _load_adapter(new_path)
     if set(saved) != set(expected):
         problems.append("global adapter has other tensors than the previous one")
     bad = [k for k in sorted(expected) if k in saved and (saved[k].dtype != expected[k].dtype
                                                           or saved[k].tobytes() != expected[k].tobytes())]
     if bad:
-        problems.append(f"global adapter != previous + aggregate in {len(bad)} tensor(s), e.g. {bad[0]}")
+        step = f" + {trail.optimizer.name} step along" if trail else " +"
+        problems.append(f"global adapter != previous{step} aggregate in {len(bad)} tensor(s), e.g. {bad[0]}")
     return problems
 
 
@@ -213,10 +237,16 @@ def audit_run(run_dir: Path, keys: Mapping[str, Ed25519PublicKey]) -> list[Round
     if header.get("type") != "header":
         return verdicts
     prev_path, prev_sha = run_dir / header["adapter_file"], header["adapter_sha256"]
+    trail = None
+    if header.get("server_optimizer"):
+        try:
+            trail = _OptimizerTrail(ServerOptimizer.from_json(header["server_optimizer"]), Moments.zero())
+        except (KeyError, TypeError, ValueError) as exc:
+            return [RoundVerdict(0, False, 0, (*problems, f"unreadable server_optimizer in the header: {exc}"))]
     for expected_round, entry in enumerate(rounds, start=1):
         try:
             problems = [] if entry.get("round") == expected_round else [f"expected round {expected_round}"]
-            problems += _check_round(run_dir, header, entry, prev_path, prev_sha, keys)
+            problems += _check_round(run_dir, header, entry, prev_path, prev_sha, keys, trail)
         except (KeyError, ValueError, TypeError, OSError) as exc:
             problems = [f"unreadable round entry: {type(exc).__name__}: {exc}"]
         verdicts.append(RoundVerdict(int(entry.get("round", expected_round)), not problems,

@@ -80,15 +80,21 @@ def load_aggregate(path: Path) -> np.ndarray:
 
 def header_entry(run_id: str, public_keys: Mapping[str, Ed25519PublicKey], round0_adapter_sha256: str,
                  norm_bound: float, frac_bits: int, bits: int, round0_adapter: str = adapter_relpath(0),
-                 weighting: str = "examples", proofs: bool = False, secagg: bool = False) -> dict[str, Any]:
+                 weighting: str = "examples", proofs: bool = False, secagg: bool = False,
+                 server_optimizer: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The first ledger line of a run (write it once, before round 1). ``weighting``: how the aggregate weighs
     each accepted client (``examples``: its signed count; ``equal``: 1 each), which the audit re-derives;
-    ``proofs``: every accepted update carries a range + norm proof, which the audit verifies."""
-    return {"type": "header", "version": VERSION, "run_id": run_id, "row_size": ROW_RULE, "weighting": weighting,
-            "generators_digest": PINNED_DIGEST, "norm_bound": float(norm_bound), "frac_bits": int(frac_bits),
-            "bits": int(bits), "proofs": bool(proofs), "secagg": bool(secagg), "adapter_file": round0_adapter,
-            "adapter_sha256": round0_adapter_sha256,
-            "public_keys": {str(k): public_key_raw(v).hex() for k, v in sorted(public_keys.items())}}
+    ``proofs``: every accepted update carries a range + norm proof, which the audit verifies;
+    ``server_optimizer``: FedAdam/FedYogi's hyperparameters (``ServerOptimizer.to_json``), whose step along each
+    committed average the audit recomputes (``None``: the global adapter is the committed average itself)."""
+    header = {"type": "header", "version": VERSION, "run_id": run_id, "row_size": ROW_RULE, "weighting": weighting,
+              "generators_digest": PINNED_DIGEST, "norm_bound": float(norm_bound), "frac_bits": int(frac_bits),
+              "bits": int(bits), "proofs": bool(proofs), "secagg": bool(secagg), "adapter_file": round0_adapter,
+              "adapter_sha256": round0_adapter_sha256,
+              "public_keys": {str(k): public_key_raw(v).hex() for k, v in sorted(public_keys.items())}}
+    if server_optimizer:
+        header["server_optimizer"] = dict(server_optimizer)
+    return header
 
 
 def client_record(sub: Submission) -> dict[str, Any]:
