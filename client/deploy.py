@@ -13,7 +13,7 @@ folder (``STATE/pinned-bin``) whose ``flwr-clientapp`` runs ``client/pinned_clie
 another hash before installing or importing anything of it, and the server receives an error reply for the node.
 
 The institution's own privacy policy travels in the node config (``dp-required``, ``dp-epsilon``, ``dp-delta``,
-``dp-max-grad-norm``, ``dp-state-dir``); the ClientApp enforces it.
+``dp-max-grad-norm``, ``dp-state-dir``, ``secagg-required``); the ClientApp enforces it.
 
 Unless ``--no-resident``, a resident trainer (``client/resident/``) is started first and named in the node config
 (``trainer-socket``): it keeps the base model and the tokenized data loaded across messages, which Flower's
@@ -97,6 +97,8 @@ class ClientOptions:
     dp_max_grad_norm: float | None = None
     dp_ledger_dir: Path | None = None
     allow_no_dp: bool = False
+    allow_unmasked: bool = False
+    """Accept runs that send this institution's update without secure aggregation (default: refuse them)."""
     exit_after_idle: float | None = None
     """Exit (0) after this many seconds without a task once at least one was done (default: only when the run
     is finished, or the SuperLink gone for ``max_wait_time``)."""
@@ -150,6 +152,7 @@ def preflight(opts: ClientOptions) -> dict[str, object]:
         node_config["zk-peers"] = str(peers.resolve())
     # the institution's own privacy policy (enforced by the ClientApp)
     node_config["dp-required"] = not opts.allow_no_dp
+    node_config["secagg-required"] = not opts.allow_unmasked
     for key, value in (("dp-epsilon", opts.dp_epsilon), ("dp-delta", opts.dp_delta),
                        ("dp-max-grad-norm", opts.dp_max_grad_norm)):
         if value is not None:

@@ -77,6 +77,9 @@ class NodeSettings:
     trainer_authkey_file: str = ""
     progress_file: str = ""
     dp_required: bool = True
+    secagg_required: bool = True
+    """A deployed institution sends its update only masked (``zk.secagg``): a run config that would send it in the
+    clear (``zk.secagg = false`` or ``zk.enabled = false``) is refused (``finlora client --allow-unmasked``: not)."""
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     dp_max_grad_norm: float | None = None
@@ -98,6 +101,7 @@ class NodeSettings:
                    trainer_authkey_file=_text(raw, "trainer-authkey-file"),
                    progress_file=_text(raw, PROGRESS_KEY),
                    dp_required=_bool(raw, "dp-required", True),
+                   secagg_required=_bool(raw, "secagg-required", True),
                    dp_epsilon=_positive(raw, "dp-epsilon"),
                    dp_delta=_positive(raw, "dp-delta"),
                    dp_max_grad_norm=_positive(raw, "dp-max-grad-norm"),

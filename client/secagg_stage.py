@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from finlora.client.dp_setup import PrivacyPolicyViolation
+from finlora.client.node_settings import NodeSettings
+from finlora.common.config import ZkConfig
 from finlora.zk import secagg_codec as wire
 from finlora.zk.codec import encode_committed
 from finlora.zk.commit import GROUP_ORDER, num_rows
@@ -25,6 +28,19 @@ from finlora.zk.wire import pack_blindings, unpack_blindings
 
 STATE_RECORD = "finlora-secagg"
 VALUES_RECORD = "finlora-secagg-values"
+
+
+def enforce_masking(zk: ZkConfig, node: NodeSettings) -> None:
+    """Refuse (raise :class:`PrivacyPolicyViolation`) a run config that would send a deployed institution's update
+    to the server in the clear when its node config requires secure aggregation (``secagg-required``, on unless
+    ``finlora client --allow-unmasked``): the server must not be able to switch masking off for it. Simulated
+    institutions follow the run config (one user plays every party)."""
+    if not node.deployed or not node.secagg_required or (zk.enabled and zk.secagg):
+        return
+    setting = "zk.enabled = false" if not zk.enabled else "zk.secagg = false"
+    raise PrivacyPolicyViolation(f"run config {setting} would send this institution's update to the server "
+                                 f"unmasked, but it requires secure aggregation (node config secagg-required; "
+                                 f"start the client with --allow-unmasked to allow)")
 
 
 def remember_for_secagg(state: Any, sub: Submission, key: Ed25519PrivateKey, run_id: str, server_round: int,

@@ -21,7 +21,7 @@ from finlora.client.local_data import LocalData, local_data
 from finlora.client.node_settings import NodeSettings
 from finlora.client.privacy_engine import InstitutionPrivacyEngine
 from finlora.client.router_task import router_train_content
-from finlora.client.secagg_stage import peer_keys, secagg_stage
+from finlora.client.secagg_stage import enforce_masking, peer_keys, secagg_stage
 from finlora.client.train import TrainStats, round_learning_rate, train_round
 from finlora.client.zk_update import signing_key_file, zk_reply_records
 from finlora.common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, load_lora_state,
@@ -116,6 +116,7 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
     prepared = prepare(content, context)
     cfg, node, bundle, data, received = prepared.cfg, prepared.node, prepared.bundle, prepared.data, prepared.received
     enforce_policy(cfg.dp, node, len(data.train))  # before any training or ledger access
+    enforce_masking(cfg.zk, node)
     config = content["config"]
     server_round = int(config["server-round"])
     lr = round_learning_rate(cfg.train, server_round, cfg.num_rounds)

@@ -232,7 +232,8 @@ def cmd_client(args: argparse.Namespace) -> int:
                                     app_hash=args.app_hash, dp_delta=args.dp_delta,
                                     dp_max_grad_norm=args.dp_max_grad_norm,
                                     dp_ledger_dir=Path(args.dp_ledger_dir) if args.dp_ledger_dir else None,
-                                    allow_no_dp=args.allow_no_dp, exit_after_idle=args.exit_after_idle))
+                                    allow_no_dp=args.allow_no_dp, allow_unmasked=args.allow_unmasked,
+                                    exit_after_idle=args.exit_after_idle))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where this institution's privacy ledger lives (default $FINLORA_HOME/dp-state)")
     client.add_argument("--allow-no-dp", action="store_true",
                         help="accept runs without differential privacy (default: this institution requires DP)")
+    client.add_argument("--allow-unmasked", action="store_true",
+                        help="accept runs that send this institution's update without secure aggregation, e.g. a "
+                             "two-institution federation (default: it requires zk.secagg)")
     client.add_argument("--app-hash", default="auto", metavar="auto|SHA256|any",
                         help="run only the app (FAB) with this hash: 'auto' (default) = this finlora installation's, "
                              "or the hash the server prints; 'any' = unpinned (not recommended)")

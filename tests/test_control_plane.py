@@ -42,8 +42,8 @@ def test_the_public_port_passes_only_the_fleet_api_and_too_few_institutions_fail
     ``strategy.min-available-nodes`` without a deadline; finlora bounds the wait by ``strategy.round-timeout`` and
     fails the run naming the setting. (One server for both: each start costs a SuperLink, a gateway and a
     ServerApp.)"""
-    # 30 s: the attacks below take about 10 s (and the ServerApp only starts waiting some seconds after "ready")
-    server = processes.server(f'num-rounds = 1\n"strategy.round-timeout" = 30.0\n{FAST_RUN}', host="0.0.0.0")
+    # 24 s: the attacks below take about 10 s (and the ServerApp only starts waiting some seconds after "ready")
+    server = processes.server(f'num-rounds = 1\n"strategy.round-timeout" = 24.0\n{FAST_RUN}', host="0.0.0.0")
     processes.client("bank-0", "--no-resident")  # 1 of the 2 institutions needed (it never trains: no trainer)
     ca, port = federation / "certs" / "ca.crt", processes.port
     outsider_home = tmp_path / "outsider-flwr"

@@ -221,7 +221,7 @@ def test_secure_aggregation_over_tls_drops_a_round_that_lost_too_many_and_surviv
     aggregates all three committed updates (bank-2's included: it is in the sum). The published adapter is FedAdam's
     step along their average: the audit recomputes it (from moments the dropped round left at zero) and checks the
     sum against the three weighted commitments. No message to the server carried an update."""
-    server = processes.server('num-rounds = 2\n"strategy.round-timeout" = 240.0\n"train.local-steps" = 4\n'
+    server = processes.server('num-rounds = 2\n"strategy.round-timeout" = 240.0\n"train.local-steps" = 2\n'
                               '"eval.heldout" = false\n"eval.every" = 0\n"strategy.fraction-evaluate" = 0.0\n'
                               '"strategy.name" = "fedadam"\n"zk.secagg-threshold" = 2\n')
     clients = [processes.client(f"bank-{i}") for i in range(3)]
@@ -292,7 +292,8 @@ def test_faults_at_the_door_and_in_the_run_a_killed_server_resumes_a_killed_supe
               '"strategy.min-train-nodes" = 2\n"strategy.min-available-nodes" = 4\n"zk.secagg" = false\n')
     server = processes.server(config)
     # a budget above the plan: training done for the lost round 2 was charged to the ledgers before the crash
-    clients = [processes.client(f"bank-{i}", "--dp-epsilon", "16", max_wait=300) for i in range(3)]
+    clients = [processes.client(f"bank-{i}", "--dp-epsilon", "16", "--allow-unmasked", max_wait=300)
+               for i in range(3)]
     other_app = hashlib.sha256(b"some other app").hexdigest()
     processes.client("bank-3", "--app-hash", other_app, "--no-resident", max_wait=300)  # pinned to another app
     intruder = processes.client("intruder", key=federation / "outsider" / "intruder.auth.key")

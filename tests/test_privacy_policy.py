@@ -1,6 +1,7 @@
 """An institution, not the server, owns its privacy: a run config that asks a deployed institution for less privacy
 than its node config allows is refused by the ClientApp before any training, and its ledger is left as it was
-(security finding 2: the server used to be able to switch DP off or move the ledger to a fresh one)."""
+(security finding 2: the server used to be able to switch DP off or move the ledger to a fresh one). The same holds
+for secure aggregation: a server cannot switch masking off for an institution that requires it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def institution(tmp_path: Path) -> dict:
     ledger_dir.mkdir()
     return {"data": data, "ledger_dir": ledger_dir,
             "node_config": {"data-path": str(data), "institution": "bank-p", "dp-state-dir": str(ledger_dir),
-                            "dp-epsilon": 8.0, "dp-max-grad-norm": 1.0}}
+                            "dp-epsilon": 8.0, "dp-max-grad-norm": 1.0,
+                            "secagg-required": False}}  # the DP tests' rounds send plaintext updates (zk off)
 
 
 def _round(node_config: dict, **run: object) -> RecordDict:
@@ -73,3 +75,17 @@ def test_more_privacy_is_accepted_and_spent_in_the_institutions_own_ledger(insti
 def test_an_institution_that_allows_no_dp_trains_without_it(institution: dict) -> None:
     reply = _round({**institution["node_config"], "dp-required": False}, **{"dp.enabled": False})
     assert "dp-epsilon" not in reply["metrics"]
+
+
+@pytest.mark.parametrize("run, key", [({"zk.enabled": True, "zk.secagg": False}, "zk.secagg = false"),
+                                      ({"zk.enabled": False}, "zk.enabled = false")])
+def test_a_server_that_switches_secure_aggregation_off_is_refused(institution: dict, run: dict, key: str) -> None:
+    """The malicious server's run config would have the institution send its update unmasked (committed in the
+    clear, or as plaintext floats): an institution that requires secure aggregation (the default of ``finlora
+    client``) refuses before training, and spends nothing; ``--allow-unmasked`` (node config) accepts it."""
+    required = {**institution["node_config"], "secagg-required": True}
+    with pytest.raises(PrivacyPolicyViolation, match=f"run config {key}.*secagg-required"):
+        _round(required, **{"dp.enabled": True, **run})
+    assert not list(institution["ledger_dir"].iterdir())
+    if not run.get("zk.enabled", True):
+        assert "train-loss" in _round(institution["node_config"], **{"dp.enabled": True, **run})["metrics"]

@@ -30,7 +30,7 @@ SHAPES = {"base_model.model.layers.0.q_proj.lora_A.weight": (4, 32),
           "base_model.model.layers.0.q_proj.lora_B.weight": (32, 4),
           "base_model.model.layers.0.v_proj.lora_B.weight": (16, 4)}
 RUN_ID = "server-opt#00112233445566778899aabbccddeeff"
-BANKS = ("bank-a", "bank-b", "bank-c")
+BANKS = ("bank-a", "bank-b")
 
 
 def _reply(node: int, content: RecordDict) -> Message:
@@ -70,7 +70,7 @@ def _save_adapter(run_dir: Path, round_num: int, tensors: dict) -> None:
 
 @pytest.fixture
 def stepped_run(tmp_path: Path) -> dict:
-    """Three banks, two zk rounds (proofs on; committed updates in the clear, the masked path is the secagg
+    """Two banks, two zk rounds (proofs on; committed updates in the clear, the masked path is the secagg
     simulation's) through the server's real strategy with Flower's FedYogi, its real verifier and ledger: the run
     directory as ``finlora zk audit`` reads it."""
     keys_dir, run_dir = tmp_path / "keys", tmp_path / "run"
@@ -79,7 +79,8 @@ def stepped_run(tmp_path: Path) -> dict:
         signing.save_private_key(key, keys_dir / f"{name}.key")
         signing.save_public_key(key, keys_dir / f"{name}{signing.PUBLIC_SUFFIX}")
     run_dir.mkdir()
-    cfg = load_config({"strategy.name": "fedyogi", "strategy.server-lr": 0.05, "zk.secagg": False})
+    cfg = load_config({"strategy.name": "fedyogi", "strategy.server-lr": 0.05, "zk.secagg": False,
+                       "strategy.min-train-nodes": 2})
     verifier = ZkVerifier.open(cfg.zk, RUN_ID, run_dir, keys_dir)
     strategy = make_strategy(cfg.strategy, SHAPES, zk=verifier)
     optimizer = server_optimizer_of(strategy)
