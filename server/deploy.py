@@ -189,6 +189,8 @@ def run_server(opts: ServerOptions) -> int:
     print(f"finlora server: Fleet gateway on {opts.host}:{opts.port} "
           f"({'INSECURE' if opts.insecure else 'TLS + node auth'}; log {gateway_log}), SuperLink on "
           f"127.0.0.1:{internal_port}, run {opts.run_id}{' (resuming)' if resume else ''}, {cfg.num_rounds} rounds, "
+          f"strategy {cfg.strategy.name}, "
+          f"{'secure aggregation (updates only masked)' if cfg.zk.secagg else 'updates NOT masked (zk.secagg off)'}, "
           f"state {state}", flush=True)
     pid_file, gateway_pid_file = state / PID_FILE, state / GATEWAY_PID_FILE
     if stop_leftover_process(gateway_pid_file, must_contain=("finlora.server.fleet_gateway", str(gateway_log))):

@@ -56,7 +56,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
                           "config": ConfigRecord({"server-round": 1, "num-rounds": cfg.num_rounds})})
     node_config = {"data-path": str(data), "institution": "bank-t", "trainer-socket": str(socket_path),
                    "trainer-authkey-file": str(key_file),
-                   "dp-required": False}  # this institution allows the no-DP run config above
+                   "dp-required": False,  # this institution allows the no-DP run config above
+                   "secagg-required": False}  # and its unmasked (no zk) updates
     try:
         yield {"proc": proc, "socket": socket_path, "key": key_file, "content": content, "cfg": cfg,
                "node_config": node_config, "log": root / "trainer.log"}
