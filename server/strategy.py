@@ -158,16 +158,22 @@ class NotEnoughNodesError(RuntimeError):
 
 
 class NodeWaitDeadline:
-    """A Grid whose ``get_node_ids`` raises once ``timeout`` has passed: Flower's ``sample_nodes`` polls it once a
-    second while fewer than ``min_available_nodes`` are connected and has no deadline of its own."""
+    """A Grid whose ``get_node_ids`` waits (polling once a second) until ``needed`` institutions are connected, and
+    raises once ``timeout`` has passed.
+
+    Flower's ``FedAvg.configure_train`` computes its sample size from the nodes connected at that instant and only
+    then waits for ``min_available_nodes`` (``sample_nodes``, which has no deadline of its own): a round that
+    started while some institutions were still connecting sampled only the early ones, even with
+    ``fraction-train = 1``. Waiting here first makes the sample count every institution that was needed."""
 
     def __init__(self, grid: Grid, timeout: float, needed: int, what: str) -> None:
         self._grid, self._deadline, self._needed, self._what = grid, time.monotonic() + timeout, needed, what
         self._timeout = timeout
 
     def get_node_ids(self) -> Iterable[int]:
-        ids = list(self._grid.get_node_ids())
-        if time.monotonic() > self._deadline:
+        while len(ids := list(self._grid.get_node_ids())) < self._needed and time.monotonic() <= self._deadline:
+            time.sleep(1.0)
+        if len(ids) < self._needed:
             raise NotEnoughNodesError(
                 f"{self._what}: only {len(ids)} of the {self._needed} institutions needed "
                 f"(strategy.min-available-nodes / min-train-nodes) connected within {self._timeout:.0f}s "

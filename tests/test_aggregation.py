@@ -68,3 +68,37 @@ def test_strategy_names_build_flowers_own_with_the_configured_settings(name):
             np.testing.assert_array_equal(fresh.strategy.v_t[k], inner.v_t[k])
     else:
         assert optimizer_state(strategy) is None
+
+
+class _ConnectingGrid:
+    """The only Grid call a round's sampling makes, ``get_node_ids``, as a SuperLink answers it while institutions
+    are still connecting: two at the first call, all four from the second on."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        return [11, 12] if self.calls == 1 else [11, 12, 13, 14]
+
+
+def test_a_round_that_starts_while_institutions_connect_samples_every_one_it_waited_for(monkeypatch):
+    """Flower's FedAvg sizes its sample from the nodes connected when the round starts, then waits for
+    ``min_available_nodes``: a round started with 2 of 4 connected sampled 2 even at ``fraction-train = 1`` (the
+    TLS crash test's round 1 once aggregated 2 of its 3 training banks). The wait now comes first."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from finlora.common.adapter import initial_adapter, to_array_record
+    from finlora.server.strategy import NodeWaitDeadline, NotEnoughNodesError
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # the ServerApp process sets these
+        monkeypatch.setattr(TaskIdentity, name, value)
+    cfg = load_config({"zk.enabled": False, "strategy.min-available-nodes": 4, "strategy.min-train-nodes": 2})
+    shapes = {"l0.q_proj.lora_A.weight": (8, 16), "l0.q_proj.lora_B.weight": (16, 8)}
+    strategy = make_strategy(cfg.strategy, shapes)
+    grid = _ConnectingGrid()
+    messages = list(strategy.configure_train(1, to_array_record(initial_adapter(shapes, 0)), ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12, 13, 14]
+    with pytest.raises(NotEnoughNodesError, match=r"only 2 of the 4 institutions needed .*strategy.round-timeout"):
+        NodeWaitDeadline(_ConnectingGrid(), 0.0, 4, "round 1").get_node_ids()

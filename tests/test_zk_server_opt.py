@@ -6,6 +6,7 @@ fails the audit at that round."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -68,11 +69,12 @@ def _save_adapter(run_dir: Path, round_num: int, tensors: dict) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
 
 
-@pytest.fixture
-def stepped_run(tmp_path: Path) -> dict:
+@pytest.fixture(scope="module")
+def stepped_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two banks, two zk rounds (proofs on; committed updates in the clear, the masked path is the secagg
     simulation's) through the server's real strategy with Flower's FedYogi, its real verifier and ledger: the run
     directory as ``finlora zk audit`` reads it."""
+    tmp_path = tmp_path_factory.mktemp("stepped")
     keys_dir, run_dir = tmp_path / "keys", tmp_path / "run"
     for name in BANKS:
         key = signing.generate_key()
@@ -128,8 +130,10 @@ def test_a_fedyogi_run_under_zk_audits_and_its_header_names_the_step(stepped_run
     assert [(v.round, v.ok) for v in verdicts] == [(0, True), (1, True), (2, True)], verdicts
 
 
-def test_a_server_that_publishes_the_plain_average_or_states_other_hyperparameters_fails_the_audit(stepped_run):
-    run, publics = stepped_run["run"], _publics(stepped_run["keys"])
+def test_a_server_that_publishes_the_plain_average_or_states_other_hyperparameters_fails_the_audit(stepped_run,
+                                                                                                   tmp_path):
+    run, publics = tmp_path / "run", _publics(stepped_run["keys"])
+    shutil.copytree(stepped_run["run"], run)  # the honest run stays as it was for the other test
     # round 2's adapter replaced by the committed average itself (FedAvg), its ledger hash updated to match
     _save_adapter(run, 2, stepped_run["averages"][2])
     lines = (run / "ledger.jsonl").read_text().splitlines()
