@@ -126,4 +126,3 @@ def test_the_secure_aggregation_run_audits_from_the_commitments_alone(secagg_run
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "audit OK: 4/4" in audit.stdout
     assert secagg_run["ledger"][0]["secagg"] is True
-
