@@ -14,6 +14,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
+from finlora.client.dp_setup import PrivacyPolicyViolation
 from finlora.client.local_data import local_data
 from finlora.client.moe_train import train_router_on
 from finlora.client.node_settings import NodeSettings
@@ -36,10 +37,26 @@ def cached_mixture(cfg: FinloraConfig) -> tuple[Any, Any]:
     return MIXTURE_CACHE[key]
 
 
+def enforce_router_policy(node: NodeSettings) -> None:
+    """Refuse (raise :class:`PrivacyPolicyViolation`) router training at a deployed institution whose node config
+    requires DP-SGD or secure aggregation: the router is trained without DP and averaged in plain FedAvg, whatever
+    the run config says, so a server must not be able to reach the institution's data through a mixture run.
+    Simulated institutions follow the run config (one user plays every party)."""
+    if not node.deployed or not (node.dp_required or node.secagg_required):
+        return
+    required = " and ".join(name for name, on in (("DP-SGD (node config dp-required)", node.dp_required),
+                                                  ("secure aggregation (node config secagg-required)",
+                                                   node.secagg_required)) if on)
+    raise PrivacyPolicyViolation(f"run config moe.experts trains a router without DP-SGD and sends it unmasked, but "
+                                 f"this institution requires {required}; start the client with --allow-no-dp "
+                                 f"--allow-unmasked to allow router training")
+
+
 def router_train_content(content: RecordDict, context: Context) -> RecordDict:
     """Train the received global router on this institution's rows; reply with the router and the loss."""
     cfg = FinloraConfig.from_flat(context.run_config)
     node = NodeSettings.parse(context.node_config)
+    enforce_router_policy(node)  # before the mixture, the data or the ledger is touched
     mixture, tokenizer = cached_mixture(cfg)
     load_router_state(mixture, content["arrays"].to_torch_state_dict(), "global router from the server")
     data = local_data(cfg.data, node.data_key, tokenizer)

@@ -89,3 +89,24 @@ def test_a_server_that_switches_secure_aggregation_off_is_refused(institution: d
     assert not list(institution["ledger_dir"].iterdir())
     if not run.get("zk.enabled", True):
         assert "train-loss" in _round(institution["node_config"], **{"dp.enabled": True, **run})["metrics"]
+
+
+def test_a_server_cannot_reach_an_institutions_data_through_a_router_run(institution: dict) -> None:
+    """A mixture run (``moe.experts``) trains the router without DP-SGD and averages it unmasked, whatever the rest
+    of the run config says: an institution that requires DP or secure aggregation refuses it before anything is
+    loaded; one that allows neither (``--allow-no-dp --allow-unmasked``) would train it."""
+    from flwr.app import Context, RecordDict
+
+    from finlora.client.router_task import enforce_router_policy
+    from finlora.client.node_settings import NodeSettings
+
+    run = load_config({"moe.experts": "a=/nowhere/a,b=/nowhere/b", "zk.enabled": False, "dp.enabled": False})
+    for policy, named in (({"dp-required": True, "secagg-required": False}, "DP-SGD"),
+                          ({"dp-required": False, "secagg-required": True}, "secure aggregation")):
+        context = Context(run_id=5, node_id=9, node_config={**institution["node_config"], **policy},
+                          state=RecordDict(), run_config=run.to_flat())
+        with pytest.raises(PrivacyPolicyViolation, match=f"moe.experts.*requires {named}"):
+            train_content(RecordDict(), context)  # refused before the (missing) experts are loaded
+    assert not list(institution["ledger_dir"].iterdir())
+    allowing = {**institution["node_config"], "dp-required": False, "secagg-required": False}
+    enforce_router_policy(NodeSettings.parse(allowing))  # no objection
