@@ -79,7 +79,7 @@ class NodeSettings:
     dp_required: bool = True
     secagg_required: bool = True
     """A deployed institution sends its update only masked (``zk.secagg``): a run config that would send it in the
-    clear (``zk.secagg = false`` or ``zk.enabled = false``) is refused (``finlora client --allow-unmasked``: not)."""
+    clear (``zk.secagg = false`` or ``zk.enabled = false``) is refused, unless ``finlora client --allow-unmasked``."""
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     dp_max_grad_norm: float | None = None

@@ -20,7 +20,7 @@ from finlora.client.dp_setup import ledger_dir, start_new_period
 from finlora.client.moe_train import add_moe_parser
 from finlora.client.privacy import FileLedgerStore
 from finlora.common.certs import CertificateError, init_ca_and_server, init_node
-from finlora.common.config import ConfigError, load_config, parse_experts, parse_override, pyproject_defaults
+from finlora.common.config import ConfigError, load_config, parse_experts, parse_override
 from finlora.common.data import DataError, default_data_dir, load_rows, partition_rows
 from finlora.common.io import atomic_write_jsonl
 from finlora.common.moe import MixtureError, check_experts
@@ -61,9 +61,9 @@ def _overrides_from_args(args: argparse.Namespace, saved: dict[str, Any]) -> dic
         # secure aggregation (on by default) hides an update only among 3+ institutions: a researcher's
         # 2-institution simulation runs without it (the banner says so); an explicit --secagg errs
         overrides["zk.secagg"] = False
-    effective = {**pyproject_defaults(), **saved, **overrides, **given}
-    secagg = effective["zk.secagg"] and effective["zk.enabled"]  # no commitments, nothing to mask (config.py)
-    min_nodes = min(3 if secagg else 2, args.clients)  # secure aggregation hides nothing with two
+    # the config's own rule decides whether masking is on (off with zk.enabled = false: nothing committed)
+    effective = load_config({**saved, **overrides, **given})
+    min_nodes = min(3 if effective.zk.secagg else 2, args.clients)  # secure aggregation hides nothing with two
     overrides.update({"strategy.min-train-nodes": min_nodes, "strategy.min-evaluate-nodes": min_nodes,
                       "strategy.min-available-nodes": args.clients})
     overrides.update(given)

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedYogi
 from safetensors.numpy import save_file
 
@@ -24,22 +22,16 @@ from finlora.server.strategy import make_strategy, server_optimizer_of
 from finlora.server.zk_round import ZkLedger, ZkVerifier
 from finlora.zk import signing
 from finlora.zk.audit import audit_run
+from finlora.zk.encoding import apply_aggregate
 from finlora.zk.ledger import adapter_relpath, file_sha256, read_ledger
 from finlora.zk.server_opt import Moments, ServerOptimizer
+from tests.test_reply_attacks import _reply
 
 SHAPES = {"base_model.model.layers.0.q_proj.lora_A.weight": (4, 32),
           "base_model.model.layers.0.q_proj.lora_B.weight": (32, 4),
           "base_model.model.layers.0.v_proj.lora_B.weight": (16, 4)}
 RUN_ID = "server-opt#00112233445566778899aabbccddeeff"
 BANKS = ("bank-a", "bank-b")
-
-
-def _reply(node: int, content: RecordDict) -> Message:
-    """A reply from ``node`` as the SuperLink hands it to the ServerApp."""
-    metadata = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=node, dst_node_id=0,
-                        reply_to_message_id=uuid.uuid4().hex, group_id="1", created_at=time.time(), ttl=600.0,
-                        message_type="train")
-    return Message(content=content, metadata=metadata)
 
 
 @pytest.mark.parametrize("flower_class, name", [(FedAdam, "fedadam"), (FedYogi, "fedyogi")])
@@ -113,8 +105,6 @@ def stepped_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def verifier_average(result, previous: dict, cfg) -> dict:
     """previous + the committed weighted average: what FedAvg would have published."""
-    from finlora.zk.encoding import apply_aggregate
-
     return apply_aggregate(previous, result.aggregate, result.layout, result.total_weight, cfg.zk.frac_bits)
 
 

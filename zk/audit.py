@@ -161,17 +161,14 @@ class _OptimizerTrail:
     optimizer: ServerOptimizer
     moments: Moments
 
-
-def _expected_adapter(previous: dict[str, np.ndarray], averaged: dict[str, np.ndarray], layout: Layout,
-                      round_num: int, trail: _OptimizerTrail | None) -> dict[str, np.ndarray]:
-    """What round ``round_num`` must have published: the committed average itself, or the server optimizer's
-    step along it (on the keys that travel; the others copied)."""
-    if trail is None:
-        return averaged
-    moved = [key for key, _, _ in layout.slices()]
-    stepped, trail.moments = trail.optimizer.step(round_num, {k: previous[k] for k in moved},
-                                                  {k: averaged[k] for k in moved}, trail.moments)
-    return {**averaged, **stepped}
+    def advance(self, round_num: int, previous: dict[str, np.ndarray], averaged: dict[str, np.ndarray],
+                layout: Layout) -> dict[str, np.ndarray]:
+        """What round ``round_num`` must have published, the optimizer's step along the committed average (on the
+        keys that travel; the others copied), and the moments moved on to that round's."""
+        moved = [key for key, _, _ in layout.slices()]
+        stepped, self.moments = self.optimizer.step(round_num, {k: previous[k] for k in moved},
+                                                    {k: averaged[k] for k in moved}, self.moments)
+        return {**averaged, **stepped}
 
 
 def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], prev_path: Path,
@@ -212,7 +209,7 @@ def _check_round(run_dir: Path, header: dict[str, Any], entry: dict[str, Any], p
     new_path = run_dir / entry["adapter_file"]
     previous = _load_adapter(prev_path)
     averaged = apply_aggregate(previous, agg, layout, max(1, entry["total_weight"]), header["frac_bits"])
-    expected = _expected_adapter(previous, averaged, layout, int(entry["round"]), trail)
+    expected = trail.advance(int(entry["round"]), previous, averaged, layout) if trail else averaged
     saved = _load_adapter(new_path)
     if set(saved) != set(expected):
         problems.append("global adapter has other tensors than the previous one")
