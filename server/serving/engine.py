@@ -11,6 +11,7 @@ model's context window) leaves the batch at once and frees its adapter slot.
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 from collections import deque
@@ -27,6 +28,9 @@ log = get_logger(__name__)
 
 DONE = object()
 """End marker on a request's token queue."""
+
+PREFILL_PADDING = 0.15
+"""Most padding a prefill group may carry, as a fraction of its real prompt tokens (:func:`length_groups`)."""
 
 
 @dataclass
@@ -93,6 +97,9 @@ class GenerationEngine:
         self.mixed_batch = mixed_batch
         self.gathered = gathered.GatheredLora(store) if mixed_batch == "gathered" else None
         self.kv_cache = mixed_batch != "none"
+        self._last_logits_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(self.model) else {}
+        """Only the last position's logits are read: a prefill of 64 prompts would otherwise run the LM head (49k
+        vocabulary on SmolLM2) over every prompt token, a quarter of its time."""
 
     def start(self) -> None:
         self._thread.start()
@@ -178,29 +185,48 @@ class GenerationEngine:
         return admitted
 
     def _prefill(self, requests: list[GenerationRequest]) -> tuple[list[_Row], _Batch]:
-        import torch
+        """Prefill the admitted prompts in groups of similar length and join the groups into one batch.
 
+        On a CPU (and a busy GPU) a prefill costs what its padded tokens cost: one left-padded batch of prompts of
+        40 to 99 tokens spends 40 % of its work on padding. Sorting the prompts by length and cutting the sorted
+        list where padding would exceed :data:`PREFILL_PADDING` keeps that waste small; the decode steps that
+        follow still run every row in one pass. Rows come back in the sorted order, each with its request.
+        """
         tok = self.tokenizer
-        device = next(self.model.parameters()).device
         sides = tok.padding_side, tok.truncation_side
         tok.padding_side = tok.truncation_side = "left"  # a too-long prompt loses its start, not its question
         try:
-            enc = tok([r.prompt for r in requests], return_tensors="pt", padding=True, truncation=True,
-                      max_length=min(self.max_prompt_tokens, self.context - 1))
+            ids = tok([r.prompt for r in requests], padding=False, truncation=True,
+                      max_length=min(self.max_prompt_tokens, self.context - 1))["input_ids"]
         finally:
             tok.padding_side, tok.truncation_side = sides
-        attention = enc["attention_mask"].to(device)
+        rows: list[_Row] = []
+        batch: _Batch | None = None
+        for group in length_groups([len(x) for x in ids], PREFILL_PADDING):
+            group_rows, group_batch = self._prefill_group([requests[i] for i in group], [ids[i] for i in group])
+            rows += group_rows
+            batch = group_batch if batch is None else batch.join(group_batch)
+        assert batch is not None
+        self.batches += 1
+        return rows, batch
+
+    def _prefill_group(self, requests: list[GenerationRequest], ids: list[list[int]]) -> tuple[list[_Row], _Batch]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         rows = []
-        for request, mask in zip(requests, attention):
-            request.prompt_tokens = int(mask.sum())
+        for request, row_ids in zip(requests, ids):
+            request.prompt_tokens = len(row_ids)
             rows.append(_Row(request, generator=self._generator(request, device)))
-        input_ids = enc["input_ids"].to(device)
         with torch.inference_mode(), self._adapters([self.store.slot(r.adapter) for r in requests]) as lora:
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                             use_cache=self.kv_cache, **lora)
+                             use_cache=self.kv_cache, **self._last_logits_only, **lora)
         self.forward_passes += 1
-        self.batches += 1
         self.rows += len(rows)
         next_ids = self._advance(rows, out.logits[:, -1, :], positions[:, -1:])
         cache = out.past_key_values if self.kv_cache else input_ids
@@ -218,7 +244,8 @@ class GenerationEngine:
             else:  # the cache is the sequence so far: run it all again with the new token
                 ids = torch.cat([batch.cache, batch.next_ids], dim=1)
                 out = self.model(input_ids=ids, attention_mask=batch.attention,
-                                 position_ids=(batch.attention.cumsum(-1) - 1).clamp(min=0), use_cache=False, **lora)
+                                 position_ids=(batch.attention.cumsum(-1) - 1).clamp(min=0), use_cache=False,
+                                 **self._last_logits_only, **lora)
         self.forward_passes += 1
         batch.cache = out.past_key_values if self.kv_cache else ids
         batch.next_ids = self._advance(rows, out.logits[:, -1, :], batch.positions)
@@ -361,6 +388,32 @@ class _Batch:
                 layer.values = layer.values.index_select(0, index)[:, :, start:]
         return _Batch(cache, attention[:, start:], self.positions.index_select(0, index),
                       self.next_ids.index_select(0, index))
+
+
+def length_groups(lengths: Sequence[int], padding: float) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length and cut into groups whose left-padded size (rows x longest) stays
+    within ``1 + padding`` times their real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= (1 + padding) * (total + lengths[i]):
+            groups[-1].append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM under ``model`` (a PEFT wrapper or a plain model) computes only the last
+    ``logits_to_keep`` positions' logits when asked (transformers' Llama, Mistral, Qwen, ... do)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

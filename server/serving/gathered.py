@@ -7,10 +7,12 @@ S-LoRA's answer on GPUs is a gathered kernel (BGMV): stack every adapter's A and
 pick its own. Here the same with plain torch: per layer, ``index_select`` the rows' A and B (scaling folded in)
 and run two ``bmm``; a row without an adapter picks slot 0, all zeros.
 
-How it plugs into PEFT without replacing its layers: the forward names no adapter for any row
-(``adapter_names=["__base__", ...]``, so every LoRA layer computes only its base layer, quantized or not) and a
-forward hook on each LoRA layer adds the gathered delta. (Not ``disable_adapter()``: entering and leaving it walks
-every adapter's parameters, 23 ms a pass with 64 adapters on the tiny model, more than the pass itself.)
+How it plugs into PEFT without replacing its layers: for the pass, every LoRA layer's list of active adapters is
+empty, so PEFT's plain forward computes only the base layer, quantized or not, and a forward hook on each LoRA
+layer adds the gathered delta. (Not ``disable_adapter()``: entering and leaving it walks every adapter's
+parameters, 23 ms a pass with 64 adapters on the tiny model, more than the pass itself. Nor
+``adapter_names=["__base__", ...]``: PEFT then walks every module to install and remove its per-call hooks, a fifth
+of a SmolLM2 decode step, and takes its slower mixed-batch path in every layer.)
 The stacks are updated from the slots' own parameters only when the adapter store copied new weights into a slot
 (its ``weights_version`` changed), and then only that slot's rows, so in steady state a forward pass costs two
 index_selects and two bmm per layer. Adapters this cannot express exactly (DoRA, LoRA on embeddings or
@@ -147,13 +149,24 @@ class GatheredLora:
     @contextmanager
     def batch(self, slot_names: Sequence[str]) -> Iterator[dict[str, Any]]:
         """Within this block, a forward pass of the model given the yielded arguments applies row i's adapter
-        ``slot_names[i]`` (``BASE_MODEL`` for none) through the stacks, and none through PEFT's own path."""
+        ``slot_names[i]`` (``BASE_MODEL`` for none) through the stacks, and none through PEFT's own path; a batch of
+        one adapter runs through PEFT's own path alone."""
         if self._version != self.store.weights_version:
             self._refresh()
         device = next(iter(self._stacks.values()))[0].device if self._stacks else "cpu"
-        self._rows = torch.tensor([0 if s == BASE_MODEL else self._slot_index[s] for s in slot_names],
-                                  dtype=torch.long, device=device)
+        distinct = set(slot_names)
+        if len(distinct) > 1:
+            self._rows = torch.tensor([0 if s == BASE_MODEL else self._slot_index[s] for s in slot_names],
+                                      dtype=torch.long, device=device)
+            own: list[str] = []  # PEFT's plain forward computes the base layer only; the hooks add each row's delta
+        else:  # one adapter for every row: PEFT's single-adapter forward (one matmul pair) beats gathering
+            own = [] if distinct == {BASE_MODEL} else list(distinct)
+        active = [(module, module.active_adapter) for _, module in self.layers]
         try:
-            yield {"adapter_names": [BASE_MODEL] * len(slot_names)}
+            for module, _ in active:
+                module._active_adapter = own
+            yield {}
         finally:
+            for module, names in active:
+                module._active_adapter = names
             self._rows = None
