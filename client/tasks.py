@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
@@ -23,14 +22,13 @@ from finlora.client.privacy_engine import InstitutionPrivacyEngine
 from finlora.client.router_task import router_train_content
 from finlora.client.secagg_stage import enforce_masking, peer_keys, secagg_stage
 from finlora.client.train import TrainStats, round_learning_rate, train_round
-from finlora.client.zk_update import signing_key_file, zk_reply_records
+from finlora.client.update_reply import update_records, zk_keys_dir
+from finlora.client.zk_update import signing_key_file
 from finlora.common.adapter import (Arrays, check_arrays, from_array_record, initial_adapter, load_lora_state,
-                                    lora_state, select_keys, shapes_of, to_array_record)
+                                    lora_state, select_keys, shapes_of)
 from finlora.common.config import FinloraConfig
 from finlora.common.evaluation import answer_loss
 from finlora.common.model import LOAD_COUNTS, ModelBundle, QUANTIZATION_BITS, get_model_bundle
-from finlora.common.transport import TRANSPORT_RECORD, encode_update
-from finlora.zk.codec import ZK_RECORD
 from finlora.zk.secagg_codec import SECAGG_RECORD
 from finlora.zk.signing import load_private_key
 
@@ -47,16 +45,6 @@ class Prepared:
     data: LocalData
     received: Arrays
     load_seconds: float
-
-
-@dataclass(frozen=True)
-class UpdateRecords:
-    """The reply's update: its array record, extra records (transport or zk), their bytes and update metrics."""
-
-    arrays: Any
-    extra: dict[str, Any]
-    extra_bytes: int
-    metrics: dict[str, Any]
 
 
 def prepare(content: RecordDict, context: Context) -> Prepared:
@@ -91,23 +79,6 @@ def train_locally(cfg: FinloraConfig, node: NodeSettings, bundle: ModelBundle, d
     return stats, engine.report()
 
 
-def update_records(cfg: FinloraConfig, node: NodeSettings, run_id: int, local: Arrays, received: Arrays,
-                   server_round: int, num_examples: int, seed: int, state: Any = None) -> UpdateRecords:
-    """The float update clipped to ``strategy.max-update-norm`` and encoded as ``transport.dtype``, or with zk
-    the committed, signed quantized update."""
-    if not cfg.zk.enabled:
-        encoded = encode_update(local, received, cfg.transport.dtype, cfg.strategy.max_update_norm)
-        extra = {TRANSPORT_RECORD: ConfigRecord(encoded.record)} if encoded.record else {}
-        return UpdateRecords(to_array_record(encoded.arrays), extra, sum(r.count_bytes() for r in extra.values()),
-                             {"update-norm": encoded.norm, "update-clipped": int(encoded.clipped)})
-    keys_dir = zk_keys_dir(cfg, run_id)
-    record, zk_record, zk_metrics = zk_reply_records(local, select_keys(received, cfg.lora.ffa), cfg.zk,
-                                         signing_key_file(node, keys_dir), cfg.signed_run_id(run_id),
-                                         server_round, node.institution_name, num_examples, seed, state)
-    return UpdateRecords(record, {ZK_RECORD: zk_record},
-                         sum(len(v) for v in zk_record.values() if isinstance(v, bytes)), zk_metrics)
-
-
 def train_content(content: RecordDict, context: Context) -> RecordDict:
     """One round of local training; replies with the adapter's trainable tensors and training metrics (or, when the
     run trains a mixture's router, ``moe.experts``, with the router: :mod:`client.router_task`)."""
@@ -124,8 +95,8 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
     stats, privacy = train_locally(cfg, node, bundle, data, context.state, config, received, lr, seed)
     start = time.perf_counter()
     local = select_keys(lora_state(bundle.model), cfg.lora.ffa)
-    update = update_records(cfg, node, context.run_id, local, received, server_round, len(data.train), seed,
-                            context.state)
+    update = update_records(cfg, node, context.run_id, local, select_keys(received, cfg.lora.ffa), server_round,
+                            len(data.train), seed, context.state)
     serialize_seconds = time.perf_counter() - start
     metrics = MetricRecord({
         "num-examples": len(data.train),
@@ -158,11 +129,6 @@ def secagg_content(content: RecordDict, context: Context) -> RecordDict:
     reply = secagg_stage(fields, context.state, key, peer_keys(node.zk_peers, keys_dir), cfg.zk.bits,
                          cfg.strategy.weighting == "equal")
     return RecordDict({SECAGG_RECORD: ConfigRecord(reply)})
-
-
-def zk_keys_dir(cfg: FinloraConfig, run_id: int) -> Path:
-    """Where this run's institution keys live: ``zk.keys-dir``, or the run directory's ``keys`` (simulation)."""
-    return Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else cfg.resolved_out_dir() / cfg.run_name(run_id) / "keys"
 
 
 def evaluate_content(content: RecordDict, context: Context) -> RecordDict:

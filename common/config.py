@@ -478,12 +478,14 @@ class FinloraConfig:
             raise ConfigError(f"transport.dtype = {self.transport.dtype} cannot be combined with dp.level = client: "
                               f"Flower's clipping mod works on float32 weights")
         if self.moe.experts:
-            off = [k for k, on in (("zk.enabled", self.zk.enabled), ("dp.enabled", self.dp.enabled),
-                                   ("lora.ffa", self.lora.ffa)) if on]
-            if off or self.strategy.name != "fedavg" or self.transport.dtype != "float32":
+            if self.strategy.name != "fedavg" or self.transport.dtype != "float32" or self.lora.ffa:
                 raise ConfigError(f"moe.experts (federated router training) needs strategy.name = fedavg, "
-                                  f"transport.dtype = float32 and {', '.join(off) or 'zk.enabled, dp.enabled'} = "
-                                  f"false: the router is averaged in plain FedAvg, without DP-SGD or zk proofs")
+                                  f"transport.dtype = float32 and lora.ffa = false (got {self.strategy.name}, "
+                                  f"{self.transport.dtype}, {str(self.lora.ffa).lower()}): the router is small, "
+                                  f"averaged as it is")
+            if self.dp.enabled and self.dp.level != "sample":
+                raise ConfigError(f"moe.experts with dp.level = {self.dp.level}: a router is trained with DP-SGD at "
+                                  f"each institution (dp.level = sample)")
             if self.train.local_steps < 1:
                 raise ConfigError("moe.experts: train.local-steps must be at least 1 (router steps per round)")
         if self.train.local_steps < 1 and self.train.local_epochs < 1:

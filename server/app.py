@@ -38,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = FinloraConfig.from_flat(context.run_config).check_combinations()
     run_id = cfg.run_name(context.run_id)
     if cfg.moe.experts:  # the run trains a mixture's router, not a LoRA adapter
-        run_router_federation(grid, cfg, run_id)
+        run_router_federation(grid, cfg, context.run_id)
         return
     run_dir = RunDirectory(cfg.resolved_out_dir() / run_id)
     base_path = resolve_model_path(cfg.model.name)

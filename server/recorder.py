@@ -95,12 +95,7 @@ class RoundRecorder:
             summary["eval"] = evaluations
         self.run_dir.save_round(server_round, adapter, self.peft_config, optimizer_state=optimizer_state)
         if self.ledger is not None:
-            if server_round == 0:
-                self.ledger.write_header()
-            elif outcome is not None and outcome.kept_previous:
-                self.ledger.record_kept(server_round, outcome.rejected, outcome.kept_previous)
-            elif outcome is not None and outcome.zk is not None:
-                self.ledger.record(server_round, outcome.zk)
+            self.ledger.record_outcome(server_round, outcome)
         if outcome is not None:
             self.run_dir.append_wire(list(outcome.wire))
         self.run_dir.append_metrics(summary)  # last: the round counts as done from here on

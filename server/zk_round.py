@@ -22,7 +22,7 @@ import numpy as np
 from finlora.common.config import ZkConfig
 from finlora.zk import codec
 from finlora.zk.encoding import Layout, apply_aggregate
-from finlora.zk.ledger import (adapter_relpath, append_entry, file_sha256, header_entry, record_kept_round,
+from finlora.zk.ledger import (append_entry, file_sha256, header_entry, record_kept_round,
                                record_round, seen_digests)
 from finlora.zk.server_opt import ServerOptimizer
 from finlora.zk.signing import load_key_registry
@@ -166,8 +166,8 @@ class ZkVerifier:
 @dataclass(frozen=True)
 class ZkLedger:
     """Writes the run's ledger (``ledger.jsonl``) for ``finlora zk audit``: a header, then one line per round,
-    each written after that round's adapter file is saved (the line holds the file's hash). Owned by the
-    recorder (``server/recorder.py``)."""
+    each written after that round's file is saved (the line holds the file's hash). Owned by the recorder
+    (``server/recorder.py``; a router run's ``server/router_round.py``)."""
 
     cfg: ZkConfig
     run_id: str
@@ -176,23 +176,40 @@ class ZkLedger:
     equal_weights: bool = False
     server_optimizer: ServerOptimizer | None = None
     """FedAdam/FedYogi: the header states its hyperparameters, and the audit recomputes every step."""
+    artifact: str = "adapter_model.safetensors"
+    """The file in ``round-<k>/`` that holds the round's global tensors: the adapter, or a mixture's router."""
+
+    def artifact_path(self, server_round: int) -> str:
+        """Round ``server_round``'s file, relative to the run directory (what a ledger line names)."""
+        return f"round-{server_round}/{self.artifact}"
 
     def write_header(self) -> None:
-        """First ledger line: keys, parameters and the round-0 adapter's hash (call after saving round 0)."""
+        """First ledger line: keys, parameters and the round-0 file's hash (call after saving round 0)."""
         append_entry(self.run_dir, header_entry(self.run_id, dict(self.public_keys),
-                                                file_sha256(self.run_dir / adapter_relpath(0)), self.cfg.norm_bound,
-                                                self.cfg.frac_bits, self.cfg.bits,
+                                                file_sha256(self.run_dir / self.artifact_path(0)), self.cfg.norm_bound,
+                                                self.cfg.frac_bits, self.cfg.bits, round0_adapter=self.artifact_path(0),
                                                 weighting="equal" if self.equal_weights else "examples",
                                                 proofs=self.cfg.proof, secagg=self.cfg.secagg,
                                                 server_optimizer=(self.server_optimizer.to_json()
                                                                   if self.server_optimizer else None)))
 
     def record(self, server_round: int, result: ZkRoundResult) -> None:
-        """Ledger line of a round (call after its adapter file is saved: the line holds the file's hash)."""
+        """Ledger line of a round (call after its file is saved: the line holds the file's hash)."""
         record_round(self.run_dir, server_round, result.layout, result.accepted,
                      {str(k): v for k, v in result.rejected.items()}, result.aggregate, result.blindings,
-                     result.total_weight, weight_divisor=result.weight_divisor)
+                     result.total_weight, adapter_file=self.artifact_path(server_round),
+                     weight_divisor=result.weight_divisor)
 
     def record_kept(self, server_round: int, rejected: Mapping[str, str], reason: str) -> None:
-        """Ledger line of a round that kept the previous global adapter (after its adapter file is saved)."""
-        record_kept_round(self.run_dir, server_round, rejected, reason)
+        """Ledger line of a round that kept the previous global tensors (after its file is saved)."""
+        record_kept_round(self.run_dir, server_round, rejected, reason, adapter_file=self.artifact_path(server_round))
+
+    def record_outcome(self, server_round: int, outcome: Any) -> None:
+        """The ledger line of round ``server_round`` (0: the header) from the strategy's ``RoundOutcome`` (``None``
+        for round 0), once the round's file is saved."""
+        if server_round == 0:
+            self.write_header()
+        elif outcome is not None and outcome.kept_previous:
+            self.record_kept(server_round, outcome.rejected, outcome.kept_previous)
+        elif outcome is not None and outcome.zk is not None:
+            self.record(server_round, outcome.zk)

@@ -20,7 +20,7 @@ from finlora.client.dp_setup import ledger_dir, start_new_period
 from finlora.client.moe_train import add_moe_parser
 from finlora.client.privacy import FileLedgerStore
 from finlora.common.certs import CertificateError, init_ca_and_server, init_node
-from finlora.common.config import ConfigError, load_config, parse_experts, parse_override
+from finlora.common.config import ConfigError, FinloraConfig, load_config, parse_experts, parse_override
 from finlora.common.data import DataError, default_data_dir, load_rows, partition_rows
 from finlora.common.io import atomic_write_jsonl
 from finlora.common.moe import MixtureError, check_experts
@@ -54,9 +54,7 @@ def _overrides_from_args(args: argparse.Namespace, saved: dict[str, Any]) -> dic
         experts = parse_experts(",".join(args.moe), "--moe")  # DIRs made absolute: Flower runs the apps elsewhere
         overrides["moe.experts"] = ",".join(f"{name}={Path(path).expanduser().resolve()}"
                                             for name, path in experts.items())
-        # router runs average in plain FedAvg (check_combinations says why); an explicit --dp / --zk still errs
-        for key, value in (("dp.enabled", False), ("zk.enabled", False), ("eval.every", 0)):
-            overrides.setdefault(key, value)
+        overrides.setdefault("eval.every", 0)  # the benchmark scores adapters; a mixture is scored by moe compare
     if args.secagg is None and "zk.secagg" not in given and "zk.secagg" not in saved and args.clients < 3:
         # secure aggregation (on by default) hides an update only among 3+ institutions: a researcher's
         # 2-institution simulation runs without it (the banner says so); an explicit --secagg errs
@@ -132,13 +130,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if cfg.moe.experts:
         print(f"finlora simulate: {args.clients} institutions x {cfg.num_rounds} rounds, model {cfg.model.name}, "
               f"data {cfg.data.source} ({cfg.data.partitioner}): federated training of a router over the experts "
-              f"{cfg.moe.experts} (FedAvg, no DP, no zk)\n  output: {run_dir}", flush=True)
+              f"{cfg.moe.experts} (FedAvg{privacy_banner(cfg)})\n  output: {run_dir}", flush=True)
     else:
         print(f"finlora simulate: {args.clients} institutions x {cfg.num_rounds} rounds, model {cfg.model.name}, "
               f"data {cfg.data.source} ({cfg.data.partitioner}), strategy {cfg.strategy.name}"
-              f"{' + FFA-LoRA' if cfg.lora.ffa else ''}"
-              f"{f', DP ({cfg.dp.level} level, epsilon {cfg.dp.epsilon:g})' if cfg.dp.enabled else ', no DP'}"
-              f"{', zk commitments' if cfg.zk.enabled else ''}{' + secure aggregation' if cfg.zk.secagg else ''}, "
+              f"{' + FFA-LoRA' if cfg.lora.ffa else ''}{privacy_banner(cfg)}, "
               f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} "
               f"on {cfg.lora.target_modules}\n  output: {run_dir}", flush=True)
     result = run_simulation(args.clients, overrides, app_dir=Path(args.app) if args.app else PROJECT_ROOT,
@@ -236,6 +232,12 @@ def cmd_client(args: argparse.Namespace) -> int:
                                     exit_after_idle=args.exit_after_idle))
 
 
+def privacy_banner(cfg: FinloraConfig) -> str:
+    """", DP (...), zk commitments + secure aggregation": what protects the institutions' updates in this run."""
+    return (f"{f', DP ({cfg.dp.level} level, epsilon {cfg.dp.epsilon:g})' if cfg.dp.enabled else ', no DP'}"
+            f"{', zk commitments' if cfg.zk.enabled else ''}{' + secure aggregation' if cfg.zk.secagg else ''}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finlora", description="Federated LoRA fine-tuning of financial LLMs.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
@@ -263,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="commit to, sign and verify every update; write ledger.jsonl (config zk.enabled)")
     sim.add_argument("--moe", action="append", metavar="NAME=DIR",
                      help="train a mixture-of-experts router over these frozen expert adapters instead of a LoRA "
-                          "adapter (repeat; at least 2; config moe.experts; DP and zk off unless asked for)")
+                          "adapter (repeat; at least 2; config moe.experts; DP, zk and secure aggregation as for LoRA)")
     sim.add_argument("--secagg", action=argparse.BooleanOptionalAction, default=None,
                      help="secure aggregation (zk.secagg, on by default with zk and 3+ clients): the server sees only "
                           "masked updates and their sum")

@@ -13,14 +13,13 @@ import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from peft import PeftModel
 
-from finlora.client.local_data import local_data
-from finlora.client.moe_train import train_router, train_router_on
-from finlora.common.config import FinloraConfig, load_config
+from finlora.client.moe_train import train_router
+from finlora.common.config import load_config
 from finlora.common.model import load_base_model
 from finlora.common.moe import MixtureError, ROUTER_KEY, build_mixture, load_mixture, router_state, save_mixture
 from finlora.common.flower_processes import free_port
 from finlora.common.sample_data import sentiment_rows
-from finlora.server.router_round import RouterFedAvg
+from finlora.server.router_round import router_strategy
 from tests.conftest import make_random_adapter, popen_cli, run_cli, stop_all, wait_healthy
 
 
@@ -152,52 +151,43 @@ def test_a_mixture_is_served_under_one_name_beside_plain_adapters(experts, tmp_p
     assert bad.returncode == 2 and "--moe" in bad.stderr and "moe.json" in bad.stderr, bad.stderr[-1000:]
 
 
-def test_a_router_is_trained_federatedly_through_flower_and_is_the_fedavg_of_the_institutions(experts, tmp_path):
-    """``finlora simulate --moe``: two institutions train the router over the same frozen experts through Flower
-    (SuperLink, Ray) for one round, and the run is resumed for a second. Only the router crosses the wire; each
-    round's saved mixture loads as it is, and resuming rewrites none of round 1's files; round 2's router is exactly
-    the example-weighted average of the two routers the institutions trained from round 1's (recomputed here, in
-    this process, from the same data, seeds and steps)."""
-    proc = run_cli("simulate", "--clients", "2", "--rounds", "1", "--moe", f"e0={experts['e0']}", "--moe",
-                   f"e1={experts['e1']}", "--local-steps", "3", "--out", str(tmp_path), "--run-id", "fedmoe")
+def test_a_router_is_trained_federatedly_with_dp_and_secure_aggregation_and_audits(experts, tmp_path):
+    """``finlora simulate --moe`` with the defaults of every run: three institutions train the router over the same
+    frozen experts through Flower (SuperLink, Ray) with DP-SGD against their own ledgers, commit to and prove their
+    updates, and send them only masked; one round, then the run is resumed for a second. No institution's router
+    reaches the server (no array bytes from any client), each round's saved mixture loads as it is and moved,
+    resuming rewrites none of round 1's files, and ``finlora zk audit`` recomputes both rounds' routers from the
+    commitments alone. (That the average is FedAvg's, example-weighted, is the next test's.)"""
+    proc = run_cli("simulate", "--clients", "3", "--rounds", "1", "--moe", f"e0={experts['e0']}", "--moe",
+                   f"e1={experts['e1']}", "--local-steps", "2", "--out", str(tmp_path), "--run-id", "fedmoe")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "DP (sample level" in proc.stdout and "secure aggregation" in proc.stdout, proc.stdout[:600]
     run_dir = tmp_path / "fedmoe"
     round_files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for k in (0, 1)
                    for p in (run_dir / f"round-{k}").iterdir()}
-    again = run_cli("simulate", "--clients", "2", "--rounds", "2", "--resume", str(run_dir))
+    again = run_cli("simulate", "--clients", "3", "--rounds", "2", "--resume", str(run_dir))
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     for path, (content, mtime) in round_files.items():
         assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, path
     assert "resuming" in again.stdout + again.stderr
     metrics = {m["round"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-    assert sorted(metrics) == [0, 1, 2] and all(metrics[r]["num_clients"] == 2 for r in (1, 2))
+    assert sorted(metrics) == [0, 1, 2] and all(metrics[r]["num_clients"] == 3 for r in (1, 2))
     assert all(not metrics[r]["rejected"] and not metrics[r]["errors"] for r in (1, 2))
+    assert all(0 < p["epsilon"] <= 8.0 for r in (1, 2) for p in metrics[r]["privacy"].values())
+    wire = [json.loads(line) for line in (run_dir / "wire.jsonl").read_text().splitlines()]
+    from_clients = [w for w in wire if w["direction"] == "client->server"]
+    assert from_clients and sum(w["array_bytes"] for w in from_clients) == 0  # masked vectors travel as config
 
-    cfg = FinloraConfig.from_flat(json.loads((run_dir / "run_config.json").read_text()))
-    model, tokenizer = _fresh_base()
-    mixture = load_mixture(model, run_dir / "round-1")
-    router = router_state(mixture)
-    router_bytes = sum(t.numel() * t.element_size() for t in router.values())
-    assert all(router_bytes <= c["bytes_sent"] <= router_bytes + 400 * len(router)  # values, names and shapes
-               for r in (1, 2) for c in metrics[r]["clients"].values()), (router_bytes, metrics[1]["clients"])
-    start = {k: v.clone() for k, v in router_state(mixture).items()}
-    trained, counts = [], []
-    for partition in range(2):
-        mixture.load_state_dict(start, strict=False)
-        data = local_data(cfg.data, ("", partition, 2), tokenizer)
-        train_router_on(mixture, tokenizer, data.train, 3, cfg.train.batch_size, cfg.train.lr,
-                        cfg.train.seed + 1000 * 2 + partition, progress=False)
-        trained.append({k: v.clone() for k, v in router_state(mixture).items()})  # not the live parameters
-        counts.append(len(data.train))
-    saved = router_state(load_mixture(_fresh_base()[0], run_dir / "round-2"))
-    for key, value in saved.items():
-        average = sum(n * t[key].double() for n, t in zip(counts, trained)) / sum(counts)
-        assert torch.allclose(value.double(), average, atol=1e-6), key
-        assert not torch.equal(value, start[key])
+    routers = [router_state(load_mixture(_fresh_base()[0], run_dir / f"round-{r}")) for r in (0, 1, 2)]
+    assert all(not torch.equal(routers[r][k], routers[r - 1][k]) for r in (1, 2) for k in routers[0])
+    audit = run_cli("zk", "audit", str(run_dir), "--keys", str(run_dir / "keys"))
+    assert audit.returncode == 0 and "audit OK: 3/3" in audit.stdout, audit.stdout + audit.stderr
+    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert ledger[0]["secagg"] and ledger[0]["adapter_file"] == "round-0/router.safetensors"
 
-    refused = run_cli("simulate", "--clients", "2", "--moe", f"e0={experts['e0']}", "--moe", f"e1={experts['e1']}",
-                      "--dp", "--out", str(tmp_path))
-    assert refused.returncode == 2 and "moe.experts" in refused.stderr and "dp.enabled" in refused.stderr
+    refused = run_cli("simulate", "--clients", "3", "--moe", f"e0={experts['e0']}", "--moe", f"e1={experts['e1']}",
+                      "--strategy", "fedadam", "--out", str(tmp_path))
+    assert refused.returncode == 2 and "moe.experts" in refused.stderr and "fedavg" in refused.stderr
     missing = run_cli("simulate", "--clients", "2", "--moe", f"e0={experts['e0']}", "--moe", f"x={tmp_path}",
                       "--out", str(tmp_path))
     assert missing.returncode == 2 and "--moe" in missing.stderr and "'x'" in missing.stderr, missing.stderr
@@ -210,7 +200,7 @@ def test_a_bad_router_reply_is_left_out_and_too_few_valid_ones_keep_the_previous
     cfg = load_config({"moe.experts": "a=/a,b=/b", "zk.enabled": False, "dp.enabled": False,
                        "strategy.min-train-nodes": 2}).check_combinations()
     key = f"base_model.{ROUTER_KEY}.layers.0.weight"
-    strategy = RouterFedAvg(cfg, {key: (2, 8)})
+    strategy = router_strategy(cfg, {key: (2, 8)}, round_offset=0, verifier=None)
 
     def reply(node: int, value: float, examples: int = 10, shape=(2, 8), **extra) -> Message:
         metrics = MetricRecord({"num-examples": examples, "train-loss": 1.0, **extra})
@@ -219,16 +209,14 @@ def test_a_bad_router_reply_is_left_out_and_too_few_valid_ones_keep_the_previous
             run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"r{node}",
             group_id="1", created_at=time.time(), ttl=600.0, message_type="train"))
 
-    for server_round in (1, 2):
-        strategy.current = {key: np.zeros((2, 8), np.float32)}
-        strategy.rounds[server_round] = {"started": time.perf_counter(), "clients": {}, "rejected": {}, "errors": {}}
+    strategy.current_global = {key: np.zeros((2, 8), np.float32)}
     arrays, metrics = strategy.aggregate_train(1, [reply(1, 0.1), reply(2, 0.4, examples=30), reply(3, float("nan")),
                                                    reply(4, 0.1, shape=(8, 2)), reply(5, 10.0),
                                                    reply(6, 0.2, examples=20, bonus=7.0)])
     expected = (0.1 * 10 + 0.4 * 30 + 0.2 * 20) / 60
     assert np.allclose(arrays.to_numpy_ndarrays()[0], expected) and metrics["train-loss"] == 1.0
-    rejected = strategy.rounds[1]["rejected"]
-    assert sorted(rejected) == ["3", "4", "5"] and sorted(strategy.rounds[1]["clients"]) == ["1", "2", "6"]
+    rejected = strategy.outcome(1).rejected
+    assert sorted(rejected) == ["3", "4", "5"] and sorted(strategy.outcome(1).clients) == ["1", "2", "6"]
     assert "NaN" in rejected["3"] and "shape" in rejected["4"] and "max-update-norm" in rejected["5"], rejected
     assert strategy.aggregate_train(2, [reply(1, 0.1), reply(3, float("nan"))]) == (None, None)
-    assert "fewer than strategy.min-train-nodes = 2" in strategy.rounds[2]["kept_previous"]
+    assert "fewer than strategy.min-train-nodes = 2" in strategy.outcome(2).kept_previous

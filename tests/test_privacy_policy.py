@@ -11,12 +11,17 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from finlora.client.tasks import train_content
 from finlora.client.dp_setup import PrivacyPolicyViolation, ledger_store
+from finlora.client.router_task import cached_mixture
+from finlora.client.tasks import train_content
 from finlora.common.adapter import initial_adapter, select_keys, to_array_record
 from finlora.common.config import ConfigError, load_config
 from finlora.common.model import lora_shapes
+from finlora.common.moe import router_state
 from finlora.common.sample_data import sentiment_rows
+from finlora.zk.codec import ZK_RECORD
+from finlora.zk.signing import write_key_pair
+from tests.conftest import make_random_adapter
 
 
 @pytest.fixture()
@@ -91,22 +96,31 @@ def test_a_server_that_switches_secure_aggregation_off_is_refused(institution: d
         assert "train-loss" in _round(institution["node_config"], **{"dp.enabled": True, **run})["metrics"]
 
 
-def test_a_server_cannot_reach_an_institutions_data_through_a_router_run(institution: dict) -> None:
-    """A mixture run (``moe.experts``) trains the router without DP-SGD and averages it unmasked, whatever the rest
-    of the run config says: an institution that requires DP or secure aggregation refuses it before anything is
-    loaded; one that allows neither (``--allow-no-dp --allow-unmasked``) would train it."""
-    from flwr.app import Context, RecordDict
+def test_a_server_cannot_reach_an_institutions_data_through_a_router_run(institution: dict, tmp_path: Path) -> None:
+    """A mixture run (``moe.experts``) is no way around an institution's policy: the malicious server's router run
+    that switches DP-SGD or masking off is refused before training, and spends nothing; one that keeps them trains
+    the router with DP-SGD against the institution's own ledger and replies with commitments, a proof and a masking
+    advertisement, never a value."""
+    for i in range(2):
+        make_random_adapter(tmp_path / f"e{i}", seed=10 + i, scale=0.2)
+    write_key_pair(tmp_path / "bank-p.key", tmp_path / "bank-p.pub.pem")
+    node = {**institution["node_config"], "secagg-required": True, "zk-key": str(tmp_path / "bank-p.key")}
 
-    from finlora.client.router_task import enforce_router_policy
-    from finlora.client.node_settings import NodeSettings
+    def router_round(**run: object) -> RecordDict:
+        cfg = load_config({"moe.experts": f"e0={tmp_path / 'e0'},e1={tmp_path / 'e1'}", "train.local-steps": 1,
+                           **run})
+        router = {k: v.numpy() for k, v in router_state(cached_mixture(cfg)[0]).items()}
+        content = RecordDict({"arrays": to_array_record(router),
+                              "config": ConfigRecord({"server-round": 1, "num-rounds": cfg.num_rounds})})
+        return train_content(content, Context(run_id=5, node_id=9, node_config=node, state=RecordDict(),
+                                              run_config=cfg.to_flat()))
 
-    run = load_config({"moe.experts": "a=/nowhere/a,b=/nowhere/b", "zk.enabled": False, "dp.enabled": False})
-    for policy, named in (({"dp-required": True, "secagg-required": False}, "DP-SGD"),
-                          ({"dp-required": False, "secagg-required": True}, "secure aggregation")):
-        context = Context(run_id=5, node_id=9, node_config={**institution["node_config"], **policy},
-                          state=RecordDict(), run_config=run.to_flat())
-        with pytest.raises(PrivacyPolicyViolation, match=f"moe.experts.*requires {named}"):
-            train_content(RecordDict(), context)  # refused before the (missing) experts are loaded
-    assert not list(institution["ledger_dir"].iterdir())
-    allowing = {**institution["node_config"], "dp-required": False, "secagg-required": False}
-    enforce_router_policy(NodeSettings.parse(allowing))  # no objection
+    for run, refusal in (({"dp.enabled": False}, r"dp\.enabled = false"), ({"zk.secagg": False}, "zk.secagg = false"),
+                         ({"zk.enabled": False}, "zk.enabled = false")):
+        with pytest.raises(PrivacyPolicyViolation, match=refusal):
+            router_round(**run)
+    assert not list(institution["ledger_dir"].iterdir())  # nothing trained, nothing recorded
+    reply = router_round()  # the defaults: DP-SGD, commitments, proof, secure aggregation
+    assert len(reply["arrays"]) == 0 and ZK_RECORD in reply.config_records
+    assert 0 < reply["metrics"]["dp-epsilon"] <= 8.0
+    assert ledger_store(load_config().dp, node, state=None).load().steps == 1
