@@ -3,7 +3,7 @@
 PEFT runs a mixed batch in one pass when the forward gets ``adapter_names=[one name per row]`` (each LoRA layer
 applies each adapter to its own rows; ``__base__`` rows get none). The loop here keeps one running batch with its
 KV cache and, at every iteration (continuous batching, as in Orca/vLLM), either admits the requests that arrived
-(their prompts are prefilled together, with left padding, and their cache is joined to the running one) or
+(their prompts are prefilled in groups of similar length, left-padded, and joined to the running batch) or
 decodes one more token for every running row. Each new piece of text goes to its request's queue as it appears
 (that is what streaming reads). A row that is done (end of sequence, a stop string, its own ``max_tokens``, the
 model's context window) leaves the batch at once and frees its adapter slot.
