@@ -41,7 +41,7 @@ def secagg_run(tmp_path_factory):
     (app / "fault_plan.py").write_text(f"SECAGG_PLAN = {PLAN!r}\nSPY_DIR = {str(spy)!r}\n")
     proc = run_cli("simulate", "--app", str(app), "--clients", "4", "--rounds", "3", "--out", str(root), "--run-id",
                    "sa", "--ffa", "--set", "eval.every=0",
-                   "--set", "train.local-steps=4", timeout=900)
+                   "--set", "train.local-steps=2", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = root / "sa"
     sent = {name: [json.loads(line) for line in (spy / f"{name}.jsonl").read_text().splitlines()]
