@@ -4,7 +4,6 @@ recorder write each one (``server/strategy.py``, ``server/recorder.py``)."""
 from __future__ import annotations
 
 from logging import INFO, WARNING
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -68,10 +67,7 @@ def main(grid: Grid, context: Context) -> None:
         return
 
     client_level = cfg.dp.enabled and cfg.dp.level == "client"
-    keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else run_dir.path / "keys"
-    equal_weights = cfg.strategy.weighting == "equal"
-    verifier = (ZkVerifier.open(cfg.zk, cfg.signed_run_id(context.run_id), run_dir.path, keys_dir,
-                                equal_weights=equal_weights) if cfg.zk.enabled else None)
+    verifier = ZkVerifier.for_run(cfg, context.run_id, run_dir.path)
     strategy = make_strategy(cfg.strategy, wire_shapes, round_offset=offset, zk=verifier,
                              client_level_clip=cfg.dp.max_grad_norm if client_level else None)
     if saved_moments and cfg.strategy.name in ("fedadam", "fedyogi"):
@@ -85,7 +81,7 @@ def main(grid: Grid, context: Context) -> None:
                                       sampled_clients_per_round(cfg.strategy))
     recorder = RoundRecorder(
         cfg, run_dir, peft_config, strategy.weighting, evaluator=HeldoutEvaluator(cfg) if cfg.eval.heldout else None,
-        ledger=(ZkLedger(cfg.zk, verifier.run_id, run_dir.path, verifier.public_keys, equal_weights,
+        ledger=(ZkLedger(cfg.zk, verifier.run_id, run_dir.path, verifier.public_keys, verifier.equal_weights,
                          server_optimizer_of(strategy))
                 if verifier is not None else None),
         extra_summary=(lambda rounds: {"client_level_privacy": client_level_privacy(cfg, rounds)})

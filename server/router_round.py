@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from logging import INFO
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
@@ -72,11 +71,8 @@ def run_router_federation(grid: Grid, cfg: FinloraConfig, flower_run_id: int) ->
                            cfg.data.max_length)
     router = router_state(mixture)
     initial = ArrayRecord(router)
-    equal_weights = cfg.strategy.weighting == "equal"
-    keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else run_dir.path / "keys"
-    verifier = (ZkVerifier.open(cfg.zk, cfg.signed_run_id(flower_run_id), run_dir.path, keys_dir,
-                                equal_weights=equal_weights) if cfg.zk.enabled else None)
-    ledger = (ZkLedger(cfg.zk, verifier.run_id, run_dir.path, verifier.public_keys, equal_weights,
+    verifier = ZkVerifier.for_run(cfg, flower_run_id, run_dir.path)
+    ledger = (ZkLedger(cfg.zk, verifier.run_id, run_dir.path, verifier.public_keys, verifier.equal_weights,
                        artifact=ROUTER_FILE) if verifier is not None else None)
     strategy = router_strategy(cfg, {k: tuple(v.shape) for k, v in router.items()}, offset, verifier)
     log(INFO, "finlora router run %s: %s (%s), %d experts [%s], router %d tensors (%.1f kB), rounds %d..%d, "

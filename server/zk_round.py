@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from finlora.common.config import ZkConfig
+from finlora.common.config import FinloraConfig, ZkConfig
 from finlora.zk import codec
 from finlora.zk.encoding import Layout, apply_aggregate
 from finlora.zk.ledger import (append_entry, file_sha256, header_entry, record_kept_round,
@@ -81,6 +81,16 @@ class ZkVerifier:
     node_of: dict[str, str | None] = field(default_factory=dict)
     """Institution -> the Flower node id it is bound to (from ``zk.registry``, fixed before the run: an institution
     not in it is never bound; without one, bound on the first valid signature)."""
+
+    @classmethod
+    def for_run(cls, cfg: FinloraConfig, flower_run_id: int, run_dir: Path) -> ZkVerifier | None:
+        """The verifier of a run with ``zk.enabled`` (``None`` without): the institutions' public keys from
+        ``zk.keys-dir``, else the run directory's ``keys`` (a simulation's), weights as ``strategy.weighting``."""
+        if not cfg.zk.enabled:
+            return None
+        keys_dir = Path(cfg.zk.keys_dir) if cfg.zk.keys_dir else run_dir / "keys"
+        return cls.open(cfg.zk, cfg.signed_run_id(flower_run_id), run_dir, keys_dir,
+                        equal_weights=cfg.strategy.weighting == "equal")
 
     @classmethod
     def open(cls, cfg: ZkConfig, run_id: str, run_dir: Path, keys_dir: Path, equal_weights: bool = False
