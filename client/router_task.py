@@ -79,6 +79,6 @@ def router_train_content(content: RecordDict, context: Context) -> RecordDict:
                             context.state)
     metrics = MetricRecord({"num-examples": len(data.train), "train-loss": loss, "train-steps": steps,
                             "train-seconds": train_seconds, "process-id": os.getpid(),
-                            "bytes-sent": update.arrays.count_bytes() + update.extra_bytes, "partition-id":
-                            node.partition_id, **privacy, **update.metrics})
+                            "bytes-sent": update.arrays.count_bytes() + update.extra_bytes,
+                            "partition-id": node.partition_id, **privacy, **update.metrics})
     return RecordDict({"arrays": update.arrays, "metrics": metrics, **update.extra})

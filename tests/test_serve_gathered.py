@@ -17,6 +17,7 @@ from finlora.common.adapter import initial_adapter, save_adapter_dir
 from finlora.common.config import load_config
 from finlora.common.model import load_base_model, lora_config, lora_shapes, resolve_model_path
 from finlora.server.serving.adapters import BASE_MODEL, AdapterStore, read_host_adapter
+from finlora.server.serving.engine import PREFILL_PADDING, length_groups
 from finlora.server.serving.gathered import GatheredLora, supported
 from tests.conftest import make_random_adapter
 
@@ -73,6 +74,10 @@ def test_a_mixed_batch_gives_exactly_peft_s_logits_and_stays_right_when_slots_ar
             else:
                 torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
             store.release(set(names))
+        one = ["a1", "a1", "a1"]  # one adapter for every row: PEFT's own single-adapter forward, not the stacks
+        store.attach(set(one))
+        torch.testing.assert_close(_logits(store, one, gathered), _logits(store, one, None), rtol=0, atol=0)
+        store.release(set(one))
         # outside a gathered batch the hooks add nothing: PEFT's own path is untouched
         base_only = _logits(store, [BASE_MODEL], None)
         with torch.inference_mode():
@@ -81,3 +86,16 @@ def test_a_mixed_batch_gives_exactly_peft_s_logits_and_stays_right_when_slots_ar
         torch.testing.assert_close(_logits(store, [BASE_MODEL], gathered), base_only, rtol=1e-5, atol=1e-5)
     finally:
         gathered.close()
+
+
+def test_prefill_groups_cover_every_prompt_once_within_the_padding_bound():
+    """The engine prefills admitted prompts in groups of similar length: every prompt in exactly one group, and no
+    group's left-padded size (rows x longest) above 1.15 x its real tokens; equal lengths make one group."""
+    lengths = [40, 99, 61, 58, 75, 40, 90, 63, 41, 77, 52, 88]
+    groups = length_groups(lengths, PREFILL_PADDING)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        rows = [lengths[i] for i in group]
+        assert len(rows) * max(rows) <= (1 + PREFILL_PADDING) * sum(rows)
+    assert len(groups) < len(lengths)  # similar lengths do share a pass
+    assert length_groups([64] * 8, PREFILL_PADDING) == [list(range(8))]
