@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -96,6 +96,7 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
     """The FastAPI app over a started engine (``finlora serve`` builds both; tests may too). ``mixtures``: the
     engines of mixtures of experts served by name (``mixture.py``), each on its own copy of the base model."""
     app = FastAPI(title="finlora serve", version="1")
+    openai = APIRouter(prefix="/v1")  # OpenAI's routes (models, completions, chat completions), as vLLM serves them
     started = time.time()
     mixtures = dict(mixtures or {})
 
@@ -120,7 +121,7 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
                 "mixed_batch": engine.mixed_batch, "mixtures": sorted(mixtures),
                 "uptime_s": round(time.time() - started, 1)}
 
-    @app.get("/v1/models")
+    @openai.get("/models")
     async def models() -> dict[str, Any]:
         data = [{"id": BASE_MODEL, "object": "model", "owned_by": "finlora", "root": base_name, "parent": None}]
         for name in store.names():
@@ -156,7 +157,7 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
         return GenerationRequest(adapter=body.model, prompt=prompt, max_tokens=body.max_tokens,
                                  temperature=body.temperature, stop=body.stops(), seed=body.seed)
 
-    @app.post("/v1/completions")
+    @openai.post("/completions")
     async def completions(body: CompletionRequest) -> Any:
         _check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -173,7 +174,7 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
                             for i, r in enumerate(results)],
                 "usage": _usage(results)}
 
-    @app.post("/v1/chat/completions")
+    @openai.post("/chat/completions")
     async def chat(body: ChatRequest) -> Any:
         _check_model(body.model)
         prompt = chat_prompt(engine.tokenizer, body.messages)
@@ -219,6 +220,7 @@ def create_app(store: AdapterStore, engine: GenerationEngine, base_name: str, ad
             raise ServeError(409, str(exc), param="name")
         return {"id": name, "deleted": True}
 
+    app.include_router(openai)
     return app
 
 
