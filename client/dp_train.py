@@ -114,7 +114,7 @@ def make_private(model: Any, params: list[Any], lr: float, cfg: TrainConfig, sig
 def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp: DpConfig, ledger: PrivacyLedger,
                    lr: float, pad_id: int, seed: int, proximal_mu: float = 0.0,
                    global_arrays: Mapping[str, np.ndarray] | None = None,
-                   noise_seed: int | None = None, answer_only_head: bool | None = None) -> TrainStats:
+                   noise_seed: int | None = None) -> TrainStats:
     """Train one round with DP-SGD and record its steps in ``ledger`` (the caller has authorized them).
 
     FedProx's proximal term depends on the weights only, not on any example, so its gradient is added
@@ -122,9 +122,7 @@ def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp
 
     ``seed`` (known to the server) seeds only LoRA dropout and other non-private randomness. The noise and the
     Poisson sample come from fresh secret randomness unless ``noise_seed`` is given: tests only, never in
-    production (a known noise seed voids the DP guarantee). ``answer_only_head=False`` runs the model's own forward
-    (a mixture of experts: X-LoRA computes its router's weights inside that forward; default: whenever the model
-    splits into a body and a head).
+    production (a known noise seed voids the DP guarantee).
     """
     import torch
 
@@ -133,8 +131,7 @@ def dp_train_round(model: Any, examples: Sequence[Example], cfg: TrainConfig, dp
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     anchors = proximal_anchors(named, proximal_mu, global_arrays, device)
-    if answer_only_head is None:
-        answer_only_head = supports_answer_only_head(model)
+    answer_only_head = supports_answer_only_head(model)
     rate = sample_rate(len(examples), cfg)
     steps = steps_per_round(len(examples), cfg)
     gsm, optimizer = make_private(model, params, lr, cfg, ledger.noise_multiplier, dp.max_grad_norm,

@@ -28,12 +28,19 @@ PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "fl
 
 
 def body_and_head(model: Any) -> tuple[Any, Any]:
-    """The decoder body (``LlamaModel``) and LM head of a causal LM, through PEFT and Opacus wrappers."""
+    """The decoder body (``LlamaModel``) and LM head of a causal LM, through PEFT and Opacus wrappers.
+
+    Not for a mixture of experts (PEFT's X-LoRA): it computes its experts' weights inside the model's own forward,
+    which running the body directly would skip (the router would get no gradient)."""
+    from peft.tuners.xlora.model import XLoraModel
+
     inner = model
     while True:
         if hasattr(inner, "_module"):  # Opacus GradSampleModule
             inner = inner._module
         elif hasattr(inner, "get_base_model"):  # PEFT PeftModel
+            if isinstance(getattr(inner, "base_model", None), XLoraModel):
+                raise NotImplementedError("X-LoRA weighs its experts in the model's forward; use the HF loss path")
             inner = inner.get_base_model()
         else:
             break

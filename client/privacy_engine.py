@@ -47,14 +47,12 @@ class InstitutionPrivacyEngine:
         self.ledger.ensure_calibrated(cfg.dp.epsilon, self.sample_rate, cfg.num_rounds * self.steps)
 
     def train_round(self, model: Any, examples: Sequence[Example], lr: float, pad_id: int, seed: int,
-                    proximal_mu: float = 0.0, global_arrays: Mapping[str, np.ndarray] | None = None,
-                    answer_only_head: bool | None = None) -> TrainStats:
+                    proximal_mu: float = 0.0, global_arrays: Mapping[str, np.ndarray] | None = None) -> TrainStats:
         """Authorize (raises ``PrivacyBudgetExhausted`` before touching the model), train, record, save.
         ``model``'s trainable parameters are what DP-SGD trains: a LoRA adapter's, or a mixture's router's."""
         self.ledger.authorize(self.sample_rate, self.steps)
         stats = dp_train_round(model, examples, self.cfg.train, self.cfg.dp, self.ledger, lr, pad_id, seed,
-                               proximal_mu=proximal_mu, global_arrays=global_arrays,
-                               answer_only_head=answer_only_head)
+                               proximal_mu=proximal_mu, global_arrays=global_arrays)
         self.store.save(self.ledger)
         return stats
 

@@ -65,9 +65,7 @@ def router_train_content(content: RecordDict, context: Context) -> RecordDict:
     privacy: dict[str, float] = {}
     if cfg.dp.enabled:  # sample level: check_combinations refuses a router run with client-level DP
         engine = InstitutionPrivacyEngine(cfg, node, context.state, len(data.train))
-        # X-LoRA computes the router's weights inside the model's forward: no answer-only head
-        stats = engine.train_round(mixture, data.train, cfg.train.lr, tokenizer.pad_token_id, seed,
-                                   answer_only_head=False)
+        stats = engine.train_round(mixture, data.train, cfg.train.lr, tokenizer.pad_token_id, seed)
         loss, steps, privacy = stats.loss, stats.steps, engine.report()
     else:
         losses = train_router_on(mixture, tokenizer, data.train, cfg.train.local_steps, cfg.train.batch_size,

@@ -81,9 +81,7 @@ def main(grid: Grid, context: Context) -> None:
                                       sampled_clients_per_round(cfg.strategy))
     recorder = RoundRecorder(
         cfg, run_dir, peft_config, strategy.weighting, evaluator=HeldoutEvaluator(cfg) if cfg.eval.heldout else None,
-        ledger=(ZkLedger(cfg.zk, verifier.run_id, run_dir.path, verifier.public_keys, verifier.equal_weights,
-                         server_optimizer_of(strategy))
-                if verifier is not None else None),
+        ledger=ZkLedger.of(verifier, server_optimizer_of(strategy)) if verifier is not None else None,
         extra_summary=(lambda rounds: {"client_level_privacy": client_level_privacy(cfg, rounds)})
         if client_level else None)
 

@@ -72,8 +72,7 @@ def run_router_federation(grid: Grid, cfg: FinloraConfig, flower_run_id: int) ->
     router = router_state(mixture)
     initial = ArrayRecord(router)
     verifier = ZkVerifier.for_run(cfg, flower_run_id, run_dir.path)
-    ledger = (ZkLedger(cfg.zk, verifier.run_id, run_dir.path, verifier.public_keys, verifier.equal_weights,
-                       artifact=ROUTER_FILE) if verifier is not None else None)
+    ledger = ZkLedger.of(verifier, artifact=ROUTER_FILE) if verifier is not None else None
     strategy = router_strategy(cfg, {k: tuple(v.shape) for k, v in router.items()}, offset, verifier)
     log(INFO, "finlora router run %s: %s (%s), %d experts [%s], router %d tensors (%.1f kB), rounds %d..%d, "
         "output %s", run_id, cfg.model.name, effective, len(experts), ", ".join(experts), len(initial),

@@ -189,6 +189,13 @@ class ZkLedger:
     artifact: str = "adapter_model.safetensors"
     """The file in ``round-<k>/`` that holds the round's global tensors: the adapter, or a mixture's router."""
 
+    @classmethod
+    def of(cls, verifier: ZkVerifier, server_optimizer: ServerOptimizer | None = None,
+           artifact: str = "adapter_model.safetensors") -> ZkLedger:
+        """The ledger of the run ``verifier`` checks: its parameters, run id, directory, keys and weighting."""
+        return cls(verifier.cfg, verifier.run_id, verifier.run_dir, verifier.public_keys, verifier.equal_weights,
+                   server_optimizer, artifact)
+
     def artifact_path(self, server_round: int) -> str:
         """Round ``server_round``'s file, relative to the run directory (what a ledger line names)."""
         return f"round-{server_round}/{self.artifact}"
